@@ -1,0 +1,28 @@
+# Two commands do everything: `make demo` and `make test` (each installs into .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+$(STAMP): $(PY) setup.py
+	$(PY) -m pip install -e '.[test]'
+	# The reference tokenizer for parity tests: OpenAI's own code, without its torch dependency.
+	$(PY) -m pip install --no-deps clip-anytorch==2.6.0
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m clipjax.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,36 @@
+"""clipjax: CLIP-style contrastive image-text pretraining in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="clipjax",
+    version="0.1.0",
+    description="JAX/Flax framework for CLIP-style contrastive image-text pretraining",
+    python_requires=">=3.11",
+    packages=find_packages(include=["clipjax", "clipjax.*", "launch", "launch.*"]),
+    package_data={"clipjax": ["data/assets/*", "evaluate/assets/*"]},
+    install_requires=[
+        "jax>=0.4.35",
+        "jaxlib>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-cpu>=2.17",
+        "tensorflow-datasets>=4.9.7",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "safetensors>=0.4",
+        "importlib_resources>=6.0",
+        "ftfy>=6.1",
+        "regex>=2023.0",
+        "tqdm>=4.66",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.5",
+            "transformers==4.57.6",
+        ],
+    },
+)

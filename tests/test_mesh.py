@@ -1,0 +1,33 @@
+import jax
+import pytest
+
+from clipjax.parallel import mesh as mesh_lib
+
+
+def test_make_mesh_fills_the_rest():
+    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 2})
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert mesh_lib.batch_axis_size(mesh) == 8
+
+
+def test_make_mesh_on_a_device_subset():
+    mesh = mesh_lib.make_mesh({"data": 2}, devices=jax.devices()[:2])
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"data": 3}, "use 3 devices"),
+    ({"data": -1, "fsdp": -1}, "at most one axis"),
+    ({"model": 2}, "unknown axis"),
+    ({"data": -1, "fsdp": 3}, "not divisible"),
+])
+def test_bad_mesh_config_names_the_problem(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        mesh_lib.make_mesh(sizes)
+
+
+def test_batch_sharding_splits_leading_dim():
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4})
+    x = jax.device_put(jax.numpy.arange(16.0).reshape(16, 1), mesh_lib.batch_sharding(mesh))
+    assert {s.data.shape for s in x.addressable_shards} == {(2, 1)}
