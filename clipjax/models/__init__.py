@@ -1,0 +1,24 @@
+"""CLIP encoders (ViT, ModifiedResNet, text transformer), the two-tower model, and named presets.
+
+May import jax/flax/numpy only (never clipjax.train, .data, .losses). Parameter logical axis names
+are listed in `clipjax.models.layers.LOGICAL_AXES`.
+"""
+from clipjax.models.clip import CLIP, CLIPConfig, abstract_variables, dummy_inputs, l2_normalize, num_params
+from clipjax.models.layers import LOGICAL_AXES, count_params, stack_layer_params, unstack_layer_params
+from clipjax.models.presets import PRESETS, create_model, get_preset
+
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "LOGICAL_AXES",
+    "PRESETS",
+    "abstract_variables",
+    "count_params",
+    "create_model",
+    "dummy_inputs",
+    "get_preset",
+    "l2_normalize",
+    "num_params",
+    "stack_layer_params",
+    "unstack_layer_params",
+]

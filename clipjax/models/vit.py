@@ -1,0 +1,83 @@
+"""Vision Transformer image tower in OpenAI CLIP's layout.
+
+Patch conv (no bias) -> [class token; patches] + learned positions -> ln_pre -> transformer ->
+ln_post -> projection (no bias). The pooled output is the class token; the patch sequence is
+ln_post applied to every patch token, through the same projection.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clipjax.models.layers import LayerNorm, Transformer, logical
+
+
+class VisionTransformer(nn.Module):
+    """Returns (pooled [B, D], patch tokens [B, N, D]), both projected, not normalised, in `dtype`."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    output_dim: int
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, h, w, _ = images.shape
+        if h != self.image_size or w != self.image_size:
+            raise ValueError(
+                f"images are {h}x{w}, the model expects {self.image_size}x{self.image_size}"
+            )
+        scale = self.width**-0.5
+        x = nn.Conv(
+            self.width,
+            kernel_size=(self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=logical(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
+            name="conv1",
+        )(images.astype(self.dtype))
+        x = x.reshape(b, -1, self.width)  # [B, N, W]
+        n = x.shape[1]
+        cls = self.param(
+            "class_embedding", logical(nn.initializers.normal(scale), ("embed",)), (self.width,)
+        )
+        pos = self.param(
+            "positional_embedding",
+            logical(nn.initializers.normal(scale), ("pos", "embed")),
+            (n + 1, self.width),
+        )
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
+        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        x = LayerNorm(self.eps, self.dtype, name="ln_pre")(x)
+        x = Transformer(
+            width=self.width,
+            layers=self.layers,
+            heads=self.heads,
+            mlp_ratio=self.mlp_ratio,
+            act=self.act,
+            eps=self.eps,
+            dtype=self.dtype,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            name="transformer",
+        )(x)
+        x = LayerNorm(self.eps, self.dtype, name="ln_post")(x)
+        proj = self.param(
+            "proj", logical(nn.initializers.normal(scale), ("embed", "proj")), (self.width, self.output_dim)
+        )
+        x = x @ proj.astype(self.dtype)  # [B, 1 + N, D]
+        return x[:, 0], x[:, 1:]
