@@ -1,0 +1,92 @@
+"""Write TFRecord shards for training from an image folder, class folders, webdataset tars or tfds.
+
+  python -m clipjax.data.make_shards --out DIR --captions caps.jsonl --images IMG_DIR
+  python -m clipjax.data.make_shards --out DIR --class-folders ROOT [--template "a photo of a {}."]
+  python -m clipjax.data.make_shards --out DIR --webdataset 'tars/*.tar'
+  python -m clipjax.data.make_shards --out DIR --tfds NAME --split train --label-field label
+Options: --shard-size N, --max-side PX (resize on write), --workers N, --no-progress.
+Re-running with the same arguments skips shards already complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from clipjax.data import sources, writer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clipjax.data.make_shards",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--captions", help="JSONL ({'image','caption'} per line) or CSV with "
+                                        "columns image,caption; needs --images")
+    src.add_argument("--class-folders", help="root with one sub-directory of images per class")
+    src.add_argument("--webdataset", help="comma-separated globs of webdataset .tar shards")
+    src.add_argument("--tfds", help="tfds dataset name (already prepared under --data-dir)")
+    p.add_argument("--images", help="image directory the --captions paths are relative to")
+    p.add_argument("--template", default="a photo of a {}.",
+                   help="caption for labelled sources without text; '{}' = class name")
+    p.add_argument("--split", default="train", help="tfds split")
+    p.add_argument("--data-dir", default=None, help="tfds data directory")
+    p.add_argument("--image-field", default="image", help="tfds image feature")
+    p.add_argument("--text-field", default=None, help="tfds caption feature")
+    p.add_argument("--label-field", default=None, help="tfds class label feature")
+    p.add_argument("--shard-size", type=int, default=1000, help="examples per shard")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="resize images whose longer side exceeds this many pixels")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding/re-encoding images")
+    p.add_argument("--prefix", default=None, help="shard file prefix (default: shard, or the "
+                                                   "tfds split)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def make_source(args: argparse.Namespace) -> sources.Source:
+    if args.captions:
+        if not args.images:
+            raise ValueError("--captions needs --images (the directory its paths are relative to)")
+        return sources.captions_source(args.captions, args.images)
+    if args.class_folders:
+        return sources.class_folder_source(args.class_folders, args.template)
+    if args.webdataset:
+        return sources.webdataset_source(args.webdataset)
+    return sources.tfds_source(args.tfds, args.split, args.data_dir, args.image_field,
+                               args.text_field, args.label_field, args.template)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    for flag in ("shard_size", "workers", "max_side"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        source = make_source(args)
+        prefix = args.prefix or (args.split if args.tfds else "shard")
+        manifest = writer.write_shards(
+            source, args.out, source=source.description, shard_size=args.shard_size,
+            max_side=args.max_side, workers=args.workers, prefix=prefix,
+            classnames=source.classnames, total=source.total, progress=not args.no_progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    skipped = [s for shard in manifest["shards"] for s in shard["skipped"]]
+    for s in skipped[:50]:
+        print(f"skipped {s['origin']}: {s['reason']}")
+    if len(skipped) > 50:
+        print(f"... and {len(skipped) - 50} more (see manifest.json)")
+    print(f"wrote {manifest['num_examples']} examples in {len(manifest['shards'])} shards to "
+          f"{args.out}; skipped {manifest['num_skipped']}; manifest: "
+          f"{os.path.join(args.out, 'manifest.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

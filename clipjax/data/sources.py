@@ -1,0 +1,248 @@
+"""Sources of (image, caption[, label]) items for the shard writer.
+
+Each `*_source` function checks its input up front (raising ValueError naming the file and what
+was expected) and returns a `Source`: a re-iterable of `SourceItem`s in a fixed order, plus the
+count when known, class names when labelled, and a description stored in the manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+
+from clipjax.data.writer import SourceItem
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclasses.dataclass
+class Source:
+    items: Callable[[], Iterable[SourceItem]]
+    description: dict
+    total: int | None = None
+    classnames: list[str] | None = None
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        return iter(self.items())
+
+
+def _file_reader(path: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+    return read
+
+
+def _missing(message: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        raise OSError(message)
+    return read
+
+
+# (a) an image folder plus a captions file -------------------------------------------------------
+
+def _read_caption_rows(path: str) -> list[tuple[str, str]]:
+    ext = os.path.splitext(path)[1].lower()
+    if not os.path.isfile(path):
+        raise ValueError(f"captions file {path} does not exist")
+    rows: list[tuple[str, str]] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        if ext in (".jsonl", ".json"):
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object ({e}); expected one "
+                                     '{"image": relpath, "caption": text} per line') from None
+                if not isinstance(obj, dict) or "image" not in obj or "caption" not in obj:
+                    raise ValueError(f"{path}:{n}: expected keys 'image' and 'caption', got "
+                                     f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+                rows.append((str(obj["image"]), str(obj["caption"])))
+        elif ext in (".csv", ".tsv"):
+            reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+            if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+                raise ValueError(f"{path}: expected a header row with columns 'image' and "
+                                 f"'caption', got {reader.fieldnames}")
+            for row in reader:
+                rows.append((row["image"] or "", row["caption"] or ""))
+        else:
+            raise ValueError(f"captions file {path}: unknown extension {ext!r}; expected .jsonl "
+                             "(one {\"image\", \"caption\"} object per line) or .csv/.tsv")
+    if not rows:
+        raise ValueError(f"captions file {path} lists no images")
+    return rows
+
+
+def captions_source(captions: str, images: str) -> Source:
+    """Images under `images` listed with captions in a JSONL or CSV file (paths relative to it).
+
+    The key is the relative path, so several captions of one image share a key.
+    """
+    if not os.path.isdir(images):
+        raise ValueError(f"--images {images} is not a directory")
+    rows = _read_caption_rows(captions)
+
+    def items() -> Iterator[SourceItem]:
+        for rel, caption in rows:
+            path = os.path.join(images, rel)
+            yield SourceItem(key=rel, origin=path, caption=caption, read=_file_reader(path))
+
+    return Source(items, {"kind": "captions", "captions": os.path.abspath(captions),
+                          "images": os.path.abspath(images)}, total=len(rows))
+
+
+# (b) an image folder laid out by class ----------------------------------------------------------
+
+def class_folder_source(root: str, template: str = "a photo of a {}.") -> Source:
+    """`root/<class>/<image>`: label = sorted class index, caption = template.format(class name)
+    (underscores in folder names become spaces)."""
+    if "{}" not in template:
+        raise ValueError(f"caption template {template!r} must contain '{{}}' for the class name")
+    if not os.path.isdir(root):
+        raise ValueError(f"--class-folders {root} is not a directory")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"--class-folders {root} has no sub-directories (expected one per class)")
+    files = [(label, cls, name) for label, cls in enumerate(classes)
+             for name in sorted(os.listdir(os.path.join(root, cls)))
+             if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise ValueError(f"--class-folders {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                         "in its class sub-directories")
+    classnames = [c.replace("_", " ") for c in classes]
+
+    def items() -> Iterator[SourceItem]:
+        for label, cls, name in files:
+            path = os.path.join(root, cls, name)
+            yield SourceItem(key=f"{cls}/{name}", origin=path,
+                             caption=template.format(classnames[label]),
+                             read=_file_reader(path), label=label)
+
+    return Source(items, {"kind": "class_folders", "root": os.path.abspath(root),
+                          "template": template}, total=len(files), classnames=classnames)
+
+
+# (c) webdataset tars (img2dataset's default output) ---------------------------------------------
+
+def expand_paths(patterns: str | Iterable[str], what: str) -> list[str]:
+    """Sorted files matching comma-separated globs; ValueError naming any that match nothing."""
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p]
+    out: list[str] = []
+    for p in patterns:
+        matches = sorted(glob.glob(p))
+        if not matches:
+            raise ValueError(f"{what} {p!r} matches no files")
+        out.extend(matches)
+    return out
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    directory, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(directory, stem), ext.lower()
+
+
+def _tar_items(path: str) -> Iterator[SourceItem]:
+    def make(key: str, parts: dict[str, bytes]) -> SourceItem:
+        origin = f"{path}:{key}"
+        ext = next((e for e in _WDS_IMAGE_EXTS if e in parts), None)
+        read = (lambda d=parts[ext]: d) if ext else _missing(f"no image member for key {key}")
+        label = None
+        if "cls" in parts:
+            try:
+                label = int(parts["cls"].decode().strip())
+            except ValueError:
+                read = _missing(f"bad .cls member {parts['cls'][:20]!r} (expected an integer)")
+        return SourceItem(key=key, origin=origin, caption=parts.get("txt", b""), read=read,
+                          label=label)
+
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            key, parts = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = _split_member(member.name)
+                if k != key and key is not None:
+                    yield make(key, parts)
+                    parts = {}
+                key = k
+                parts[ext] = tar.extractfile(member).read()
+            if key is not None:
+                yield make(key, parts)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable tar ({e}); expected webdataset shards "
+                         "(KEY.jpg + KEY.txt members)") from e
+
+
+def webdataset_source(patterns: str | Iterable[str]) -> Source:
+    """Webdataset `.tar` shards: members KEY.jpg/png/webp + KEY.txt (+ optional KEY.cls)."""
+    paths = expand_paths(patterns, "--webdataset")
+    for p in paths:
+        if not tarfile.is_tarfile(p):
+            raise ValueError(f"{p}: not a tar file; expected webdataset shards")
+
+    def items() -> Iterator[SourceItem]:
+        for p in paths:
+            yield from _tar_items(p)
+
+    return Source(items, {"kind": "webdataset", "paths": [os.path.abspath(p) for p in paths]})
+
+
+# (d) a tfds dataset ------------------------------------------------------------------------------
+
+def tfds_source(name: str, split: str, data_dir: str | None = None, image_field: str = "image",
+                text_field: str | None = None, label_field: str | None = None,
+                template: str = "a photo of a {}.") -> Source:
+    """A prepared tfds dataset: encoded images from `image_field`, the caption from `text_field`
+    or else `template` over the class name of `label_field` (whose label is kept)."""
+    import tensorflow_datasets as tfds
+
+    if text_field is None and label_field is None:
+        raise ValueError("tfds source: give --text-field and/or --label-field")
+    if text_field is None and "{}" not in template:
+        raise ValueError(f"caption template {template!r} must contain '{{}}' for the class name")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:
+        raise ValueError(f"tfds dataset {name!r} (data_dir={data_dir}) not found: {e}") from e
+    features = builder.info.features
+    for field in (image_field, text_field, label_field):
+        if field is not None and field not in features:
+            raise ValueError(f"tfds {name}: no feature {field!r}; it has {sorted(features)}")
+    if not isinstance(features[image_field], tfds.features.Image):
+        raise ValueError(f"tfds {name}: feature {image_field!r} is "
+                         f"{type(features[image_field]).__name__}, expected an Image")
+    if split not in builder.info.splits:
+        raise ValueError(f"tfds {name}: no split {split!r}; it has {sorted(builder.info.splits)}")
+    classnames = None
+    if label_field is not None:
+        classnames = list(getattr(features[label_field], "names", None) or []) or None
+        if text_field is None and classnames is None:
+            raise ValueError(f"tfds {name}: {label_field!r} has no class names to caption with; "
+                             "give --text-field")
+
+    def items() -> Iterator[SourceItem]:
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders={image_field: tfds.decode.SkipDecoding()})
+        for i, ex in enumerate(tfds.as_numpy(ds)):
+            label = int(ex[label_field]) if label_field is not None else None
+            caption = ex[text_field] if text_field is not None else template.format(
+                classnames[label])
+            yield SourceItem(key=f"{name}/{split}/{i}", origin=f"tfds {name} {split}[{i}]",
+                             caption=caption, read=lambda d=ex[image_field]: d, label=label)
+
+    return Source(items, {"kind": "tfds", "name": name, "split": split,
+                          "image_field": image_field, "text_field": text_field,
+                          "label_field": label_field,
+                          "template": None if text_field else template},
+                  total=builder.info.splits[split].num_examples, classnames=classnames)

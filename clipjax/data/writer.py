@@ -1,0 +1,246 @@
+"""Write (image, caption[, label]) items into TFRecord shards plus a `manifest.json`.
+
+Item i goes to shard i // shard_size, so a re-run over the same source finds the same shards and
+skips those already complete. Each shard is written under a temporary name and renamed when
+complete; the manifest (also replaced atomically) records per shard its count and the items skipped
+(unreadable or corrupt image, empty or non-UTF-8 caption) with the reason.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import dataclasses
+import functools
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from clipjax.data import schema
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "clipjax-shards/1"
+JPEG_QUALITY = 95
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceItem:
+    """One example from a source; `read()` returns the raw encoded image (may raise OSError)."""
+
+    key: str
+    origin: str  # where it came from, named in skip messages (a path, "a.tar:0001.jpg", ...)
+    caption: str | bytes
+    read: Callable[[], bytes]
+    label: int | None = None
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded (corrupt, truncated, unknown format)."""
+
+
+def encode_image(data: bytes, max_side: int | None = None) -> bytes:
+    """Validate an encoded image by decoding it fully; return bytes the pipeline can decode.
+
+    JPEG/PNG in RGB or grayscale that fit `max_side` are kept byte-for-byte; anything else
+    (other formats, alpha, CMYK, EXIF rotation, too large) is converted to RGB, resized so the
+    long side is `max_side`, and re-encoded as JPEG.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # a full decode: truncated or corrupt files fail here, not in training
+            fmt, mode, size = im.format, im.mode, im.size
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+            too_big = max_side is not None and max(size) > max_side
+            if (fmt in ("JPEG", "PNG") and mode in ("RGB", "L") and orientation == 1
+                    and not too_big):
+                return data
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.new("RGB", rgba.size, (255, 255, 255))
+                im.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                im = im.convert("RGB")
+            if max_side is not None and max(im.size) > max_side:
+                scale = max_side / max(im.size)
+                new_size = tuple(max(1, round(s * scale)) for s in im.size)
+                im = im.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
+            out = io.BytesIO()
+            im.save(out, format="JPEG", quality=JPEG_QUALITY)
+            return out.getvalue()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
+        raise ImageError(f"{type(e).__name__}: {e}") from None
+
+
+def _encode_or_reason(data: bytes, max_side: int | None) -> tuple[bytes | None, str | None]:
+    """Process-pool friendly wrapper: never raises, returns (bytes, None) or (None, reason)."""
+    try:
+        return encode_image(data, max_side), None
+    except ImageError as e:
+        return None, f"corrupt image ({e})"
+
+
+def clean_caption(caption: str | bytes) -> str:
+    """The caption as stripped text; ValueError if it is not UTF-8 or empty."""
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("caption is not valid UTF-8") from None
+    caption = caption.strip()
+    if not caption:
+        raise ValueError("empty caption")
+    return caption
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:05d}{schema.SHARD_SUFFIX}"
+
+
+def read_manifest(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, schema.MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({e}); remove it or use a fresh --out") from e
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _start_manifest(out_dir: str, prefix: str, shard_size: int, max_side: int | None,
+                    source: dict, classnames: list[str] | None) -> dict:
+    settings = {"prefix": prefix, "shard_size": shard_size, "max_side": max_side,
+                "source": source, "classnames": classnames}
+    old = read_manifest(out_dir)
+    if old is not None:
+        differs = [k for k, v in settings.items() if old.get(k) != v]
+        if differs:
+            raise ValueError(
+                f"{out_dir} holds shards written with different settings "
+                f"({', '.join(f'{k}: {old.get(k)!r} now {settings[k]!r}' for k in differs)}); "
+                "re-run with the same settings to resume, or use a fresh --out directory")
+        old["shards"] = [s for s in old.get("shards", [])
+                         if os.path.exists(os.path.join(out_dir, s["file"]))]
+        old["complete"] = False
+        return old
+    return {"format": MANIFEST_FORMAT, **settings, "shards": [], "complete": False}
+
+
+def _summarise(manifest: dict) -> None:
+    shards = sorted(manifest["shards"], key=lambda s: s["index"])
+    manifest["shards"] = shards
+    manifest["num_examples"] = sum(s["count"] for s in shards)
+    manifest["num_skipped"] = sum(len(s["skipped"]) for s in shards)
+
+
+def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
+                 shard_size: int = 1000, max_side: int | None = None, workers: int = 1,
+                 prefix: str = "shard", classnames: list[str] | None = None,
+                 total: int | None = None, progress: bool = True) -> dict:
+    """Write `items` as shards `out_dir/{prefix}-NNNNN.tfrecord`; returns the manifest dict.
+
+    `source` describes where items come from (stored in the manifest; a re-run with a different
+    source or settings is refused instead of mixing data). `workers` > 1 decodes/re-encodes images
+    in that many processes. Already complete shards are skipped without reading their images.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    import tensorflow as tf
+    from tqdm.auto import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = _start_manifest(out_dir, prefix, shard_size, max_side, source, classnames)
+    done = {s["index"] for s in manifest["shards"]}
+    manifest_path = os.path.join(out_dir, schema.MANIFEST)
+    for name in os.listdir(out_dir):  # leftovers of an interrupted run
+        if name.startswith(prefix + "-") and ".tmp-" in name:
+            os.remove(os.path.join(out_dir, name))
+
+    pool = None
+    if workers > 1:
+        pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    encode = functools.partial(_encode_or_reason, max_side=max_side)
+    bar = tqdm(total=total, unit="img", desc=f"shards -> {out_dir}", disable=not progress)
+    try:
+        for index, chunk in enumerate(_chunks(items, shard_size)):
+            if index in done:
+                bar.update(len(chunk))
+                continue
+            skipped: list[dict] = []
+            good: list[tuple[SourceItem, str]] = []
+            raw: list[bytes] = []
+            for item in chunk:
+                try:
+                    caption = clean_caption(item.caption)
+                    data = item.read()
+                except ValueError as e:
+                    skipped.append({"key": item.key, "origin": item.origin, "reason": str(e)})
+                    continue
+                except OSError as e:
+                    skipped.append({"key": item.key, "origin": item.origin,
+                                    "reason": f"unreadable ({e})"})
+                    continue
+                good.append((item, caption))
+                raw.append(data)
+            encoded = pool.map(encode, raw, chunksize=8) if pool else map(encode, raw)
+            name = shard_name(prefix, index)
+            final = os.path.join(out_dir, name)
+            tmp = f"{final}.tmp-{os.getpid()}"
+            count = 0
+            try:
+                with tf.io.TFRecordWriter(tmp) as w:
+                    for (item, caption), (image, reason) in zip(good, encoded):
+                        if image is None:
+                            skipped.append({"key": item.key, "origin": item.origin,
+                                            "reason": reason})
+                            continue
+                        w.write(schema.make_example(image, caption, item.key, item.label))
+                        count += 1
+                os.replace(tmp, final)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            for s in skipped:
+                log.warning("skipped %s: %s", s["origin"], s["reason"])
+            manifest["shards"] = [s for s in manifest["shards"] if s["index"] != index]
+            manifest["shards"].append({"index": index, "file": name, "count": count,
+                                       "skipped": skipped})
+            _summarise(manifest)
+            _write_json_atomic(manifest_path, manifest)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    manifest["complete"] = True
+    _summarise(manifest)
+    _write_json_atomic(manifest_path, manifest)
+    return manifest
