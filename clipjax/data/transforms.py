@@ -1,0 +1,149 @@
+"""Image decoding and CLIP's image transforms as TensorFlow ops for tf.data, plus a PIL eval path.
+
+`eval_transform` reproduces OpenAI's eval preprocessing (bicubic resize of the short side, center
+crop, CLIP mean/std); `train_transform` is a stateless random resized crop, deterministic given its
+seed. `preprocess` is the same eval transform on a single PIL image (numpy out), for search/eval.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """JPEG/PNG/GIF/BMP bytes -> uint8 RGB [H, W, 3] (grayscale replicated, alpha dropped).
+
+    JPEGs use libjpeg's accurate integer IDCT, which gives PIL's pixels exactly (the fast default
+    is off by up to 4 levels). Corrupt bytes raise tf.errors.InvalidArgumentError when run;
+    pipelines skip and count those.
+    """
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False))
+    image.set_shape([None, None, 3])
+    return image
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """float pixel values in [0, 255] -> CLIP-normalised float32 ((x / 255 - mean) / std)."""
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - tf.constant(CLIP_MEAN, tf.float32)) / tf.constant(CLIP_STD, tf.float32)
+
+
+def _check_image(image) -> tf.Tensor:
+    image = tf.convert_to_tensor(image)
+    if image.dtype != tf.uint8 or image.shape.rank != 3:
+        raise ValueError(f"expected a uint8 image [H, W, C], got {image.dtype.name} with shape "
+                         f"{image.shape}; decode it with decode_image first")
+    return image
+
+
+def _check_size(size) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive int (output height = width), got {size!r}")
+    return int(size)
+
+
+def short_side_resize_shape(height: tf.Tensor, width: tf.Tensor, size: int) -> tuple:
+    """(new_h, new_w) with the short side = size and the long side = floor(size * long / short),
+    the rule of torchvision's Resize(int) used by OpenAI's preprocessing (float64, like Python)."""
+    h = tf.cast(height, tf.float64)
+    w = tf.cast(width, tf.float64)
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    new_long = tf.cast(tf.floor(size * long / short), tf.int32)
+    size_t = tf.constant(size, tf.int32)
+    new_h = tf.where(width <= height, new_long, size_t)
+    new_w = tf.where(width <= height, size_t, new_long)
+    return new_h, new_w
+
+
+def _to_levels(image: tf.Tensor) -> tf.Tensor:
+    return tf.round(tf.clip_by_value(image, 0.0, 255.0))
+
+
+def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
+    """OpenAI's eval transform: uint8 [H, W, 3] -> float32 [size, size, 3], CLIP-normalised.
+
+    Bicubic (Keys a=-0.5, antialiased when shrinking, as PIL) resize of the short side to `size`,
+    then a center crop with torchvision's offsets.
+    """
+    image = _check_image(image)
+    size = _check_size(size)
+    shape = tf.shape(image)
+    new_h, new_w = short_side_resize_shape(shape[0], shape[1], size)
+    # Two separable passes, width then height, each rounded and clipped to uint8 levels: this is
+    # how PIL resamples 8-bit images, and it matters where bicubic overshoots (sharp edges).
+    resized = _to_levels(tf.image.resize(image, tf.stack([shape[0], new_w]), method="bicubic",
+                                         antialias=True))
+    resized = _to_levels(tf.image.resize(resized, tf.stack([new_h, new_w]), method="bicubic",
+                                         antialias=True))
+    # torchvision: int(round((new - size) / 2)); tf.round also rounds halves to even.
+    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
+    crop = tf.slice(resized, tf.stack([top, left, 0]), [size, size, -1])
+    crop.set_shape([size, size, image.shape[-1]])
+    return normalize(crop)
+
+
+def random_resized_crop_box(image_shape: tf.Tensor, seed: tf.Tensor,
+                            scale: tuple[float, float] = (0.9, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple:
+    """A crop window (begin [3], size [3] for tf.slice) covering `scale` of the image area with
+    width/height in `ratio`; up to 10 tries, else the whole image. Deterministic given `seed`."""
+    seed = tf.convert_to_tensor(seed)
+    if seed.dtype not in (tf.int32, tf.int64) or seed.shape.as_list() != [2]:
+        raise ValueError(f"seed must be an int32/int64 tensor of shape [2], got {seed.dtype.name} "
+                         f"{seed.shape}")
+    if not 0.0 < scale[0] <= scale[1] <= 1.0 or not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got "
+                         f"scale={scale}, ratio={ratio}")
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return begin, crop_size
+
+
+def train_transform(image: tf.Tensor, size: int, seed: tf.Tensor,
+                    scale: tuple[float, float] = (0.9, 1.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                    method: str = "bicubic") -> tf.Tensor:
+    """Random resized crop: uint8 [H, W, 3] -> float32 [size, size, 3], CLIP-normalised.
+
+    The window comes from `random_resized_crop_box(seed)`; it is resized to size x size with
+    `method` (default bicubic, antialiased, as the eval transform; "bilinear" is cheaper).
+    """
+    image = _check_image(image)
+    size = _check_size(size)
+    begin, crop_size = random_resized_crop_box(tf.shape(image), seed, scale, ratio)
+    crop = tf.slice(image, begin, crop_size)
+    resized = tf.image.resize(crop, [size, size], method=method, antialias=True)
+    resized = tf.clip_by_value(resized, 0.0, 255.0)
+    resized.set_shape([size, size, image.shape[-1]])
+    return normalize(resized)
+
+
+def preprocess(image: Image.Image, size: int) -> np.ndarray:
+    """The eval transform on one PIL image, as OpenAI's: -> np.float32 [size, size, 3] (HWC)."""
+    size = _check_size(size)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"preprocess expects a PIL.Image.Image, got {type(image).__name__}")
+    image = image.convert("RGB")
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    pixels = np.asarray(image, np.float32) / 255.0
+    return ((pixels - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)).astype(np.float32)

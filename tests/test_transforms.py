@@ -1,0 +1,176 @@
+"""Image decoding and the CLIP eval/train transforms (tf ops) against PIL and their contracts."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+tf = pytest.importorskip("tensorflow")
+
+from clipjax.data import transforms as T  # noqa: E402
+
+MEAN = np.float32(T.CLIP_MEAN)
+STD = np.float32(T.CLIP_STD)
+
+
+def smooth_image(rng, height, width):
+    """A photo-like image: blurred random blocks plus pixel noise, uint8 [H, W, 3]."""
+    coarse = rng.integers(0, 256, (height // 8 + 2, width // 8 + 2, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR))
+    noisy = image.astype(np.int32) + rng.integers(-20, 21, image.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def encode(pil_image, fmt):
+    buffer = io.BytesIO()
+    pil_image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def to_levels(normalised):
+    """Back from CLIP-normalised values to 0..255 pixel levels."""
+    return (normalised * STD + MEAN) * 255.0
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P"])
+def test_decode_png_modes_match_pil_convert_rgb(mode):
+    rng = np.random.default_rng(0)
+    pil = Image.fromarray(smooth_image(rng, 37, 52)).convert(mode)
+    decoded = T.decode_image(tf.constant(encode(pil, "PNG")))
+    assert decoded.dtype == tf.uint8 and decoded.shape.as_list() == [37, 52, 3]
+    np.testing.assert_array_equal(decoded.numpy(), np.asarray(pil.convert("RGB")))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_decode_jpeg_matches_pil_exactly(mode):
+    rng = np.random.default_rng(1)
+    data = encode(Image.fromarray(smooth_image(rng, 40, 30)).convert(mode), "JPEG")
+    decoded = T.decode_image(tf.constant(data))
+    assert decoded.shape.as_list() == [40, 30, 3] and decoded.dtype == tf.uint8
+    np.testing.assert_array_equal(decoded.numpy(), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_decode_in_tf_data_mixed_formats():
+    rng = np.random.default_rng(6)
+    pils = [Image.fromarray(smooth_image(rng, 20, 24)).convert(m) for m in ("RGB", "L", "RGBA")]
+    data = [encode(pils[0], "JPEG"), encode(pils[1], "PNG"), encode(pils[2], "GIF")]
+    ds = tf.data.Dataset.from_tensor_slices(data).map(T.decode_image)
+    assert ds.element_spec.shape.as_list() == [None, None, 3]
+    for got, raw in zip(ds.as_numpy_iterator(), data):
+        np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+
+
+def test_decode_corrupt_bytes_raise():
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        T.decode_image(tf.constant(b"\xff\xd8 definitely not a jpeg"))
+
+
+@pytest.mark.parametrize("shape", [(90, 120), (150, 101), (64, 64), (65, 64), (33, 40), (41, 300)])
+def test_eval_transform_matches_pil_reference(shape):
+    """Tolerance: PIL resamples with 22-bit fixed-point weights and rounds halves up; we use float
+    weights, so a value within ~1e-3 of a .5 boundary may land one level (rarely two, when
+    upsampling) away. Anything systematic (kernel, crop offset, pass order) breaks both bounds."""
+    rng = np.random.default_rng(sum(shape))
+    for image in (smooth_image(rng, *shape), rng.integers(0, 256, (*shape, 3)).astype(np.uint8)):
+        ours = T.eval_transform(tf.constant(image), 64)
+        assert ours.dtype == tf.float32 and ours.shape.as_list() == [64, 64, 3]
+        reference = T.preprocess(Image.fromarray(image), 64)
+        assert reference.dtype == np.float32 and reference.shape == (64, 64, 3)
+        diff = np.abs(to_levels(ours.numpy()) - to_levels(reference))
+        assert diff.max() <= 2.01
+        assert (diff > 0.5).mean() < 0.01
+
+
+def test_center_crop_offsets_and_normalisation():
+    """No resize needed (short side == size): the crop is exact, offsets round halves to even."""
+    height, width, size = 8, 13, 8  # (13 - 8) / 2 = 2.5 -> 2 (round half to even, as torchvision)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 0] = np.arange(width)[None, :] * 10
+    image[..., 1] = np.arange(height)[:, None] * 20
+    image[..., 2] = 200
+    for out in (T.eval_transform(image, size).numpy(), T.preprocess(Image.fromarray(image), size)):
+        expected = (image[:, 2:10].astype(np.float32) / 255.0 - MEAN) / STD
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+    tall = np.transpose(image, (1, 0, 2)).copy()
+    np.testing.assert_allclose(T.eval_transform(tall, size).numpy(),
+                               np.transpose(T.eval_transform(image, size).numpy(), (1, 0, 2)),
+                               atol=1e-6)
+
+
+def test_eval_transform_in_tf_data_with_unknown_shapes():
+    rng = np.random.default_rng(2)
+    encoded = [encode(Image.fromarray(smooth_image(rng, h, w)), "PNG")
+               for h, w in [(40, 50), (70, 33)]]
+    ds = tf.data.Dataset.from_tensor_slices(encoded)
+    ds = ds.map(lambda b: T.eval_transform(T.decode_image(b), 32)).batch(2)
+    assert ds.element_spec.shape.as_list() == [None, 32, 32, 3]
+    batch = next(iter(ds)).numpy()
+    for got, data in zip(batch, encoded):
+        expected = T.preprocess(Image.open(io.BytesIO(data)), 32)
+        assert np.abs(to_levels(got) - to_levels(expected)).max() <= 2.01
+
+
+def test_train_transform_deterministic_in_seed_and_varies_across_seeds():
+    rng = np.random.default_rng(3)
+    image = tf.constant(smooth_image(rng, 80, 120))
+    seed = tf.constant([7, 11], tf.int32)
+    first = T.train_transform(image, 48, seed, scale=(0.3, 1.0))
+    again = T.train_transform(image, 48, seed, scale=(0.3, 1.0))
+    assert first.dtype == tf.float32 and first.shape.as_list() == [48, 48, 3]
+    np.testing.assert_array_equal(first.numpy(), again.numpy())
+    others = [T.train_transform(image, 48, tf.constant([7, s]), scale=(0.3, 1.0)).numpy()
+              for s in range(12, 17)]
+    assert all(not np.allclose(o, first.numpy()) for o in others)
+    levels = to_levels(first.numpy())
+    assert levels.min() >= -1e-3 and levels.max() <= 255.0 + 1e-3
+
+    # Inside tf.data with per-element stateless seeds: the same on every pass.
+    ds = tf.data.Dataset.from_tensors(image).repeat(4).enumerate().map(
+        lambda i, x: T.train_transform(x, 16, tf.stack([tf.cast(i, tf.int32), 0])))
+    assert ds.element_spec.shape.as_list() == [16, 16, 3]
+    np.testing.assert_array_equal(np.stack(list(ds.as_numpy_iterator())),
+                                  np.stack(list(ds.as_numpy_iterator())))
+
+
+def test_crop_box_respects_scale_and_ratio():
+    shape = tf.constant([90, 160, 3])
+    for s in range(40):
+        begin, size = T.random_resized_crop_box(shape, tf.constant([s, 3]), (0.5, 0.8), (0.75, 1.33))
+        (top, left, _), (h, w, c) = begin.numpy(), size.numpy()
+        assert c == -1 and 0 <= top and top + h <= 90 and 0 <= left and left + w <= 160
+        whole = (h, w) == (90, 160)  # the fallback after 10 failed tries
+        assert whole or (0.5 - 0.02 <= h * w / (90 * 160) <= 0.8 + 0.02)
+        assert whole or 0.75 - 0.05 <= w / h <= 1.33 + 0.05
+
+
+def test_train_transform_is_resize_of_its_crop_box():
+    rng = np.random.default_rng(4)
+    image = tf.constant(smooth_image(rng, 50, 70))
+    seed = tf.constant([1, 2])
+    begin, size = T.random_resized_crop_box(tf.shape(image), seed, (0.5, 0.9))
+    crop = tf.slice(image, begin, size)
+    expected = tf.clip_by_value(tf.image.resize(crop, [24, 24], "bilinear", antialias=True), 0, 255)
+    got = T.train_transform(image, 24, seed, scale=(0.5, 0.9), method="bilinear")
+    np.testing.assert_allclose(to_levels(got.numpy()), expected.numpy(), atol=1e-3)
+
+
+def test_full_crop_equals_plain_resize():
+    image = tf.constant(smooth_image(np.random.default_rng(5), 60, 60))
+    got = T.train_transform(image, 30, tf.constant([0, 0]), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    expected = tf.clip_by_value(tf.image.resize(image, [30, 30], "bicubic", antialias=True), 0, 255)
+    np.testing.assert_allclose(to_levels(got.numpy()), expected.numpy(), atol=1e-3)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="uint8 image"):
+        T.eval_transform(tf.zeros([8, 8, 3], tf.float32), 4)
+    with pytest.raises(ValueError, match="uint8 image"):
+        T.train_transform(tf.zeros([8, 8], tf.uint8), 4, tf.constant([0, 0]))
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        T.eval_transform(tf.zeros([8, 8, 3], tf.uint8), 0)
+    with pytest.raises(ValueError, match="seed must be"):
+        T.train_transform(tf.zeros([8, 8, 3], tf.uint8), 4, tf.constant([1.0, 2.0]))
+    with pytest.raises(ValueError, match="scale"):
+        T.train_transform(tf.zeros([8, 8, 3], tf.uint8), 4, tf.constant([0, 0]), scale=(0.9, 0.5))
+    with pytest.raises(TypeError, match="PIL"):
+        T.preprocess(np.zeros((8, 8, 3), np.uint8), 4)
