@@ -1,0 +1,117 @@
+"""Jitted, mesh-sharded image/text encoding shared by the evaluators and the search indexer.
+
+Batches are padded to a fixed size (one compilation) that divides over the mesh's batch axes;
+padding rows are dropped again before results reach the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clipjax.parallel.mesh import BATCH_AXES
+
+
+def batch_divisor(mesh: Mesh | None) -> int:
+    """How many ways a global batch is split on `mesh` (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Zero-pad the leading dimension of `x` up to `rows`."""
+    if x.shape[0] == rows:
+        return x
+    if x.shape[0] > rows:
+        raise ValueError(f"batch of {x.shape[0]} rows exceeds the fixed batch size {rows}")
+    pad = np.zeros((rows - x.shape[0],) + x.shape[1:], dtype=x.dtype)
+    return np.concatenate([x, pad])
+
+
+def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
+    """Place host arrays on the mesh replicated (arrays already on devices are left alone)."""
+    if mesh is None:
+        return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), tree)
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, sharding),
+                        tree)
+
+
+def put_batch(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A host-local batch -> a global array split over the mesh's batch axes."""
+    if mesh is None:
+        return jnp.asarray(x)
+    sharding = NamedSharding(mesh, P(BATCH_AXES))
+    return jax.make_array_from_process_local_data(sharding, x)
+
+
+def fetch_local(x: jax.Array) -> np.ndarray:
+    """This host's rows of a batch-sharded global array (all rows on a single host).
+
+    Pairs with `put_batch`: the rows come back in the order this host fed them in.
+    """
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    seen, parts = set(), []
+    for shard in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+        start = shard.index[0].start or 0
+        if start not in seen:  # replicas of the same rows on other local devices
+            seen.add(start)
+            parts.append(np.asarray(shard.data))
+    return np.concatenate(parts)
+
+
+class Encoder:
+    """Encode images / token ids to normalised embeddings with a fixed, mesh-divisible batch."""
+
+    def __init__(self, model: Any, params: Mapping[str, Any], *, mesh: Mesh | None = None,
+                 batch_size: int = 64):
+        self.model = model
+        self.mesh = mesh
+        # Per-host batch; the global batch (x process count) must split over the batch axes.
+        per_host = max(1, batch_divisor(mesh) // jax.process_count())
+        self.batch_size = round_up(max(1, batch_size), per_host)
+        self.params = put_replicated(params, mesh)
+        self._image_fn = jax.jit(self._encode("encode_image"))
+        self._text_fn = jax.jit(self._encode("encode_text"))
+
+    def _encode(self, method: str) -> Callable:
+        model = self.model
+
+        def fn(params, x):
+            return model.apply({"params": params}, x, method=method).astype(jnp.float32)
+
+        return fn
+
+    def images(self, images: np.ndarray) -> np.ndarray:
+        """[N, H, W, 3] float32 -> [N, D] float32 (any N; processed in fixed-size batches)."""
+        return self._run(self._image_fn, np.asarray(images, np.float32))
+
+    def texts(self, tokens: np.ndarray) -> np.ndarray:
+        """[N, L] int32 -> [N, D] float32."""
+        return self._run(self._text_fn, np.asarray(tokens, np.int32))
+
+    def _run(self, fn: Callable, x: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, x.shape[0], self.batch_size):
+            part = x[start:start + self.batch_size]
+            emb = fn(self.params, put_batch(pad_rows(part, self.batch_size), self.mesh))
+            out.append(fetch_local(emb)[:part.shape[0]])
+        if not out:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.concatenate(out)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.embed_dim)

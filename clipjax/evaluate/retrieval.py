@@ -1,0 +1,109 @@
+"""Image<->text retrieval recall@K, with several captions per image.
+
+image->text: an image is a hit at K if any of its captions ranks in the top K texts.
+text->image: a caption is a hit at K if its own image ranks in the top K images.
+Ranks count strictly better scores, so ties resolve in favour of the right answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from clipjax.evaluate.embed import Encoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray,
+                      text_to_image: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
+                      chunk: int = 1024) -> dict[str, float]:
+    """Recall@K both ways from normalised embeddings.
+
+    image_embeds [N, D], text_embeds [M, D], text_to_image [M] (index of each caption's image).
+    Returns {'image_to_text/R@1': ..., 'text_to_image/R@1': ..., ...} as fractions in [0, 1].
+    """
+    image_embeds = np.asarray(image_embeds, np.float32)
+    text_embeds = np.asarray(text_embeds, np.float32)
+    text_to_image = np.asarray(text_to_image, np.int64)
+    n, m = image_embeds.shape[0], text_embeds.shape[0]
+    if text_to_image.shape != (m,):
+        raise ValueError(f"text_to_image has shape {text_to_image.shape}, expected ({m},)")
+    if m and (text_to_image.min() < 0 or text_to_image.max() >= n):
+        raise ValueError(f"text_to_image must index the {n} images")
+    if n == 0 or m == 0:
+        raise ValueError(f"retrieval needs at least one image and one caption (got {n} and {m})")
+    has_caption = np.bincount(text_to_image, minlength=n) > 0
+    if not has_caption.all():
+        raise ValueError(f"{int((~has_caption).sum())} of {n} images have no caption")
+
+    # image -> text: rank of the best-scoring own caption among all captions.
+    i2t_rank = np.empty(n, np.int64)
+    for start in range(0, n, chunk):
+        sims = image_embeds[start:start + chunk] @ text_embeds.T  # [c, M]
+        rows = np.arange(start, min(start + chunk, n))
+        own = text_to_image[None, :] == rows[:, None]  # [c, M]
+        best_own = np.where(own, sims, -np.inf).max(axis=1)
+        i2t_rank[start:start + chunk] = (sims > best_own[:, None]).sum(axis=1)
+
+    # text -> image: rank of the caption's own image among all images.
+    t2i_rank = np.empty(m, np.int64)
+    for start in range(0, m, chunk):
+        sims = text_embeds[start:start + chunk] @ image_embeds.T  # [c, N]
+        own_score = sims[np.arange(sims.shape[0]), text_to_image[start:start + chunk]]
+        t2i_rank[start:start + chunk] = (sims > own_score[:, None]).sum(axis=1)
+
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"image_to_text/R@{k}"] = float((i2t_rank < k).mean())
+        out[f"text_to_image/R@{k}"] = float((t2i_rank < k).mean())
+    out["num_images"] = float(n)
+    out["num_texts"] = float(m)
+    return out
+
+
+def retrieval_recall(model: Any, params: Mapping[str, Any], batches: Iterable[Mapping[str, Any]],
+                     *, mesh: Mesh | None = None, ks: Sequence[int] = DEFAULT_KS,
+                     batch_size: int | None = None) -> dict[str, float]:
+    """Embed an eval set and compute recall@K both ways; usable as a periodic training hook.
+
+    Each batch has 'image' [B, H, W, 3] float32 and 'text' int32 token ids, either [B, L]
+    (one caption per image) or [B, C, L] (up to C captions; all-zero rows are absent captions).
+    An optional 'mask' [B] marks real rows (padding rows count nothing).
+    """
+    encoder: Encoder | None = None
+    image_embs, text_embs, owners = [], [], []
+    n_images = 0
+    for batch in batches:
+        images = np.asarray(batch["image"])
+        text = np.asarray(batch["text"])
+        mask = np.asarray(batch.get("mask", np.ones(images.shape[0], bool))).astype(bool)
+        if text.ndim == 2:
+            text = text[:, None, :]
+        if text.ndim != 3 or text.shape[0] != images.shape[0]:
+            raise ValueError(f"batch 'text' has shape {np.shape(batch['text'])}; expected [B, L] "
+                             f"or [B, C, L] with B = {images.shape[0]}")
+        if encoder is None:
+            encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size or images.shape[0])
+        images, text = images[mask], text[mask]
+        if images.shape[0] == 0:
+            continue
+        present = (text != 0).any(axis=-1)  # [b, C]
+        img_idx, cap_idx = np.nonzero(present)
+        image_embs.append(encoder.images(images))
+        text_embs.append(encoder.texts(text[img_idx, cap_idx]))
+        owners.append(img_idx + n_images)
+        n_images += images.shape[0]
+    if encoder is None or n_images == 0:
+        raise ValueError("retrieval: the evaluation data produced no examples")
+    metrics = retrieval_metrics(np.concatenate(image_embs), np.concatenate(text_embs),
+                                np.concatenate(owners), ks=ks)
+    log.info("retrieval over %d images / %d captions: %s", n_images, int(metrics["num_texts"]),
+             {k: round(v, 4) for k, v in metrics.items() if "R@" in k})
+    return metrics
