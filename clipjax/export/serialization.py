@@ -51,8 +51,11 @@ def _unbox(tree: Any) -> Any:
     return meta.unbox(tree)
 
 
-def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Nested dict of arrays -> {'a/b/c': np.ndarray} (host numpy copies, dtypes kept)."""
+def flatten_params(params: Mapping[str, Any], as_numpy: bool = True) -> dict[str, Any]:
+    """Nested dict of arrays -> {'a/b/c': np.ndarray} (host numpy copies, dtypes kept).
+
+    With `as_numpy=False` leaves are returned as they are (e.g. jax.ShapeDtypeStruct).
+    """
     params = _unbox(params)
     if hasattr(params, "unfreeze"):
         params = params.unfreeze()
@@ -68,7 +71,7 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         elif node is None:
             return
         else:
-            flat[prefix] = np.asarray(node)
+            flat[prefix] = np.asarray(node) if as_numpy else node
 
     visit(params, "")
     return flat

@@ -1,0 +1,159 @@
+"""Export / import model weights.
+
+  python -m clipjax.export --workdir DIR [--step N] --out OUT --format safetensors|msgpack|hf|openai
+  python -m clipjax.export --model PATH --out OUT --format ...
+  python -m clipjax.export import --from hf|openai|open_clip SRC --out DIR [--format msgpack]
+
+Formats: safetensors / msgpack write a clipjax model directory; hf a Hugging Face CLIP directory
+(config.json, flax_model.msgpack, model.safetensors); openai one .safetensors state dict with
+OpenAI CLIP names (what open_clip loads). Output directories appear whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+EXPORT_FORMATS = ("safetensors", "msgpack", "hf", "openai")
+IMPORT_SOURCES = ("hf", "openai", "open_clip")
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m clipjax.export",
+        description="Export a trained or loaded model (see also: python -m clipjax.export "
+                    "import --help).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (latest complete checkpoint)")
+    src.add_argument("--model", help="any model clipjax can load (model dir, HF dir, state dict)")
+    p.add_argument("--step", type=int, help="checkpoint step (with --workdir); default latest")
+    p.add_argument("--out", required=True, help="output directory (.safetensors file for openai)")
+    p.add_argument("--format", default="safetensors", choices=EXPORT_FORMATS)
+    p.add_argument("--drop-logit-bias", action="store_true",
+                   help="hf: export a model with a logit bias without it (HF CLIP has none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
+def import_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m clipjax.export import",
+        description="Convert Hugging Face / OpenAI / open_clip weights to a clipjax model dir.")
+    p.add_argument("--from", dest="source", required=True, choices=IMPORT_SOURCES)
+    p.add_argument("src", help="HF CLIP directory, or a .safetensors/.pt state dict")
+    p.add_argument("--out", required=True, help="output clipjax model directory")
+    p.add_argument("--format", default="safetensors", choices=("safetensors", "msgpack"))
+    p.add_argument("--act", choices=("quick_gelu", "gelu"),
+                   help="openai/open_clip activation (default: quick_gelu for openai, gelu for "
+                        "open_clip; open_clip's '-quickgelu' models need quick_gelu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not overwrite:
+        raise SystemExit(f"error: --out {out} already exists; pass --overwrite to replace it")
+
+
+def write_dir_atomically(out: str, write: Callable[[str], None]) -> None:
+    """Run `write(tmp_dir)` and move the finished directory to `out` (replacing it)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(out)) + ".", dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(out) and not os.path.islink(out):
+            shutil.rmtree(out)
+        elif os.path.exists(out):
+            os.remove(out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def write_model(out: str, fmt: str, config, params, drop_logit_bias: bool = False) -> None:
+    """Write (config, params) to `out` in `fmt` (one of EXPORT_FORMATS)."""
+    if fmt in ("safetensors", "msgpack"):
+        from clipjax.export.modeldir import save_model_dir
+
+        write_dir_atomically(out, lambda d: save_model_dir(d, config, params, fmt))
+    elif fmt == "hf":
+        from clipjax.export.hfdir import write_hf_dir
+
+        write_dir_atomically(out, lambda d: write_hf_dir(d, config, params,
+                                                         drop_logit_bias=drop_logit_bias))
+    elif fmt == "openai":
+        from safetensors.numpy import save
+
+        from clipjax.export.openai import to_openai_state_dict
+        from clipjax.export.serialization import write_bytes
+
+        if not out.endswith(".safetensors"):
+            raise SystemExit(f"error: --format openai writes one file; --out must end in "
+                             f".safetensors (got {out})")
+        write_bytes(out, save(to_openai_state_dict(config, params)))
+    else:
+        raise SystemExit(f"error: unknown format {fmt!r}; expected one of {EXPORT_FORMATS}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from clipjax.export.load import load_config_and_params
+
+    if args.step is not None and args.workdir is None:
+        raise SystemExit("error: --step needs --workdir")
+    _check_out(args.out, args.overwrite)
+    src = args.workdir or args.model
+    if args.workdir is not None and not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+        raise SystemExit(f"error: --workdir {args.workdir}: no checkpoints/ directory; expected "
+                         f"a training workdir")
+    config, params = load_config_and_params(src, step=args.step)
+    write_model(args.out, args.format, config, params, drop_logit_bias=args.drop_logit_bias)
+    print(f"wrote {args.format} model to {args.out}")
+
+
+def run_import(args: argparse.Namespace) -> None:
+    _check_out(args.out, args.overwrite)
+    if args.source == "hf":
+        from clipjax.export.hfdir import is_hf_dir, read_hf_dir
+
+        if not is_hf_dir(args.src):
+            raise SystemExit(f"error: {args.src}: not a Hugging Face CLIP directory (expected "
+                             f"config.json with \"model_type\": \"clip\")")
+        if args.act:
+            raise SystemExit("error: --act applies to openai/open_clip imports only")
+        config, params = read_hf_dir(args.src)
+    else:
+        from clipjax.export.openai import DEFAULT_ACT, from_openai_state_dict, read_state_dict
+
+        sd = read_state_dict(args.src)
+        config, params = from_openai_state_dict(sd, act=args.act or DEFAULT_ACT[args.source])
+    from clipjax.export.load import check_params
+
+    check_params(config, params, where=args.src)
+    write_model(args.out, args.format, config, params)
+    print(f"imported {args.source} model {args.src} -> {args.out} "
+          f"({config.vision_type}, embed_dim={config.embed_dim})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if argv[:1] == ["import"]:
+            run_import(import_parser().parse_args(argv[1:]))
+        else:
+            run_export(export_parser().parse_args(argv))
+    except (FileNotFoundError, ValueError, KeyError, ImportError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
