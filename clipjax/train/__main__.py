@@ -1,0 +1,75 @@
+"""python -m clipjax.train --config experiments/NAME.py[:ARG] --workdir DIR [--config.key=value ...]
+
+Multi-host: started as several processes, JAX's runtime is initialised automatically on TPU VMs
+and under SLURM, or explicitly with --coordinator HOST:PORT --num_processes N --process_id I.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/demo.py or experiments/x.py:arg",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config "
+                               "go here; an existing workdir is resumed.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-process "
+                                   "runs without auto-detection).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _setup_logging() -> None:
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    progress = logging.getLogger("clipjax.progress")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax
+
+    if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1 and (
+            jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")).startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from clipjax.parallel.mesh import initialize_distributed
+
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _setup_logging()
+    from clipjax.train.config import ConfigError
+    from clipjax.train.loop import TrainingDiverged, train
+
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if jax.process_index() == 0:
+        print(f"{result.status} at step {result.step}; last checkpoint: "
+              f"{result.last_checkpoint}; workdir: {_WORKDIR.value}")
+        for k, v in sorted(result.eval_metrics.items()):
+            print(f"  {k}: {v:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,247 @@
+"""Train configs: the base ConfigDict every experiment builds on, and validation before compiling.
+
+Experiments (`experiments/*.py`) define `get_config(arg=None)` returning `base_config()` with their
+changes; the CLI applies `--config.key=value` overrides on top. `validate` checks the resolved
+config against the devices and files at hand and raises `ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from clipjax.parallel.mesh import BATCH_AXES, MESH_AXES, resolve_axis_sizes
+from clipjax.train.optimizer import SCHEDULES
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and what was expected."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with defaults. Experiments modify a copy of this."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_steps = 1000
+    c.batch_size = 256  # global, over all processes and devices
+    c.microbatches = 1  # gradient accumulation with cached embeddings (see clipjax.train.step)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.scan_layers = False
+    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.overrides = ml_collections.ConfigDict()  # any other CLIPConfig field
+
+    # Passed to clipjax.losses.make_loss (keys per clipjax.losses.LOSS_DEFAULTS).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "softmax"  # softmax (InfoNCE) | sigmoid (SigLIP) | tokenwise
+    c.loss.impl = "gathered"  # reference | gathered | ring
+    c.loss.queue_size = 0  # momentum queue of EMA embeddings (softmax only); 0 = off
+    c.loss.momentum = 0.995  # EMA decay of the queue's momentum encoders
+    c.loss.tile = ml_collections.FieldReference(None, field_type=int)  # ring: rows per tile
+    c.loss.batch_axes = BATCH_AXES
+    c.loss.tokenwise_mode = "filip"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # glob (or comma-separated globs) of TFRecord shards
+    c.data.shuffle_buffer = 10_000
+    c.data.augment_scale = (0.9, 1.0)  # random-resized-crop area range
+    c.data.demo_dir = ""  # if set: generate the demo dataset there first (train/ and test/)
+    c.data.demo_n_train = 4000
+    c.data.demo_n_test = 600
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axis overrides
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 5e-4
+    c.optimizer.warmup_steps = 100
+    c.optimizer.schedule = "cosine"
+    c.optimizer.min_lr_ratio = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.98
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 0.2
+    c.optimizer.clip_norm = 1.0  # 0 disables clipping
+    c.optimizer.towers = ml_collections.ConfigDict({"image": r"^visual/", "text": r"^text/"})
+    c.optimizer.lr_mult = ml_collections.ConfigDict({"image": 1.0, "text": 1.0})
+    c.optimizer.lock_image = False  # LiT: image tower frozen (no grads, no optimizer state)
+    c.optimizer.freeze = ()  # extra regexes of param paths to freeze
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log_every = 50
+    c.tensorboard = True
+    c.max_nonfinite = 20  # stop after this many non-finite steps in a row
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0: only at the end of training
+    c.eval.at_end = True
+    c.eval.batch_size = 256
+    c.eval.zeroshot = ml_collections.ConfigDict()
+    c.eval.zeroshot.shards = ""  # labelled TFRecord shards
+    c.eval.zeroshot.classnames = ""  # a file, package asset name, or comma-separated names
+    c.eval.zeroshot.templates = ""
+    c.eval.retrieval = ml_collections.ConfigDict()
+    c.eval.retrieval.shards = ""
+
+    c.export = ml_collections.ConfigDict()
+    c.export.dir = ""  # if set: write a model directory there at the end
+    c.export.format = "safetensors"
+    return c
+
+
+def _fail(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"config.{key}={value!r} is invalid: {expected}")
+
+
+def _positive_int(c: ml_collections.ConfigDict, key: str, allow_zero: bool = False) -> int:
+    value = c
+    for part in key.split("."):
+        value = value[part]
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        raise _fail(key, value, f"expected an int {'>= 0' if allow_zero else '> 0'}")
+    return value
+
+
+def expand_globs(spec: str | Any) -> list[str]:
+    """Files matched by a glob, or by comma-separated globs / a list of globs, sorted."""
+    patterns = ([p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str)
+                else [str(p) for p in spec])
+    files: list[str] = []
+    for pattern in patterns:
+        if "://" in pattern:  # remote (gs://, ...): let tf.io.gfile list it
+            import tensorflow as tf
+
+            files += sorted(tf.io.gfile.glob(pattern))
+        else:
+            files += sorted(glob.glob(os.path.expanduser(pattern)))
+    return files
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    try:
+        sizes = resolve_axis_sizes(dict(config.mesh), num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh={dict(config.mesh)} is invalid: {e}") from None
+    return dict(zip(MESH_AXES, sizes))
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1,
+             check_files: bool = True) -> dict[str, int]:
+    """Check a resolved config before any compilation; returns the mesh shape it implies."""
+    from clipjax.models import PRESETS, CLIPConfig
+
+    for key in ("num_steps", "batch_size", "microbatches", "log_every", "max_nonfinite",
+                "checkpoint.keep", "eval.batch_size"):
+        _positive_int(config, key)
+    for key in ("checkpoint.every_steps", "eval.every_steps", "optimizer.warmup_steps"):
+        _positive_int(config, key, allow_zero=True)
+    if not isinstance(config.seed, int):
+        raise _fail("seed", config.seed, "expected an int")
+
+    # Model.
+    if config.model.preset not in PRESETS:
+        raise _fail("model.preset", config.model.preset, f"expected one of {list(PRESETS)}")
+    known = {f for f in CLIPConfig.__dataclass_fields__}
+    for key in config.model.overrides:
+        if key not in known:
+            raise _fail(f"model.overrides.{key}", config.model.overrides[key],
+                        f"not a CLIPConfig field; known fields: {sorted(known)}")
+    try:
+        model_config(config)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model is invalid: {e}") from None
+
+    # Mesh and batch divisibility.
+    shape = mesh_shape(config, num_devices)
+    batch_shards = math.prod(shape[a] for a in BATCH_AXES)
+    per_step = batch_shards * config.microbatches
+    if config.batch_size % per_step:
+        raise _fail("batch_size", config.batch_size,
+                    f"must be divisible by the batch axes {'x'.join(BATCH_AXES)}="
+                    f"{batch_shards} times microbatches={config.microbatches} (= {per_step}); "
+                    f"use a multiple of {per_step}")
+    if config.batch_size % process_count:
+        raise _fail("batch_size", config.batch_size,
+                    f"must be divisible by the number of processes ({process_count})")
+    if config.loss.queue_size:
+        if config.loss.queue_size < config.batch_size:
+            raise _fail("loss.queue_size", config.loss.queue_size,
+                        f"a momentum queue must hold at least one batch ({config.batch_size})")
+        if config.loss.queue_size % batch_shards:
+            raise _fail("loss.queue_size", config.loss.queue_size,
+                        f"must be divisible by the batch shards ({batch_shards})")
+    try:
+        from clipjax.losses import validate_loss_config
+
+        validate_loss_config(config.loss)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.loss is invalid: {e}") from None
+    try:
+        from clipjax.parallel.rules import make_rules
+
+        make_rules(dict(config.sharding_rules))
+    except ValueError as e:
+        raise ConfigError(f"config.sharding_rules: {e}") from None
+
+    # Optimizer.
+    o = config.optimizer
+    if not float(o.lr) > 0:
+        raise _fail("optimizer.lr", o.lr, "expected a learning rate > 0")
+    if o.schedule not in SCHEDULES:
+        raise _fail("optimizer.schedule", o.schedule, f"expected one of {SCHEDULES}")
+    if o.warmup_steps > config.num_steps:
+        raise _fail("optimizer.warmup_steps", o.warmup_steps,
+                    f"longer than the run (num_steps={config.num_steps})")
+    if not 0.0 <= float(o.min_lr_ratio) <= 1.0:
+        raise _fail("optimizer.min_lr_ratio", o.min_lr_ratio, "expected a value in [0, 1]")
+    if float(o.weight_decay) < 0 or float(o.clip_norm) < 0:
+        raise _fail("optimizer.weight_decay/clip_norm", (o.weight_decay, o.clip_norm),
+                    "expected values >= 0")
+    for tower in o.lr_mult:
+        if tower not in o.towers:
+            raise _fail(f"optimizer.lr_mult.{tower}", o.lr_mult[tower],
+                        f"unknown tower; optimizer.towers has {sorted(o.towers)}")
+    if o.lock_image and "image" not in o.towers:
+        raise _fail("optimizer.lock_image", True, "needs optimizer.towers.image (a path regex)")
+
+    # Data.
+    if check_files:
+        if not config.data.demo_dir:
+            if not config.data.train:
+                raise _fail("data.train", config.data.train,
+                            "give a glob of TFRecord shards (or data.demo_dir for the demo data)")
+            if not expand_globs(config.data.train):
+                raise _fail("data.train", config.data.train,
+                            "matches no files; expected a glob of TFRecord shards")
+        for key in ("eval.zeroshot.shards", "eval.retrieval.shards"):
+            spec = config.eval.zeroshot.shards if "zeroshot" in key else config.eval.retrieval.shards
+            if spec and not config.data.demo_dir and not expand_globs(spec):
+                raise _fail(key, spec, "matches no files; expected a glob of TFRecord shards")
+    if config.eval.zeroshot.shards and not config.eval.zeroshot.classnames:
+        raise _fail("eval.zeroshot.classnames", "", "needed when eval.zeroshot.shards is set")
+    if config.export.format not in ("safetensors", "msgpack"):
+        raise _fail("export.format", config.export.format, "expected 'safetensors' or 'msgpack'")
+    return shape
+
+
+def model_config(config: ml_collections.ConfigDict):
+    """The CLIPConfig a train config describes (preset + dtype/scan/remat + overrides)."""
+    import dataclasses
+
+    from clipjax.models import get_preset
+
+    fields = dict(dtype=config.model.dtype, scan_layers=bool(config.model.scan_layers),
+                  remat=config.model.remat)
+    fields.update({k: (tuple(v) if isinstance(v, list) else v)
+                   for k, v in config.model.overrides.items()})
+    return dataclasses.replace(get_preset(config.model.preset), **fields)

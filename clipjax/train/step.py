@@ -1,0 +1,271 @@
+"""The sharded train step: forward both towers, contrastive loss, gradients, optax update.
+
+`make_train_step` returns a pure `train_step(state, batch) -> (state, metrics)`; `jit_train_step`
+compiles it with the state's shardings (params/optimizer state laid out by the logical-axis rules,
+the batch split over ('data', 'fsdp')).
+
+Gradient accumulation (`microbatches > 1`) keeps the contrastive semantics exactly, by gradient
+caching (as open_clip's accumulation): pass 1 runs the towers over every microbatch without
+gradients and caches the outputs; the loss over the *whole* batch's cached outputs gives the loss
+value and its gradient w.r.t. every embedding (and the temperature); pass 2 recomputes each
+microbatch's forward with gradients and back-propagates that microbatch's slice of the cached
+embedding gradient into the parameters, summing over microbatches. The result equals the
+full-batch gradient (every microbatch still sees all B-1 negatives); peak activation memory is that
+of one microbatch, at the cost of a second forward pass.
+
+A non-finite loss or gradient norm skips the update (params, optimizer and loss state unchanged),
+advances the step (the batch was consumed) and counts it in `nonfinite_streak`/`nonfinite_total`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clipjax.parallel.mesh import BATCH_AXES
+from clipjax.train.optimizer import Optimizer
+from clipjax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+# Output keys of the CLIP model that are per-example (leading batch dim) vs. scalars.
+_SCALAR_OUTPUTS = ("logit_scale", "logit_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    microbatches: int = 1
+    queue_size: int = 0
+    ema_momentum: float = 0.999
+
+
+def _is_float(x: Any) -> bool:
+    return x is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _apply(model: nn.Module, params: Any, model_state: dict, batch: Batch
+           ) -> tuple[dict[str, Any], dict]:
+    """Model forward in training mode; returns (outputs, updated non-param collections)."""
+    variables = {"params": params, **model_state}
+    if model_state:  # e.g. BatchNorm statistics of a ResNet tower
+        outputs, updates = model.apply(variables, batch["image"], batch["text"], train=True,
+                                       mutable=list(model_state))
+        return outputs, dict(updates)
+    return model.apply(variables, batch["image"], batch["text"]), {}
+
+
+def _batch_constraint(x: jax.Array, mesh: Mesh, leading: int = 0) -> jax.Array:
+    spec = P(*([None] * leading), BATCH_AXES)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def split_microbatches(x: jax.Array, n_shards: int, m: int, mesh: Mesh) -> jax.Array:
+    """[B, ...] -> [m, B/m, ...]: microbatch j takes rows j of each shard's local block, so
+    splitting and re-joining (`join_microbatches`) move no data between devices."""
+    b = x.shape[0] // (n_shards * m)
+    y = x.reshape((n_shards, m, b) + x.shape[1:]).swapaxes(0, 1)
+    return _batch_constraint(y.reshape((m, n_shards * b) + x.shape[1:]), mesh, leading=1)
+
+
+def join_microbatches(y: jax.Array, n_shards: int, mesh: Mesh) -> jax.Array:
+    """Inverse of split_microbatches: [m, B/m, ...] -> [B, ...] in the original row order."""
+    m, bm = y.shape[:2]
+    b = bm // n_shards
+    x = y.reshape((m, n_shards, b) + y.shape[2:]).swapaxes(0, 1)
+    return _batch_constraint(x.reshape((m * bm,) + y.shape[2:]), mesh)
+
+
+def used_outputs(loss_fn: LossFn, abstract_outputs: dict[str, Any], with_queue: bool,
+                 abstract_queue: Any = None) -> frozenset[str]:
+    """Names of model outputs the loss actually reads (traced once, abstractly).
+
+    Gradient caching then caches only those (e.g. token sequences only for a token-wise loss).
+    """
+    keys = [k for k, v in abstract_outputs.items() if v is not None]
+
+    def f(*vals):
+        outs = dict(abstract_outputs)
+        outs.update(zip(keys, vals))
+        return loss_fn(outs, queue=abstract_queue) if with_queue else loss_fn(outs)
+
+    jaxpr = jax.make_jaxpr(f)(*[abstract_outputs[k] for k in keys]).jaxpr
+    read = set()
+    for eqn in jaxpr.eqns:
+        read.update(id(v) for v in eqn.invars if isinstance(v, jax.core.Var))
+    read.update(id(v) for v in jaxpr.outvars if isinstance(v, jax.core.Var))
+    return frozenset(k for k, var in zip(keys, jaxpr.invars) if id(var) in read)
+
+
+def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mesh: Mesh,
+                    cfg: StepConfig, cached_keys: frozenset[str] | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step for `model` under `optimizer` and `loss_fn` on `mesh`.
+
+    `cached_keys`: model outputs kept for the loss under gradient accumulation (default: every
+    float output); see `used_outputs`.
+    """
+    n_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    m = int(cfg.microbatches)
+    use_queue = cfg.queue_size > 0
+
+    def loss_call(outputs, queue):
+        return loss_fn(outputs, queue=queue) if use_queue else loss_fn(outputs)
+
+    def full_batch_grads(trainable, frozen, model_state, batch, queue):
+        def loss_of(tr):
+            outputs, new_ms = _apply(model, optimizer.merge(tr, frozen), model_state, batch)
+            loss, metrics = loss_call(outputs, queue)
+            return loss, (metrics, outputs, new_ms)
+
+        (loss, (metrics, outputs, new_ms)), grads = jax.value_and_grad(
+            loss_of, has_aux=True)(trainable)
+        return loss, metrics, outputs["logit_scale"], new_ms, grads
+
+    def accumulated_grads(trainable, frozen, model_state, batch, queue):
+        micro = jax.tree.map(lambda x: split_microbatches(x, n_shards, m, mesh), batch)
+        params_sg = jax.lax.stop_gradient(optimizer.merge(trainable, frozen))
+
+        def keep(outputs):
+            return {k: v for k, v in outputs.items()
+                    if _is_float(v) and (cached_keys is None or k in cached_keys)}
+
+        # Pass 1: every microbatch's outputs without gradients; BatchNorm statistics (if any)
+        # are threaded through the microbatches in order.
+        def fwd_nograd(ms, mb):
+            outputs, new_ms = _apply(model, params_sg, ms, mb)
+            other = {k: v for k, v in outputs.items() if v is not None and not _is_float(v)}
+            return (new_ms if model_state else ms), (keep(outputs), other)
+
+        new_ms, (stacked, stacked_other) = jax.lax.scan(fwd_nograd, model_state, micro)
+        full = {k: (v[0] if k in _SCALAR_OUTPUTS else join_microbatches(v, n_shards, mesh))
+                for k, v in stacked.items()}
+        nondiff = {k: join_microbatches(v, n_shards, mesh) for k, v in stacked_other.items()}
+
+        def loss_of_outputs(diff):
+            outs = {"logit_bias": None, **nondiff, **diff}
+            return loss_call(outs, queue)
+
+        (loss, metrics), vjp = _vjp_with_aux(loss_of_outputs, full)
+        ct_full = vjp(jnp.ones((), loss.dtype))
+        # Scalar outputs (temperature, bias) are shared by all microbatches: their cotangent is
+        # applied once (microbatch 0), not m times.
+        ct_stacked = {k: (jnp.zeros((m,) + v.shape, v.dtype).at[0].set(v) if k in _SCALAR_OUTPUTS
+                          else split_microbatches(v, n_shards, m, mesh))
+                      for k, v in ct_full.items()}
+
+        # Pass 2: recompute each microbatch with gradients and pull back its cotangent slice.
+        def bwd(acc, xs):
+            mb, ct = xs
+
+            def fwd(tr):
+                outputs, _ = _apply(model, optimizer.merge(tr, frozen), model_state, mb)
+                return keep(outputs)
+
+            _, pullback = jax.vjp(fwd, trainable)
+            (g,) = pullback(ct)
+            return jax.tree.map(jnp.add, acc, g), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        grads, _ = jax.lax.scan(bwd, zeros, (micro, ct_stacked))
+        return loss, metrics, full["logit_scale"], new_ms, grads
+
+    def ema_embeddings(ema_params, model_state, batch):
+        """Image/text embeddings of the momentum (EMA) encoders for the queue, without grads."""
+        ema_params = jax.lax.stop_gradient(ema_params)
+        if m == 1:
+            out, _ = _apply(model, ema_params, model_state, batch)
+            return out["image_embeds"], out["text_embeds"]
+        micro = jax.tree.map(lambda x: split_microbatches(x, n_shards, m, mesh), batch)
+
+        def one(_, mb):
+            out, _ = _apply(model, ema_params, model_state, mb)
+            return None, (out["image_embeds"], out["text_embeds"])
+
+        _, (img, txt) = jax.lax.scan(one, None, micro)
+        return join_microbatches(img, n_shards, mesh), join_microbatches(txt, n_shards, mesh)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng, _ = jax.random.split(state.rng)
+        trainable, frozen = optimizer.split(state.params)
+        model_state = state.loss_state.get("model_state", {})
+        queue = state.loss_state.get("queue") if use_queue else None
+
+        grads_fn = full_batch_grads if m == 1 else accumulated_grads
+        loss, metrics, log_scale, new_ms, grads = grads_fn(trainable, frozen, model_state, batch,
+                                                           queue)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt = optimizer.tx.update(grads, state.opt_state, trainable)
+        new_params = optimizer.merge(optax.apply_updates(trainable, updates), frozen)
+
+        new_loss_state = dict(state.loss_state)
+        if model_state:
+            new_loss_state["model_state"] = new_ms
+        if use_queue:
+            from clipjax.losses import ema_update, queue_push
+
+            ema = ema_update(state.loss_state["ema_params"], state.params, cfg.ema_momentum)
+            img, txt = ema_embeddings(ema, model_state, batch)
+            new_loss_state["ema_params"] = ema
+            new_loss_state["queue"] = queue_push(queue, img, txt)
+
+        def pick(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        applied = state.step - state.nonfinite_total  # updates actually made = optax's count
+        new_state = state.replace(
+            step=state.step + 1,
+            params=pick(new_params, state.params),
+            opt_state=pick(new_opt, state.opt_state),
+            loss_state=pick(new_loss_state, state.loss_state),
+            rng=rng,
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32),
+            nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)),
+        )
+        out = {k: v for k, v in metrics.items() if k != "loss"}
+        out.update(
+            loss=loss,
+            grad_norm=grad_norm,
+            lr=optimizer.schedule(applied),
+            temperature=jnp.exp(-log_scale),
+            logit_scale=jnp.exp(log_scale),
+            nonfinite_streak=new_state.nonfinite_streak,
+            nonfinite_total=new_state.nonfinite_total,
+        )
+        return new_state, out
+
+    return train_step
+
+
+def _vjp_with_aux(f, primal):
+    """(f's (loss, aux), pullback of the loss) for f returning (scalar, aux)."""
+    loss, pullback, aux = jax.vjp(f, primal, has_aux=True)
+
+    def vjp(ct):
+        return pullback(ct)[0]
+
+    return (loss, aux), vjp
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, batch_shardings: Any,
+                   rules: Any) -> Callable:
+    """jit with explicit in/out shardings; the donated state is updated in place."""
+
+    @functools.wraps(train_step)
+    def traced(state, batch):
+        with nn.logical_axis_rules(rules):
+            return train_step(state, batch)
+
+    return jax.jit(traced, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))

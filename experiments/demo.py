@@ -1,0 +1,49 @@
+"""The demo: a tiny CLIP on the procedural shapes dataset, trained on a laptop CPU in minutes.
+
+  python -m clipjax.train --config experiments/demo.py --workdir workdirs/demo
+  python -m clipjax.train --config experiments/demo.py:quick --workdir /tmp/d   # a few steps
+
+Variants (the `:ARG`): none = the full demo; 'quick' = a handful of steps on tiny images for
+tests and smoke runs.
+"""
+
+from clipjax.train.config import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.seed = 0
+    c.model.preset = "tiny"
+    c.data.demo_dir = "demo_data"
+    c.data.shuffle_buffer = 4000
+    c.data.augment_scale = (0.8, 1.0)
+    c.num_steps = 600
+    c.batch_size = 128
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.weight_decay = 0.1
+    c.log_every = 25
+    c.checkpoint.every_steps = 200
+    c.checkpoint.keep = 2
+    c.eval.zeroshot.shards = "demo"
+    c.eval.zeroshot.classnames = "demo"
+    c.eval.zeroshot.templates = "demo"
+    c.eval.retrieval.shards = "demo"
+    c.eval.batch_size = 200
+    if arg == "quick":
+        c.num_steps = 6
+        c.batch_size = 16
+        c.data.demo_n_train = 256
+        c.data.demo_n_test = 64
+        c.data.shuffle_buffer = 64
+        c.optimizer.warmup_steps = 2
+        c.log_every = 1
+        c.checkpoint.every_steps = 2
+        c.eval.batch_size = 32
+        c.model.overrides.update(dict(image_size=16, patch_size=8, vision_width=32,
+                                      vision_layers=1, vision_heads=2, text_width=32,
+                                      text_layers=1, text_heads=2, embed_dim=32,
+                                      context_length=16))
+    elif arg:
+        raise ValueError(f"experiments/demo.py: unknown variant {arg!r}; expected none or 'quick'")
+    return c
