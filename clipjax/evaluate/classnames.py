@@ -32,29 +32,39 @@ def _file_lines(path: str, what: str) -> list[str]:
 
 
 def load_classnames(spec: str) -> list[str]:
-    """'imagenet' (the 1000 ImageNet classes), 'demo' (the demo dataset), or a text file."""
+    """'imagenet' (the 1000 ImageNet classes), 'demo' (the demo dataset), a text file with one
+    name per line, or comma-separated names ("cat,dog")."""
     if spec in CLASSNAME_SETS:
         return _asset_lines(CLASSNAME_SETS[spec])
     if spec == "demo":
-        from clipjax.data import DEMO_CLASSNAMES
+        from clipjax.data.demo import DEMO_CLASSNAMES
 
         return list(DEMO_CLASSNAMES)
     if os.path.exists(spec) or os.sep in spec or spec.endswith(".txt"):
         return _file_lines(spec, "class names")
-    raise ValueError(f"class names {spec!r}: expected one of {sorted(CLASSNAME_SETS) + ['demo']} "
-                     f"or a text file with one class name per line")
+    if "," in spec:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        if len(names) >= 2:
+            return names
+    raise ValueError(f"class names {spec!r}: expected one of {sorted(CLASSNAME_SETS) + ['demo']}, "
+                     f"a text file with one class name per line, or comma-separated names")
 
 
 def load_templates(spec: str) -> list[str]:
-    """'openai' (80 prompts), 'simple' (7), 'photo' (1), or a text file of '{}' templates."""
+    """'openai' (80 prompts), 'simple' (7), 'photo' (1), 'demo' (the demo dataset's), or a text
+    file of templates containing '{}'."""
     if spec in TEMPLATE_SETS:
         asset = TEMPLATE_SETS[spec]
         return ["a photo of a {}."] if asset is None else _asset_lines(asset)
+    if spec == "demo":
+        from clipjax.data.demo import DEMO_TEMPLATES
+
+        return list(DEMO_TEMPLATES)
     if os.path.exists(spec) or os.sep in spec or spec.endswith(".txt"):
         templates = _file_lines(spec, "prompt templates containing '{}'")
         missing = [t for t in templates if "{}" not in t]
         if missing:
             raise ValueError(f"{spec}: template {missing[0]!r} has no '{{}}' for the class name")
         return templates
-    raise ValueError(f"templates {spec!r}: expected one of {sorted(TEMPLATE_SETS)} or a text "
+    raise ValueError(f"templates {spec!r}: expected one of {sorted(TEMPLATE_SETS) + ['demo']} or a text "
                      f"file with one template (containing '{{}}') per line")

@@ -74,36 +74,58 @@ def retrieval_recall(model: Any, params: Mapping[str, Any], batches: Iterable[Ma
     """Embed an eval set and compute recall@K both ways; usable as a periodic training hook.
 
     Each batch has 'image' [B, H, W, 3] float32 and 'text' int32 token ids, either [B, L]
-    (one caption per image) or [B, C, L] (up to C captions; all-zero rows are absent captions).
-    An optional 'mask' [B] marks real rows (padding rows count nothing).
+    (one caption per row) or [B, C, L] (up to C captions; all-zero rows are absent captions).
+    Optional: 'mask' [B] marks real rows (padding counts nothing); 'key' [B] (str) names the
+    image of each row, so rows sharing a key are several captions of one image (the layout of
+    clipjax.data's EvalPipeline). Rows without a key are distinct images.
     """
     encoder: Encoder | None = None
     image_embs, text_embs, owners = [], [], []
+    key_to_image: dict[Any, int] = {}
     n_images = 0
     for batch in batches:
         images = np.asarray(batch["image"])
         text = np.asarray(batch["text"])
-        mask = np.asarray(batch.get("mask", np.ones(images.shape[0], bool))).astype(bool)
+        b = images.shape[0]
+        mask = np.asarray(batch.get("mask", np.ones(b, bool))).astype(bool)
+        keys = batch.get("key")
+        keys = [None] * b if keys is None else [_key(k) for k in np.asarray(keys).tolist()]
         if text.ndim == 2:
             text = text[:, None, :]
-        if text.ndim != 3 or text.shape[0] != images.shape[0]:
+        if text.ndim != 3 or text.shape[0] != b:
             raise ValueError(f"batch 'text' has shape {np.shape(batch['text'])}; expected [B, L] "
-                             f"or [B, C, L] with B = {images.shape[0]}")
+                             f"or [B, C, L] with B = {b}")
         if encoder is None:
-            encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size or images.shape[0])
-        images, text = images[mask], text[mask]
-        if images.shape[0] == 0:
-            continue
-        present = (text != 0).any(axis=-1)  # [b, C]
-        img_idx, cap_idx = np.nonzero(present)
-        image_embs.append(encoder.images(images))
-        text_embs.append(encoder.texts(text[img_idx, cap_idx]))
-        owners.append(img_idx + n_images)
-        n_images += images.shape[0]
+            encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size or b)
+        new_rows, row_image = [], np.full(b, -1, np.int64)
+        for i in np.flatnonzero(mask):
+            if keys[i] is not None and keys[i] in key_to_image:
+                row_image[i] = key_to_image[keys[i]]
+                continue
+            row_image[i] = n_images + len(new_rows)
+            new_rows.append(i)
+            if keys[i] is not None:
+                key_to_image[keys[i]] = row_image[i]
+        if new_rows:
+            image_embs.append(encoder.images(images[new_rows]))
+            n_images += len(new_rows)
+        rows, caps = np.nonzero((text != 0).any(axis=-1) & mask[:, None])  # present captions
+        if rows.size:
+            text_embs.append(encoder.texts(text[rows, caps]))
+            owners.append(row_image[rows])
     if encoder is None or n_images == 0:
         raise ValueError("retrieval: the evaluation data produced no examples")
+    if not text_embs:
+        raise ValueError("retrieval: the evaluation data has no captions")
     metrics = retrieval_metrics(np.concatenate(image_embs), np.concatenate(text_embs),
                                 np.concatenate(owners), ks=ks)
     log.info("retrieval over %d images / %d captions: %s", n_images, int(metrics["num_texts"]),
              {k: round(v, 4) for k, v in metrics.items() if "R@" in k})
     return metrics
+
+
+def _key(k: Any) -> Any:
+    """A hashable image key, or None for 'no key' (empty string / bytes)."""
+    if isinstance(k, bytes):
+        k = k.decode("utf-8", "replace")
+    return None if k in ("", None) else k

@@ -1,0 +1,110 @@
+"""Embed an image collection into an index, resumably and incrementally.
+
+Images are processed in chunks; each finished chunk is persisted before the next starts, so a
+killed run resumes where it stopped, and re-running on a grown collection embeds only new files.
+Unreadable images are skipped, recorded in the index, and not retried.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clipjax.search.index import IndexWriter, iter_chunks
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def list_images(spec: str) -> list[str]:
+    """Absolute paths of the images under a directory (recursively) or matching a glob."""
+    if os.path.isdir(spec):
+        found = [os.path.join(root, f) for root, _, files in os.walk(spec) for f in files
+                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            raise ValueError(f"--images {spec}: directory holds no images "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+    else:
+        found = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+        if not found:
+            raise ValueError(f"--images {spec!r}: matches no files; expected a directory or a "
+                             f"glob of images")
+    return sorted(os.path.abspath(p) for p in found)
+
+
+def load_image(path: str, preprocess: Callable) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return preprocess(im)
+
+
+@dataclass
+class BuildStats:
+    total: int  # images found
+    already: int  # in the index before this run (or recorded as unreadable)
+    added: int
+    failed: int
+    index_size: int
+
+
+def build_index(out: str, paths: Sequence[str], *, model: Any, params: Any,
+                preprocess: Callable, fingerprint: str, model_path: str = "",
+                float16: bool = False, batch_size: int = 64, chunk_size: int = 1024,
+                mesh: Any = None, progress: bool = True, threads: int = 8) -> BuildStats:
+    """Add every path not yet in the index at `out` (created if missing)."""
+    from clipjax.evaluate.embed import Encoder
+
+    cfg = model.config
+    writer = IndexWriter(out, dim=cfg.embed_dim, dtype="float16" if float16 else "float32",
+                         model_fingerprint=fingerprint, model_path=model_path,
+                         image_size=cfg.image_size)
+    done = writer.indexed_paths()
+    todo = [p for p in paths if p not in done]
+    already = len(paths) - len(todo)
+    if already:
+        log.info("%s: %d of %d images already indexed; embedding %d", out, already, len(paths),
+                 len(todo))
+    encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size)
+    bar = _progress(len(todo), progress)
+    added = failed = 0
+
+    def load(path: str) -> tuple[str, np.ndarray | None, str]:
+        try:
+            return path, load_image(path, preprocess), ""
+        except Exception as e:  # corrupt / unsupported / vanished files are skipped, counted
+            return path, None, f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(threads) as pool:
+        for chunk in iter_chunks(todo, chunk_size):
+            ok_paths, images, bad = [], [], {}
+            for path, image, err in pool.map(load, chunk):
+                if image is None:
+                    log.warning("skipping unreadable image %s (%s)", path, err)
+                    bad[path] = err
+                else:
+                    ok_paths.append(path)
+                    images.append(image)
+            emb = (encoder.images(np.stack(images)) if images
+                   else np.zeros((0, cfg.embed_dim), np.float32))
+            writer.add_chunk(ok_paths, emb, failed=bad)
+            added += len(ok_paths)
+            failed += len(bad)
+            bar.update(len(chunk))
+    bar.close()
+    return BuildStats(total=len(paths), already=already, added=added, failed=failed,
+                      index_size=writer.meta.count)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled, desc="indexing")

@@ -1,0 +1,54 @@
+"""A self-contained HTML page of search results (thumbnails embedded as base64 JPEG)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+
+THUMB_SIZE = 192
+
+
+def thumbnail_data_uri(path: str, size: int = THUMB_SIZE) -> str | None:
+    """A small JPEG of `path` as a data: URI, or None if the image cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85)
+    except Exception:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def results_page(query: str, results: Sequence[tuple[float, str]], html_path: str) -> str:
+    """The HTML text: the query, then a grid of (rank, score, thumbnail linked to the file)."""
+    base = os.path.dirname(os.path.abspath(html_path))
+    cards = []
+    for rank, (score, path) in enumerate(results, start=1):
+        uri = thumbnail_data_uri(path)
+        link = html.escape(os.path.relpath(path, base))
+        img = (f'<img src="{uri}" alt="{html.escape(os.path.basename(path))}">' if uri
+               else '<div class="missing">image not readable</div>')
+        cards.append(f'<figure><a href="{link}">{img}</a><figcaption>#{rank} '
+                     f'<b>{score:.4f}</b><br>{html.escape(os.path.basename(path))}</figcaption>'
+                     f'</figure>')
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>clipjax search: {html.escape(query)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; width: {THUMB_SIZE}px; }}
+img {{ max-width: {THUMB_SIZE}px; max-height: {THUMB_SIZE}px; display: block; }}
+figcaption {{ font-size: 12px; word-break: break-all; }}
+.missing {{ width: {THUMB_SIZE}px; height: 80px; background: #eee; }}
+</style></head>
+<body><h2>{html.escape(query)}</h2><div class="grid">
+{chr(10).join(cards)}
+</div></body></html>
+"""
