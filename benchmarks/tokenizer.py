@@ -142,9 +142,11 @@ def main():
         print(f"speed-up over the reference, {kind}: {ours[0] / theirs[0]:.1f}x wall, "
               f"{ours[1] / theirs[1]:.1f}x cpu")
     if args.quick:
-        print(json.dumps({"benchmark": "tokenizer", "num_captions": n,
-                          **{f"{k}_captions_per_s": round(w) for k, (w, _) in results.items()},
-                          **{f"{k}_captions_per_cpu_s": round(c) for k, (_, c) in results.items()}}))
+        summary = {"benchmark": "tokenizer", "num_captions": n}
+        for key, (wall, cpu) in results.items():
+            summary[f"{key}_captions_per_s"] = round(wall)
+            summary[f"{key}_captions_per_cpu_s"] = round(cpu)
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

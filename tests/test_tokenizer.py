@@ -1,4 +1,4 @@
-"""The CLIP tokenizer gives OpenAI's reference ids on every input (reference: clip-anytorch's file)."""
+"""The CLIP tokenizer gives OpenAI's reference ids on every input (clip-anytorch's tokenizer)."""
 import html
 import importlib.util
 import os

@@ -47,7 +47,8 @@ def test_decode_jpeg_matches_pil_exactly(mode):
     data = encode(Image.fromarray(smooth_image(rng, 40, 30)).convert(mode), "JPEG")
     decoded = T.decode_image(tf.constant(data))
     assert decoded.shape.as_list() == [40, 30, 3] and decoded.dtype == tf.uint8
-    np.testing.assert_array_equal(decoded.numpy(), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(decoded.numpy(), reference)
 
 
 def test_decode_in_tf_data_mixed_formats():
@@ -135,7 +136,8 @@ def test_train_transform_deterministic_in_seed_and_varies_across_seeds():
 def test_crop_box_respects_scale_and_ratio():
     shape = tf.constant([90, 160, 3])
     for s in range(40):
-        begin, size = T.random_resized_crop_box(shape, tf.constant([s, 3]), (0.5, 0.8), (0.75, 1.33))
+        begin, size = T.random_resized_crop_box(shape, tf.constant([s, 3]), scale=(0.5, 0.8),
+                                                ratio=(0.75, 1.33))
         (top, left, _), (h, w, c) = begin.numpy(), size.numpy()
         assert c == -1 and 0 <= top and top + h <= 90 and 0 <= left and left + w <= 160
         whole = (h, w) == (90, 160)  # the fallback after 10 failed tries

@@ -257,7 +257,8 @@ def tokenize_tf(texts, context_length: int = 77):
 
     texts = tf.convert_to_tensor(texts, dtype=tf.string)
     if texts.shape.rank not in (0, 1):
-        raise ValueError(f"tokenize_tf expects a tf.string scalar or vector, got shape {texts.shape}")
+        raise ValueError(
+            f"tokenize_tf expects a tf.string scalar or vector, got shape {texts.shape}")
     batch = tf.reshape(texts, [-1])
     ids = tf.numpy_function(
         functools.partial(_tokenize_bytes, context_length=context_length), [batch], tf.int32,
