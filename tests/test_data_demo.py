@@ -5,7 +5,9 @@ import os
 import numpy as np
 
 from clipjax.data import demo
-from clipjax.data.pipeline import EvalPipeline
+import pytest
+
+from clipjax.data.pipeline import EvalPipeline, TrainPipeline
 
 
 def test_render_agrees_with_caption_and_label():
@@ -45,3 +47,9 @@ def test_make_demo_dataset(tmp_path):
     assert all(k.startswith("test/") for b in batches for k in b["key"][b["mask"]])
     test_imgs = [b["image"][b["mask"]] for b in batches]
     assert np.concatenate(test_imgs).std() > 0.1
+    batch, state = next(iter(TrainPipeline(again.train, global_batch=8, image_size=16,
+                                           context_length=32, process_index=0, process_count=1)))
+    assert batch["image"].shape == (8, 16, 16, 3) and state["offset"] == 8
+    with pytest.raises(ValueError, match="30 records per epoch.*fewer than its batch of 64"):
+        TrainPipeline(again.train, global_batch=64, image_size=16, process_index=0,
+                      process_count=1)

@@ -184,3 +184,17 @@ def test_to_global_and_prefetch(shards):
                                         process_index=0, process_count=1)))
     g = to_global(eval_batch, mesh)
     assert "key" not in g and "caption" not in g and g["mask"].dtype == bool
+
+
+def test_train_image_matches_train_transform():
+    from clipjax.data import transforms
+    from clipjax.data.pipeline import train_image
+
+    for i in range(3):
+        encoded = tf.constant(_jpeg(i))
+        seed = tf.constant([i, 11], tf.int32)
+        ours = train_image(encoded, 8, seed, scale=(0.5, 1.0)).numpy()
+        ref = transforms.train_transform(transforms.decode_image(encoded), 8, seed,
+                                         scale=(0.5, 1.0)).numpy()
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+        assert ours.std() > 0.1  # a real image, not a constant
