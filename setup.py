@@ -32,5 +32,11 @@ setup(
             "pytest-xdist>=3.5",
             "transformers==4.57.6",
         ],
+        # benchmarks/train_step.py --compare open_clip (not installed by `make test`).
+        "bench": [
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "open_clip_torch==3.3.0",
+        ],
     },
 )
