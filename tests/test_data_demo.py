@@ -7,7 +7,7 @@ import numpy as np
 from clipjax.data import demo
 import pytest
 
-from clipjax.data.pipeline import EvalPipeline, TrainPipeline
+from clipjax.data.pipeline import EvalPipeline, TrainPipeline, dataset_classnames
 
 
 def test_render_agrees_with_caption_and_label():
@@ -28,7 +28,7 @@ def test_make_demo_dataset(tmp_path):
     assert len(ds.classnames) == 12 and all("{}" in t for t in ds.templates)
     m = json.load(open(tmp_path / "a" / "train" / "manifest.json"))
     assert m["num_examples"] == 30 and [s["count"] for s in m["shards"]] == [16, 14]
-    assert m["classnames"] == list(demo.DEMO_CLASSNAMES)
+    assert m["classnames"] == list(demo.DEMO_CLASSNAMES) == dataset_classnames(ds.test)
     again = demo.make_demo_dataset(str(tmp_path / "b"), n_train=30, n_test=12, image_size=32,
                                    seed=1, shard_size=16)
     for split in ("train", "test"):

@@ -115,6 +115,21 @@ def validate_shards(files: Sequence[str]) -> ShardInfo:
     return ShardInfo(tuple(files), all(labels), all(tokens), tuple(empty))
 
 
+def dataset_classnames(shards: str | Sequence[str]) -> list[str] | None:
+    """Class names recorded by the shard writer (manifest.json next to the first shard), or None
+    when the shards were not written with labels by make_shards (e.g. img2dataset output)."""
+    import tensorflow as tf
+
+    manifest = os.path.join(os.path.dirname(list_shards(shards)[0]), schema.MANIFEST)
+    if not tf.io.gfile.exists(manifest):
+        return None
+    with tf.io.gfile.GFile(manifest) as f:
+        try:
+            return json.load(f).get("classnames")
+        except ValueError as e:
+            raise ValueError(f"{manifest}: not valid JSON ({e})") from None
+
+
 def host_batch_size(global_batch: int, process_count: int) -> int:
     if global_batch < 1 or global_batch % process_count:
         raise ValueError(f"global batch {global_batch} must be a positive multiple of the "
