@@ -188,6 +188,14 @@ class CLIP(nn.Module):
         """token ids int32 [B, L] -> [B, D] L2-normalised float32."""
         return l2_normalize(self.text(text)[0])
 
+    def logit_params(self) -> tuple[jax.Array, jax.Array | None]:
+        """(log temperature clamped at logit_scale_max, logit bias or None), both float32 scalars."""
+        scale = jnp.minimum(self.logit_scale, self.config.logit_scale_max).astype(jnp.float32)
+        bias = None
+        if self.config.logit_bias_init is not None:
+            bias = self.logit_bias.astype(jnp.float32)
+        return scale, bias
+
     def __call__(self, images: jax.Array, text: jax.Array, train: bool = False) -> dict[str, jax.Array | None]:
         """Both towers. Returns the dict of the shared model contract:
 
@@ -197,16 +205,14 @@ class CLIP(nn.Module):
         """
         img_pooled, img_tokens = self._image(images, train)
         txt_pooled, txt_tokens = self.text(text)
-        bias = None
-        if self.config.logit_bias_init is not None:
-            bias = self.logit_bias.astype(jnp.float32)
+        scale, bias = self.logit_params()
         return {
             "image_embeds": l2_normalize(img_pooled),
             "text_embeds": l2_normalize(txt_pooled),
             "image_tokens": l2_normalize(img_tokens),
             "text_tokens": l2_normalize(txt_tokens),
             "text_mask": text_mask_from_ids(text),
-            "logit_scale": jnp.minimum(self.logit_scale, self.config.logit_scale_max).astype(jnp.float32),
+            "logit_scale": scale,
             "logit_bias": bias,
         }
 
