@@ -69,7 +69,7 @@ def sample_example(rng: np.random.Generator) -> dict:
     ci, si = int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES)))
     color_name, shape = list(COLORS)[ci], SHAPES[si]
     size = SIZES[int(rng.integers(2))]
-    radius = rng.uniform(0.10, 0.16) if size == "small" else rng.uniform(0.22, 0.30)
+    radius = rng.uniform(0.13, 0.18) if size == "small" else rng.uniform(0.24, 0.32)
     cx, cy = rng.uniform(radius, 1 - radius, size=2)
     template = _CAPTIONS[int(rng.integers(len(_CAPTIONS)))]
     caption = template.format(size=size, color=color_name, shape=shape,
