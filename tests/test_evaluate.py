@@ -42,6 +42,7 @@ def test_packaged_classnames_and_templates(tmp_path):
     assert load_templates("simple")[0] == "itap of a {}." and len(load_templates("simple")) == 7
     assert len(load_classnames("demo")) == 12 and load_templates("photo") == ["a photo of a {}."]
     assert load_classnames("cat, dog") == ["cat", "dog"]
+    assert load_templates("openai_imagenet_templates.txt") == openai  # packaged file by name
     f = tmp_path / "t.txt"
     f.write_text("a {} here\nno placeholder\n")
     with pytest.raises(ValueError, match="no placeholder"):

@@ -397,3 +397,29 @@ def test_export_from_training_workdir(tmp_path):
                         "--out", str(tmp_path / "s15")]) == 1
     _, params_w, _ = load(str(tmp_path / "wd"))
     assert_trees_equal(p2, params_w)
+
+
+def test_export_resnet_from_workdir_with_model_config(tmp_path):
+    """The trainer's model_config.json names the architecture; BatchNorm statistics come from
+    the checkpointed loss_state.model_state."""
+    import jax.numpy as jnp
+
+    from clipjax.export.modeldir import config_to_json
+    from clipjax.train.checkpoint import Checkpointer
+    from clipjax.train.state import TrainState
+
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd" / "model_config.json").write_text(config_to_json(TINY_RN))
+    v = init_params(TINY_RN, 3)
+    state = TrainState.create(jax.tree.map(jnp.asarray, v["params"]), opt_state={},
+                              rng=jnp.zeros(2, jnp.uint32),
+                              loss_state={"model_state": {"batch_stats": jax.tree.map(
+                                  jnp.asarray, v["batch_stats"])}})
+    ckpt = Checkpointer(str(tmp_path / "wd"), every_steps=1, keep=1, async_save=False)
+    ckpt.save(3, state, {"step": 3})
+    ckpt.close()
+    assert export_main(["--workdir", str(tmp_path / "wd"), "--out", str(tmp_path / "m")]) == 0
+    cfg, variables = read_model_dir(str(tmp_path / "m"))
+    assert cfg == TINY_RN and sorted(os.listdir(tmp_path / "m")) == [
+        "batch_stats.safetensors", "config.json", "params.safetensors"]
+    assert_trees_equal(v, variables)

@@ -36,6 +36,8 @@ def load_classnames(spec: str) -> list[str]:
     name per line, or comma-separated names ("cat,dog")."""
     if spec in CLASSNAME_SETS:
         return _asset_lines(CLASSNAME_SETS[spec])
+    if spec in CLASSNAME_SETS.values() and not os.path.exists(spec):  # a packaged file by name
+        return _asset_lines(spec)
     if spec == "demo":
         from clipjax.data.demo import DEMO_CLASSNAMES
 
@@ -56,6 +58,8 @@ def load_templates(spec: str) -> list[str]:
     if spec in TEMPLATE_SETS:
         asset = TEMPLATE_SETS[spec]
         return ["a photo of a {}."] if asset is None else _asset_lines(asset)
+    if spec in TEMPLATE_SETS.values() and not os.path.exists(spec):  # a packaged file by name
+        return _asset_lines(spec)
     if spec == "demo":
         from clipjax.data.demo import DEMO_TEMPLATES
 

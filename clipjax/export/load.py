@@ -130,23 +130,15 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def read_workdir(workdir: str, step: int | None = None) -> tuple[CLIPConfig, dict[str, Any]]:
-    """(config, params) from a training workdir's latest (or given) complete checkpoint."""
+    """(config, params) from a training workdir's latest (or given) complete checkpoint.
+
+    The architecture comes from the workdir's model_config.json (a model directory's config
+    format) or else from the resolved train config, config.json. ResNet towers get their
+    BatchNorm statistics from the checkpointed loss_state.model_state.
+    """
     import orbax.checkpoint as ocp
 
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{workdir}: no config.json (the resolved train config the "
-                                f"trainer writes); cannot tell the model architecture")
-    with open(cfg_path, encoding="utf-8") as f:
-        try:
-            train_config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
-    config = model_config_from_train_config(train_config, cfg_path)
-    if config.vision_type == "resnet":
-        raise NotImplementedError(f"{workdir}: exporting ResNet image towers from a workdir is "
-                                  f"not supported (their BatchNorm statistics are not in the "
-                                  f"checkpointed params)")
+    config = workdir_model_config(workdir)
     steps = checkpoint_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"{workdir}: no complete checkpoint under {CHECKPOINT_DIR}/")
@@ -162,12 +154,37 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[CLIPConfig, dic
     if not isinstance(tree, Mapping) or "params" not in tree:
         raise ValueError(f"{path}: checkpoint has no 'params' entry")
     item = {"params": tree["params"]}
+    model_state = (tree.get("loss_state") or {}).get("model_state")
+    if model_state:
+        item["loss_state"] = {"model_state": model_state}
     restore_args = _tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
-    params = out["params"]
     log.info("restored params of step %d from %s", step, workdir)
-    return config, params
+    if config.vision_type == "resnet":
+        stats = (out.get("loss_state") or {}).get("model_state") or {}
+        if "batch_stats" not in stats:
+            raise ValueError(f"{path}: ResNet checkpoint without loss_state.model_state."
+                             f"batch_stats (BatchNorm statistics)")
+        return config, {"params": out["params"], "batch_stats": stats["batch_stats"]}
+    return config, out["params"]
+
+
+def workdir_model_config(workdir: str) -> CLIPConfig:
+    model_cfg = os.path.join(workdir, "model_config.json")
+    if os.path.isfile(model_cfg):
+        with open(model_cfg, encoding="utf-8") as f:
+            return modeldir.config_from_json(f.read(), model_cfg)
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{workdir}: neither model_config.json nor config.json (the "
+                                f"resolved train config); cannot tell the model architecture")
+    with open(cfg_path, encoding="utf-8") as f:
+        try:
+            train_config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    return model_config_from_train_config(train_config, cfg_path)
 
 
 def _tree_map(fn: Callable, tree: Any) -> Any:
