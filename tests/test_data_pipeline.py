@@ -1,6 +1,5 @@
 """Train/eval pipelines: exact resume (across epochs), host splits, bad data, eval coverage."""
 import io
-import os
 
 import jax
 import numpy as np
@@ -234,3 +233,18 @@ def test_area_shrink_and_fused_normalisation():
     expect = (np.float32([200, 100, 50]) / 255 - np.float32(transforms.CLIP_MEAN)) / np.float32(
         transforms.CLIP_STD)
     np.testing.assert_allclose(out, np.broadcast_to(expect, out.shape), atol=1e-5)
+
+
+def test_pretokenized_ids_are_used_padded_and_truncated(tmp_path):
+    path = str(tmp_path / "tok.tfrecord")
+    short = [49406, 5, 6, 49407]
+    long = [49406] + list(range(100, 120)) + [49407]  # 22 ids > context 16
+    with tf.io.TFRecordWriter(path) as w:
+        for i, ids in enumerate((short, long)):
+            w.write(schema.make_example(_jpeg(i), "ignored caption", f"t{i}", tokens=ids))
+    batch = next(iter(EvalPipeline(path, global_batch=2, image_size=8, context_length=16,
+                                   process_index=0, process_count=1)))
+    np.testing.assert_array_equal(batch["text"][0], short + [0] * 12)
+    np.testing.assert_array_equal(batch["text"][1], long[:15] + [49407])
+    train_batch, _ = next(iter(_train(path, batch=2)))
+    assert sorted(map(tuple, train_batch["text"])) == sorted(map(tuple, batch["text"]))

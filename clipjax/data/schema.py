@@ -18,7 +18,6 @@ TEXT = "txt"
 KEY = "key"
 LABEL = "label"
 TOKENS = "tokens"
-REQUIRED = (IMAGE, TEXT)
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".tfrecord"
 
@@ -41,22 +40,6 @@ def make_example(image: bytes, caption: str, key: str, label: int | None = None,
     if tokens is not None:
         feature[TOKENS] = tf.train.Feature(int64_list=tf.train.Int64List(value=list(tokens)))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def feature_spec(with_label: bool = False, with_tokens: bool = False) -> dict:
-    """`tf.io.parse_single_example` spec; a missing `key` parses as an empty string."""
-    import tensorflow as tf
-
-    spec = {
-        IMAGE: tf.io.FixedLenFeature([], tf.string),
-        TEXT: tf.io.FixedLenFeature([], tf.string),
-        KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-    }
-    if with_label:
-        spec[LABEL] = tf.io.FixedLenFeature([], tf.int64)
-    if with_tokens:
-        spec[TOKENS] = tf.io.VarLenFeature(tf.int64)
-    return spec
 
 
 def example_features(serialized: bytes) -> dict[str, str]:
