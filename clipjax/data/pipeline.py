@@ -12,6 +12,13 @@ caption) is dropped deterministically and counted in `skipped`.
 Multi-host: host i reads shards[i::n]; with fewer shards than hosts every host reads all shards
 and keeps records i::n (a record-level split). Each host has its own state; `gather_state` collects
 them into one JSON-able dict for the checkpoint and `TrainPipeline(..., state=...)` picks its own.
+
+    pipe = TrainPipeline("data/train-*.tfrecord", global_batch=B, image_size=S, seed=seed,
+                         state=saved_data_state)            # None for a fresh run
+    for batch, data_state in prefetch_to_device(pipe, mesh):  # global jax.Arrays + host state
+        ...train_step(state, batch)...
+        if time_to_checkpoint:                              # on every process (a collective)
+            save(..., data=gather_state(data_state))
 """
 
 from __future__ import annotations
