@@ -64,7 +64,8 @@ def _fwd_block(x, row, blk, col, q_img, s, t):
         cm, cl = lse_combine(cm, cl, *block_lse(sim, 0))
         return (cm, cl, jnp.maximum(cmb, sim.max(0))), (m, l, mb)
 
-    col, row_t = lax.scan(row_tile, col, (to_tiles(x, t), jax.tree.map(lambda a: to_tiles(a, t), row)))
+    row_tiles = jax.tree.map(lambda a: to_tiles(a, t), row)
+    col, row_t = lax.scan(row_tile, col, (to_tiles(x, t), row_tiles))
     row = jax.tree.map(from_tiles, row_t)
     if q_img is not None:  # my queue images are extra rows for the visiting text columns
         qi, qi_mask = q_img

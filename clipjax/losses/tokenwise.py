@@ -45,8 +45,10 @@ def _pick(i2t: jax.Array, t2i: jax.Array, mode: str) -> tuple[jax.Array, jax.Arr
 def _check(img_tokens, txt_tokens, txt_mask, mode):
     if mode not in MODES:
         raise ValueError(f"tokenwise mode {mode!r} is not supported; expected one of {MODES}")
-    if (img_tokens.ndim != 3 or txt_tokens.ndim != 3 or img_tokens.shape[0] != txt_tokens.shape[0]
-            or img_tokens.shape[2] != txt_tokens.shape[2] or txt_mask.shape != txt_tokens.shape[:2]):
+    if (img_tokens.ndim != 3 or txt_tokens.ndim != 3
+            or img_tokens.shape[0] != txt_tokens.shape[0]
+            or img_tokens.shape[2] != txt_tokens.shape[2]
+            or txt_mask.shape != txt_tokens.shape[:2]):
         raise ValueError(f"tokenwise: expected image_tokens [B, N, D], text_tokens [B, L, D], "
                          f"text_mask [B, L]; got {img_tokens.shape}, {txt_tokens.shape}, "
                          f"{txt_mask.shape}")
