@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clipjax.export.modeldir import variables_of
 from clipjax.parallel.mesh import BATCH_AXES
 
 
@@ -90,7 +91,8 @@ class Encoder:
         model = self.model
 
         def fn(params, x):
-            return model.apply({"params": params}, x, method=method).astype(jnp.float32)
+            # variables_of: ResNet towers come as {'params', 'batch_stats'} variables dicts.
+            return model.apply(variables_of(params), x, method=method).astype(jnp.float32)
 
         return fn
 

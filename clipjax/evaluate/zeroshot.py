@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from clipjax.evaluate.embed import Encoder, batch_divisor, pad_rows, put_batch, put_replicated
+from clipjax.export.modeldir import variables_of
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def make_eval_step(model: Any, ks: Sequence[int]) -> Callable:
     """Jitted (params, weights [D,C], images, labels, mask) -> (hits per k [K, C], count [C])."""
 
     def step(params, weights, images, labels, mask):
-        emb = model.apply({"params": params}, images, method="encode_image").astype(jnp.float32)
+        emb = model.apply(variables_of(params), images,
+                          method="encode_image").astype(jnp.float32)
         logits = emb @ weights  # [B, C]
         hits = topk_hits(logits, labels, ks) & mask[None, :]  # [K, B]
         num_classes = weights.shape[1]
