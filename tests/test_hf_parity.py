@@ -1,8 +1,10 @@
 """Parity with transformers' FlaxCLIPModel (random weights, small config), both directions."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
@@ -34,15 +36,28 @@ def _inputs():
     return images, text
 
 
-def _hf_outputs(model: FlaxCLIPModel, images, text, params=None):
-    out = model(input_ids=text, pixel_values=images.transpose(0, 3, 1, 2), params=params)
-    return out.image_embeds, out.text_embeds, out.logits_per_image
+def _hf_outputs(model: FlaxCLIPModel, images, text, params):
+    @jax.jit  # one compile instead of op-by-op dispatch
+    def run(params, text, images):
+        out = model(input_ids=text, pixel_values=images.transpose(0, 3, 1, 2), params=params)
+        return out.image_embeds, out.text_embeds, out.logits_per_image
+
+    return run(params, text, images)
+
+
+@functools.cache
+def _clipjax_forward(cfg: CLIPConfig):
+    @jax.jit
+    def run(params, images, text):
+        out = CLIP(cfg).apply({"params": params}, images, text)
+        logits = jnp.exp(out["logit_scale"]) * out["image_embeds"] @ out["text_embeds"].T
+        return out["image_embeds"], out["text_embeds"], logits
+
+    return run
 
 
 def _clipjax_outputs(cfg: CLIPConfig, params, images, text):
-    out = CLIP(cfg).apply({"params": params}, images, text)
-    logits = np.exp(out["logit_scale"]) * out["image_embeds"] @ out["text_embeds"].T
-    return out["image_embeds"], out["text_embeds"], logits
+    return _clipjax_forward(cfg)(params, images, text)
 
 
 def _assert_close(a, b):
@@ -50,12 +65,30 @@ def _assert_close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=ATOL, rtol=0, err_msg=name)
 
 
+def _random_like(abstract, seed: int, std: float = 0.2):
+    """Random numpy values shaped like `abstract` (compiling a random init is slow on CPU)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['logit_scale']"):
+            return np.asarray(2.5, np.float32)
+        base = 1.0 if name.endswith("['scale']") else 0.0
+        return (base + std * rng.normal(size=leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
 @pytest.fixture(scope="module", params=["quick_gelu", "gelu"])
 def hf_model(request):
-    return FlaxCLIPModel(_hf_config(request.param), seed=0)
+    """A FlaxCLIPModel with random weights (LN scales near 1, biases non-zero)."""
+    model = FlaxCLIPModel(_hf_config(request.param), _do_init=False)
+    params = _random_like(model.params_shape_tree, seed=0)
+    return model, params, _hf_outputs(model, *_inputs(), params)
 
 
 def test_config_from_hf(hf_model):
+    hf_model, _, _ = hf_model
     cfg = hf.config_from_hf(hf_model.config)
     assert (cfg.embed_dim, cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_heads) == (24, IMG, 8, 48, 4)
     assert (cfg.vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers) == (VOCAB, CTX, 32, 2)
@@ -67,33 +100,37 @@ def test_config_from_hf(hf_model):
 
 
 def test_import_matches_hf(hf_model):
+    hf_model, hf_params, hf_out = hf_model
     images, text = _inputs()
     cfg = hf.config_from_hf(hf_model.config)
-    params = hf.params_from_hf(hf_model.params, cfg)
-    _assert_close(_clipjax_outputs(cfg, params, images, text), _hf_outputs(hf_model, images, text))
+    params = hf.params_from_hf(hf_params, cfg)
+    _assert_close(_clipjax_outputs(cfg, params, images, text), hf_out)
 
 
 def test_import_scanned_layout_matches_hf(hf_model):
+    hf_model, hf_params, hf_out = hf_model
     images, text = _inputs()
     cfg = dataclasses.replace(hf.config_from_hf(hf_model.config), scan_layers=True)
-    params = hf.params_from_hf(hf_model.params, cfg)
+    params = hf.params_from_hf(hf_params, cfg)
     assert "blocks" in params["text"]["transformer"]
-    _assert_close(_clipjax_outputs(cfg, params, images, text), _hf_outputs(hf_model, images, text))
+    _assert_close(_clipjax_outputs(cfg, params, images, text), hf_out)
 
 
 def test_export_matches_clipjax(hf_model):
     """Random clipjax params -> HF layout -> FlaxCLIPModel gives clipjax's outputs."""
+    hf_model, _, _ = hf_model
     images, text = _inputs()
     cfg = hf.config_from_hf(hf_model.config)
-    params = nn.meta.unbox(CLIP(cfg).init(jax.random.key(1), images, text)["params"])
+    abstract = nn.meta.unbox(jax.eval_shape(CLIP(cfg).init, jax.random.key(0), images, text)["params"])
+    params = _random_like(abstract, seed=1)
     hf_params = hf.params_to_hf(params, cfg)
     target = FlaxCLIPModel(transformers.CLIPConfig(**hf.config_to_hf(cfg)), _do_init=False)
-    _assert_close(_hf_outputs(target, images, text, params=hf_params), _clipjax_outputs(cfg, params, images, text))
+    _assert_close(_hf_outputs(target, images, text, hf_params), _clipjax_outputs(cfg, params, images, text))
 
 
 def test_round_trips_are_exact(hf_model):
+    hf_model, hf_params, hf_out = hf_model
     cfg = hf.config_from_hf(hf_model.config)
-    hf_params = jax.tree.map(np.asarray, dict(hf_model.params))
     back = hf.params_to_hf(hf.params_from_hf(hf_params, cfg), cfg)
     assert jax.tree.structure(back) == jax.tree.structure(hf_params)
     jax.tree.map(np.testing.assert_array_equal, back, hf_params)
@@ -110,7 +147,7 @@ def test_export_rejects_what_hf_cannot_hold():
         hf.config_to_hf(rn)
     cfg = hf.config_from_hf(_hf_config("gelu"))
     biased = dataclasses.replace(cfg, logit_bias_init=-10.0)
-    params = nn.meta.unbox(CLIP(biased).init(jax.random.key(0), *_inputs())["params"])
+    params = _random_like(nn.meta.unbox(jax.eval_shape(CLIP(biased).init, jax.random.key(0), *_inputs())["params"]), 0)
     with pytest.raises(ValueError, match="logit_bias"):
         hf.params_to_hf(params, biased)
     assert "logit_bias" not in hf.params_to_hf(params, biased, drop_logit_bias=True)
