@@ -18,7 +18,8 @@ from clipjax.parallel.rules import Rules, make_rules
 from clipjax.train import config as config_lib
 from clipjax.train.optimizer import Optimizer, make_optimizer
 from clipjax.train.state import TrainState, make_state_init
-from clipjax.train.step import StepConfig, jit_train_step, make_train_step, used_outputs
+from clipjax.train.step import (StepConfig, jit_train_step, make_grad_fn, make_train_step,
+                                used_outputs)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class Trainer:
     train_step: Callable  # jitted (state, batch) -> (state, metrics); donates state
     state_shardings: TrainState
     batch_shardings: dict[str, NamedSharding]
+    # Unjitted fn(trainable, frozen, model_state, batch, queue) -> (loss, metrics, log_scale,
+    # model_state, grads): what the step differentiates, exposed for tests and tools.
+    grad_fn: Callable
 
     def init_state(self) -> TrainState:
         return self.init(jax.random.PRNGKey(self.config.seed))
@@ -56,7 +60,9 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     loss_fn = make_loss(config.loss, mesh)
     queue_size = int(config.loss.queue_size)
 
-    init, state_sh = make_state_init(model, optimizer, mesh, rules, queue_size=queue_size)
+    compiler_options = dict(config.compiler_options) or None
+    init, state_sh = make_state_init(model, optimizer, mesh, rules, queue_size=queue_size,
+                                     compiler_options=compiler_options)
     bsh = batch_sharding(mesh)
     batch_sh = {"image": bsh, "text": bsh}
 
@@ -80,5 +86,6 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     step = make_train_step(model, optimizer, loss_fn, mesh, step_cfg, cached_keys=cached)
     return Trainer(config=config, model_config=mcfg, model=model, mesh=mesh, rules=rules,
                    optimizer=optimizer, loss_fn=loss_fn, init=init,
-                   train_step=jit_train_step(step, state_sh, batch_sh, rules),
-                   state_shardings=state_sh, batch_shardings=batch_sh)
+                   train_step=jit_train_step(step, state_sh, batch_sh, rules, compiler_options),
+                   state_shardings=state_sh, batch_shardings=batch_sh,
+                   grad_fn=make_grad_fn(model, optimizer, loss_fn, mesh, step_cfg, cached))

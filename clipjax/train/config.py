@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
 
+    # XLA options for the jitted init and step, e.g. {"xla_backend_optimization_level": 0} to
+    # compile tiny test models faster.
+    c.compiler_options = ml_collections.ConfigDict()
     c.log_every = 50
     c.tensorboard = True
     c.max_nonfinite = 20  # stop after this many non-finite steps in a row

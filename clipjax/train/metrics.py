@@ -90,10 +90,15 @@ class Progress:
         self._s0 = int(start_step)
         self._last_t = self._t0
         self._last_s = self._s0
+        self._first = True
 
     def rates(self, step: int) -> dict[str, float]:
-        """images/s since the previous call, and the ETA from the rate since the start."""
+        """images/s since the previous call, and the ETA from the rate since the first call
+        (so the first step's compilation does not distort it)."""
         now = time.perf_counter()
+        if self._first:
+            self._first = False
+            self._t0, self._s0 = now, step
         dt, ds = now - self._last_t, step - self._last_s
         self._last_t, self._last_s = now, step
         ips = ds * self.batch / dt if dt > 0 and ds > 0 else float("nan")

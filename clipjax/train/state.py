@@ -45,8 +45,8 @@ class TrainState:
         return cls(**{f: d[f] for f in cls.__dataclass_fields__})
 
 
-def make_state_init(model: Any, optimizer: Any, mesh: Any, rules: Any, queue_size: int = 0
-                    ) -> tuple[Any, Any]:
+def make_state_init(model: Any, optimizer: Any, mesh: Any, rules: Any, queue_size: int = 0,
+                    compiler_options: dict | None = None) -> tuple[Any, Any]:
     """(jitted init(rng) -> TrainState placed on the mesh, the state's NamedShardings).
 
     Params follow the logical-axis rules; optimizer moments follow their parameter; the momentum
@@ -99,4 +99,4 @@ def make_state_init(model: Any, optimizer: Any, mesh: Any, rules: Any, queue_siz
     shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
                            loss_state=loss_sh, nonfinite_streak=replicated,
                            nonfinite_total=replicated)
-    return jax.jit(init, out_shardings=shardings), shardings
+    return jax.jit(init, out_shardings=shardings, compiler_options=compiler_options), shardings

@@ -99,17 +99,20 @@ def used_outputs(loss_fn: LossFn, abstract_outputs: dict[str, Any], with_queue: 
         return loss_fn(outs, queue=abstract_queue) if with_queue else loss_fn(outs)
 
     jaxpr = jax.make_jaxpr(f)(*[abstract_outputs[k] for k in keys]).jaxpr
+    from jax.extend.core import Var
+
     read = set()
     for eqn in jaxpr.eqns:
-        read.update(id(v) for v in eqn.invars if isinstance(v, jax.core.Var))
-    read.update(id(v) for v in jaxpr.outvars if isinstance(v, jax.core.Var))
+        read.update(id(v) for v in eqn.invars if isinstance(v, Var))
+    read.update(id(v) for v in jaxpr.outvars if isinstance(v, Var))
     return frozenset(k for k, var in zip(keys, jaxpr.invars) if id(var) in read)
 
 
-def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mesh: Mesh,
-                    cfg: StepConfig, cached_keys: frozenset[str] | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure train step for `model` under `optimizer` and `loss_fn` on `mesh`.
+def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mesh: Mesh,
+                 cfg: StepConfig, cached_keys: frozenset[str] | None = None) -> Callable:
+    """fn(trainable, frozen, model_state, batch, queue) -> (loss, metrics, log_scale,
+    new_model_state, grads w.r.t. trainable): the whole batch at once, or gradient caching over
+    `cfg.microbatches` (same value and gradient; see the module docstring).
 
     `cached_keys`: model outputs kept for the loss under gradient accumulation (default: every
     float output); see `used_outputs`.
@@ -179,6 +182,18 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mes
         grads, _ = jax.lax.scan(bwd, zeros, (micro, ct_stacked))
         return loss, metrics, full["logit_scale"], new_ms, grads
 
+    return full_batch_grads if m == 1 else accumulated_grads
+
+
+def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mesh: Mesh,
+                    cfg: StepConfig, cached_keys: frozenset[str] | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step for `model` under `optimizer` and `loss_fn` on `mesh`."""
+    n_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    m = int(cfg.microbatches)
+    use_queue = cfg.queue_size > 0
+    grads_fn = make_grad_fn(model, optimizer, loss_fn, mesh, cfg, cached_keys)
+
     def ema_embeddings(ema_params, model_state, batch):
         """Image/text embeddings of the momentum (EMA) encoders for the queue, without grads."""
         ema_params = jax.lax.stop_gradient(ema_params)
@@ -200,10 +215,9 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mes
         model_state = state.loss_state.get("model_state", {})
         queue = state.loss_state.get("queue") if use_queue else None
 
-        grads_fn = full_batch_grads if m == 1 else accumulated_grads
         loss, metrics, log_scale, new_ms, grads = grads_fn(trainable, frozen, model_state, batch,
                                                            queue)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         updates, new_opt = optimizer.tx.update(grads, state.opt_state, trainable)
@@ -259,7 +273,7 @@ def _vjp_with_aux(f, primal):
 
 
 def jit_train_step(train_step: Callable, state_shardings: Any, batch_shardings: Any,
-                   rules: Any) -> Callable:
+                   rules: Any, compiler_options: dict | None = None) -> Callable:
     """jit with explicit in/out shardings; the donated state is updated in place."""
 
     @functools.wraps(train_step)
@@ -268,4 +282,5 @@ def jit_train_step(train_step: Callable, state_shardings: Any, batch_shardings: 
             return train_step(state, batch)
 
     return jax.jit(traced, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+                   out_shardings=(state_shardings, None), donate_argnums=(0,),
+                   compiler_options=compiler_options)
