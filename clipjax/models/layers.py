@@ -66,22 +66,21 @@ def logical(init: Callable, names: tuple[str | None, ...]) -> Callable:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm computed in float32, result cast to `dtype`."""
+    """LayerNorm over the last axis computed in float32, result cast to `dtype`. Params: scale, bias."""
 
     eps: float = 1e-5
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        ln = nn.LayerNorm(
-            epsilon=self.eps,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            scale_init=logical(nn.initializers.ones, ("norm",)),
-            bias_init=logical(nn.initializers.zeros, ("norm",)),
-            name="ln",
-        )
-        return ln(x.astype(jnp.float32)).astype(self.dtype)
+        width = x.shape[-1]
+        scale = self.param("scale", logical(nn.initializers.ones, ("norm",)), (width,))
+        bias = self.param("bias", logical(nn.initializers.zeros, ("norm",)), (width,))
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
 
 
 def make_attention_mask(

@@ -40,26 +40,19 @@ def _conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1) ->
     )
 
 
-class BatchNorm(nn.Module):
-    """BatchNorm in float32 with logical axis names; stats in 'batch_stats'."""
-
-    zero_init: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        scale_init = nn.initializers.zeros if self.zero_init else nn.initializers.ones
-        y = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            scale_init=logical(scale_init, ("norm",)),
-            bias_init=logical(nn.initializers.zeros, ("norm",)),
-            name="bn",
-        )(x.astype(jnp.float32))
-        return y.astype(self.dtype)
+def _batch_norm(x: jax.Array, train: bool, name: str, zero_init: bool = False) -> jax.Array:
+    """BatchNorm in float32 (params scale/bias, stats in 'batch_stats'); call inside a compact method."""
+    y = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,  # = PyTorch's momentum 0.1
+        epsilon=1e-5,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        scale_init=logical(nn.initializers.zeros if zero_init else nn.initializers.ones, ("norm",)),
+        bias_init=logical(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )(x.astype(jnp.float32))
+    return y.astype(x.dtype)
 
 
 def _avg_pool(x: jax.Array, k: int) -> jax.Array:
@@ -76,17 +69,15 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         out_ch = self.planes * 4
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(_conv(self.planes, 1, self.dtype, "conv1")(x), train))
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(_conv(self.planes, 3, self.dtype, "conv2")(out), train))
+        out = nn.relu(_batch_norm(_conv(self.planes, 1, self.dtype, "conv1")(x), train, "bn1"))
+        out = nn.relu(_batch_norm(_conv(self.planes, 3, self.dtype, "conv2")(out), train, "bn2"))
         out = _avg_pool(out, self.stride)
-        out = BatchNorm(zero_init=True, dtype=self.dtype, name="bn3")(
-            _conv(out_ch, 1, self.dtype, "conv3")(out), train
-        )
+        out = _batch_norm(_conv(out_ch, 1, self.dtype, "conv3")(out), train, "bn3", zero_init=True)
         identity = x
         if self.stride > 1 or x.shape[-1] != out_ch:
             identity = _avg_pool(x, self.stride)
             identity = _conv(out_ch, 1, self.dtype, "downsample_conv")(identity)
-            identity = BatchNorm(dtype=self.dtype, name="downsample_bn")(identity, train)
+            identity = _batch_norm(identity, train, "downsample_bn")
         return nn.relu(out + identity)
 
 
@@ -161,7 +152,7 @@ class ModifiedResNet(nn.Module):
         half = self.width // 2
         for i, (ch, stride) in enumerate([(half, 2), (half, 1), (self.width, 1)], start=1):
             x = _conv(ch, 3, self.dtype, f"conv{i}", stride=stride)(x)
-            x = nn.relu(BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, train))
+            x = nn.relu(_batch_norm(x, train, f"bn{i}"))
         x = _avg_pool(x, 2)
         for stage, blocks in enumerate(self.layers):
             planes = self.width * 2**stage
