@@ -6,3 +6,5 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# transformers must not import torch next to TensorFlow (the two crash together in one process).
+os.environ.setdefault("USE_TORCH", "0")
