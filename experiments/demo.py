@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
         c.log_every = 1
         c.checkpoint.every_steps = 2
         c.eval.batch_size = 32
+        c.compiler_options = {"xla_backend_optimization_level": 0}  # compiling dominates here
         c.model.overrides.update(dict(image_size=16, patch_size=8, vision_width=32,
                                       vision_layers=1, vision_heads=2, text_width=32,
                                       text_layers=1, text_heads=2, embed_dim=32,

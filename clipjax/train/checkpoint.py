@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 import jax
@@ -63,8 +64,17 @@ class Checkpointer:
             state=ocp.args.StandardSave(state.to_dict()),
             meta=ocp.args.JsonSave(meta)), force=True)
         if os.environ.get(FAULT_ENV) == f"kill_in_save:{step}":
-            log.warning("fault injection: SIGKILL during the save of step %d", step)
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._kill_mid_save(step)
+
+    def _kill_mid_save(self, step: int) -> None:
+        """Fault injection: SIGKILL once the step's temporary directory exists (mid-save)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(p.name.startswith(f"{step}.") for p in self.directory.iterdir()):
+                break
+            time.sleep(0.001)
+        log.warning("fault injection: SIGKILL during the save of step %d", step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Restore step `step` onto the shardings/dtypes of `target` (an abstract or real state)."""
@@ -82,3 +92,22 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_state_arrays(workdir: str, step: int, item: str = "params") -> Any:
+    """One entry of a checkpoint's state (default: the params) as host numpy arrays, whatever
+    the mesh or process count that saved it (for tests, tools and comparisons)."""
+    import numpy as np
+
+    path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    if item not in tree:
+        raise KeyError(f"{path}: no {item!r} in the checkpointed state (has {sorted(tree)})")
+    target = {item: tree[item]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+    return out[item]
