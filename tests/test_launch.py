@@ -1,0 +1,82 @@
+"""Launchers: sweep expansion into distinct runs, TPU pod / SLURM / local command lines."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch import local, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_grid_and_zipped():
+    assert sweep.grid({"a": [1, 2], "b": ["x", "y"]}) == [
+        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+    assert sweep.zipped({"a": [1, 2], "b": [3, 4]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+    with pytest.raises(ValueError, match="different lengths"):
+        sweep.zipped({"a": [1], "b": [3, 4]})
+
+
+@pytest.mark.parametrize("launcher", sweep.LAUNCHERS)
+def test_sweep_expands_to_distinct_workdirs(launcher, tmp_path):
+    path = os.path.join(REPO, "experiments", "sweeps", "demo_lr.py")
+    runs = sweep.commands(path, launcher, str(tmp_path), python="python")
+    workdirs = [w for w, _ in runs]
+    assert len(runs) == 6 and len(set(workdirs)) == 6
+    assert all(w.startswith(str(tmp_path / "demo_lr")) for w in workdirs)
+    for workdir, cmd in runs:
+        assert cmd[cmd.index("--workdir") + 1] == workdir
+        assert cmd[cmd.index("--config") + 1] == "experiments/demo.py"
+        assert any(a.startswith("--config.optimizer.lr=") for a in cmd)
+    first = runs[0][1]
+    if launcher == "local":
+        assert first[:3] == ["python", "-m", "clipjax.train"]
+    elif launcher == "slurm":
+        assert first[0] == "sbatch" and first[2].endswith("slurm.sbatch")
+    else:
+        assert first[0].endswith("tpu_pod.sh") and "--" in first
+    assert "--config.optimizer.lr=0.0003" in first
+    assert "--config.optimizer.weight_decay=0.0" in first
+
+
+def test_sweep_cli_dry_run_and_bad_file(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "launch.sweep", "experiments/sweeps/b16_loss.py",
+                          "--launcher", "tpu", "--launcher-args=--zone z --type v4-8",
+                          "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 4 and all("--zone z --type v4-8" in line for line in lines)
+    assert "--config.loss.name=sigmoid" in lines[2]
+    bad = tmp_path / "bad.py"
+    bad.write_text("CONFIG = 'experiments/demo.py'\ndef get_sweep():\n    return {}\n")
+    r = subprocess.run([sys.executable, "-m", "launch.sweep", str(bad), "--launcher", "local"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0 and "non-empty list of dicts" in r.stderr
+
+
+def test_tpu_pod_dry_run_prints_the_lifecycle():
+    r = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--name", "pod",
+                        "--zone", "us-central2-b", "--type", "v4-32", "--dry-run", "--",
+                        "--config", "experiments/b16_laion.py", "--workdir", "gs://b/run"],
+                       capture_output=True, text=True, check=True)
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("gcloud compute tpus tpu-vm create pod")
+    assert "--accelerator-type v4-32" in lines[0]
+    assert any("ssh pod" in line and "--worker=all" in line and "clipjax.train" in line
+               for line in lines)
+    assert lines[-1].startswith("gcloud compute tpus tpu-vm delete pod")
+    r = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--dry-run"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--name is required" in r.stderr
+
+
+def test_slurm_script_and_local_launcher_commands():
+    r = subprocess.run(["bash", "-n", os.path.join(REPO, "launch", "slurm.sbatch")])
+    assert r.returncode == 0
+    cmds = local.commands(["python", "-m", "clipjax.train"], 3, 1234)
+    assert [c[-1] for c in cmds] == ["--process_id=0", "--process_id=1", "--process_id=2"]
+    assert all("--coordinator=127.0.0.1:1234" in c and "--num_processes=3" in c for c in cmds)
+    env = local.process_env(2)
+    assert "--xla_force_host_platform_device_count=2" in env["XLA_FLAGS"]
+    assert env["JAX_PLATFORMS"] == "cpu"
