@@ -198,6 +198,8 @@ def _abstract(shardings: TrainState, like: Any) -> TrainState:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Train (or resume) `config` in `workdir`; see the module docstring."""
+    # Everything but the files first, so a bad value fails before the demo data is generated.
+    config_lib.validate(config, jax.device_count(), jax.process_count(), check_files=False)
     config = prepare_data(config)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     mesh = make_mesh(dict(config.mesh))
