@@ -17,6 +17,9 @@ def get_config(arg: str | None = None):
     # The demo captions are at most 14 tokens with start/end: a 16-token context halves the text
     # tower's work.
     c.model.overrides.context_length = 16
+    # Narrower than the 'tiny' preset: compute-bound on 2 CPU cores, and the shapes need little.
+    c.model.overrides.update(dict(vision_width=64, vision_heads=2, text_width=64, text_heads=2,
+                                  embed_dim=64))
     c.data.demo_dir = "demo_out/data"
     c.data.shuffle_buffer = 4000
     c.data.augment_scale = (0.8, 1.0)

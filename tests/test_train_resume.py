@@ -1,5 +1,6 @@
 """End-to-end runs of `python -m clipjax.train` in subprocesses (CPU, the demo config's 'quick'
-variant): SIGKILL mid-step and mid-save then resume gives bit-identical params; 2 processes x 2
+variant): SIGKILL mid-step and mid-save and a SIGTERM preemption, each followed by a resume, give
+params bit-identical to an uninterrupted run; 2 processes x 2
 devices give the result of 1 process x 4 devices; divergence stops the run with a clear error."""
 
 import json
@@ -95,10 +96,18 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(tmp_path, en
     assert any(n.startswith("6.") and "tmp" in n for n in names), names  # half-written
     assert "6" not in names
 
-    # 3. Resume again: the half-written checkpoint is not picked; finish the run.
-    r = run(train_cmd(work, demo_data), env)
+    # 3. Resume again: the half-written checkpoint is not picked. A preemption notice (SIGTERM)
+    #    after step 7 saves that step and stops cleanly.
+    r = run(train_cmd(work, demo_data), dict(env, **{FAULT: "sigterm_at:7"}))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from the checkpoint of step 4" in r.stderr
+    assert "preempted at step 7" in r.stdout
+    assert "7" in os.listdir(work / "checkpoints")
+
+    # 4. Resume once more and finish.
+    r = run(train_cmd(work, demo_data), env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from the checkpoint of step 7" in r.stderr
     got = checkpoint_params(work, STEPS)
     assert got.keys() == want.keys()
     for k in want:

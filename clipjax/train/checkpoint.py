@@ -24,7 +24,8 @@ from clipjax.train.state import TrainState
 log = logging.getLogger(__name__)
 
 # Fault injection for the exact-resume tests: "kill_in_save:STEP" sends SIGKILL to this process
-# right after the (async) save of STEP has started writing, i.e. with a half-written checkpoint.
+# once the (async) save of STEP has started writing, i.e. with a half-written checkpoint;
+# "sigterm_at:STEP" (handled by the loop) sends SIGTERM, as a preemption notice, after STEP.
 FAULT_ENV = "CLIPJAX_FAULT"
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from clipjax.parallel.mesh import make_mesh
 from clipjax.train import config as config_lib
 from clipjax.train.builder import Trainer, build_trainer
-from clipjax.train.checkpoint import Checkpointer
+from clipjax.train.checkpoint import FAULT_ENV, Checkpointer
 from clipjax.train.metrics import MetricWriter, Progress, progress_log
 from clipjax.train.state import TrainState
 
@@ -244,6 +244,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             if pending is not None:
                 _check_divergence(pending, step - 1, config.max_nonfinite, ckpt)
             pending = metrics
+            if os.environ.get(FAULT_ENV) == f"sigterm_at:{step}":  # preemption test hook
+                os.kill(os.getpid(), signal.SIGTERM)
             preempted = watch.reached(step)
             if step % config.log_every == 0 or step == total or preempted:
                 _check_divergence(metrics, step, config.max_nonfinite, ckpt)
