@@ -282,3 +282,32 @@ def test_config_overrides_and_lr_mult_keys():
     assert validate(c, num_devices=8, check_files=False) == {"data": 8, "fsdp": 1, "tensor": 1}
     c.mesh.update({"data": 2, "fsdp": -1})
     assert validate(c, num_devices=8, check_files=False) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_momentum_queue_and_ema_in_state():
+    """With loss.queue_size the state carries a FIFO of EMA embeddings and the EMA params."""
+    trainer = build_trainer(tiny_config(**{"loss.queue_size": 32, "loss.momentum": 0.5}),
+                            mesh_of(data=2))
+    state = trainer.init_state()
+    p0 = jax.device_get(state.params)
+    data = batches(3, seed=4)
+    for i, b in enumerate(data[:2]):
+        state, m = trainer.train_step(state, put(trainer, b))
+        assert math.isfinite(float(m["loss"]))
+        q = state.loss_state["queue"]
+        assert int(q.count) == min((i + 1) * B, 32) and int(q.ptr) == ((i + 1) * B) % 32
+    q = jax.device_get(state.loss_state["queue"])
+    np.testing.assert_allclose(np.linalg.norm(q.image, axis=-1), 1.0, rtol=1e-5)
+    # EMA after 2 steps with momentum 0.5: 0.25 p0 + 0.25 p1 + 0.5 p0 (EMA of the params
+    # before each update), i.e. strictly between the initial and the current params.
+    ema = jax.device_get(state.loss_state["ema_params"])["visual"]["proj"]
+    now = jax.device_get(state.params)["visual"]["proj"]
+    assert not np.array_equal(ema, p0["visual"]["proj"]) and not np.array_equal(ema, now)
+    # A queue full of earlier embeddings adds negatives: the loss differs from the plain one.
+    from clipjax.losses import queue_init
+
+    empty = queue_init(32, TINY["embed_dim"])
+    plain, _ = jax.jit(lambda s, b: trainer.grad_fn(*trainer.optimizer.split(s.params), {}, b,
+                                                    empty)[:2])(state, put(trainer, data[2]))
+    state, m = trainer.train_step(state, put(trainer, data[2]))
+    assert float(m["loss"]) > float(plain) + 1e-3
