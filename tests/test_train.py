@@ -4,7 +4,6 @@ per-tower learning rates, non-finite skipping, config validation."""
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util

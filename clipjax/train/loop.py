@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from clipjax.parallel.mesh import make_mesh
 from clipjax.train import config as config_lib
@@ -206,6 +205,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
              jax.process_count())
     trainer = build_trainer(config, mesh)
+    if log.isEnabledFor(logging.DEBUG):
+        from clipjax.parallel.rules import describe
+
+        like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
+        log.debug("param layout:\n%s", "\n".join(
+            describe(trainer.state_shardings.params, like.params)))
     write_run_files(config, trainer, workdir)
 
     from clipjax.data.pipeline import TrainPipeline, gather_state, prefetch_to_device

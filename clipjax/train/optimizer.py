@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -156,17 +156,3 @@ def scale_by_tree(factors: Params) -> optax.GradientTransformation:
         return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors)
 
     return optax.stateless(update)
-
-
-def describe_groups(cfg: ml_collections.ConfigDict, boxed_params: Params,
-                    optimizer: Optimizer) -> Callable[[], list[str]]:
-    """Lines 'path shape decay=.. tower=.. frozen=..' for logging or debugging the masks."""
-
-    def lines() -> list[str]:
-        out = []
-        for p, (v, names) in _flat_names(boxed_params).items():
-            out.append(f"{path_str(p)} {tuple(v.shape)} decay={decays(p, tuple(v.shape), names)} "
-                       f"tower={tower_of(p, dict(cfg.towers))} frozen={p in optimizer.frozen_paths}")
-        return out
-
-    return lines
