@@ -254,9 +254,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--dtypes: {d!r} is not one of float32, bfloat16")
     for name in presets:
         try:
-            get_preset(name)
+            vision_type = get_preset(name).vision_type
         except ValueError as e:
             raise SystemExit(f"--presets: {e}") from None
+        if vision_type != "vit":
+            raise SystemExit(f"--presets: {name!r} has a {vision_type} image tower; the FLOP "
+                             "count and the open_clip comparison support ViT presets only")
     if args.steps < 1:
         raise SystemExit("--steps: expected >= 1")
     batches = parse_batches(args.batch)
