@@ -1,7 +1,7 @@
 """The demo: a tiny CLIP on the procedural shapes dataset, trained on a laptop CPU in minutes.
 
   python -m clipjax.train --config experiments/demo.py --workdir workdirs/demo
-  python -m clipjax.train --config experiments/demo.py:quick --workdir /tmp/d   # a few steps
+  python -m clipjax.train --config experiments/demo.py:quick --workdir workdirs/quick   # a few steps
 
 Variants (the `:ARG`): none = the full demo; 'quick' = a handful of steps on tiny images for
 tests and smoke runs.

@@ -22,6 +22,8 @@ B = 16
 def tiny_config(**changes):
     c = base_config()
     c.model.overrides.update(TINY)
+    # Unscanned, so tests can name one block's params; the scanned default runs in the resume tests.
+    c.model.scan_layers = False
     c.batch_size = B
     c.num_steps = 10
     c.optimizer.warmup_steps = 0

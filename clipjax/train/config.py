@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"
     c.model.dtype = "float32"  # compute dtype; params stay float32
-    c.model.scan_layers = False
+    c.model.scan_layers = True  # one compiled block: faster steps and ~6x faster compile (RESULTS.md)
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.overrides = ml_collections.ConfigDict()  # any other CLIPConfig field
 
