@@ -312,3 +312,12 @@ def test_momentum_queue_and_ema_in_state():
                                                     empty)[:2])(state, put(trainer, data[2]))
     state, m = trainer.train_step(state, put(trainer, data[2]))
     assert float(m["loss"]) > float(plain) + 1e-3
+
+
+def test_checkpoint_dir_of_a_relative_workdir_is_absolute(tmp_path, monkeypatch):
+    """orbax refuses relative paths; `--workdir runs/x` must still work."""
+    from clipjax.train.checkpoint import checkpoint_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert str(checkpoint_dir("runs/x")) == str(tmp_path / "runs" / "x" / "checkpoints")
+    assert str(checkpoint_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"

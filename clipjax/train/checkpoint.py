@@ -29,11 +29,18 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "CLIPJAX_FAULT"
 
 
+def checkpoint_dir(workdir: str) -> epath.Path:
+    """`<workdir>/checkpoints`; a local workdir is made absolute, as orbax requires."""
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)
+    return epath.Path(workdir) / "checkpoints"
+
+
 class Checkpointer:
     """Saves/restores (TrainState, metadata) under `<workdir>/checkpoints`."""
 
     def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = checkpoint_dir(workdir)
         self.every_steps = int(every_steps)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep),
@@ -100,7 +107,7 @@ def read_state_arrays(workdir: str, step: int, item: str = "params") -> Any:
     the mesh or process count that saved it (for tests, tools and comparisons)."""
     import numpy as np
 
-    path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
+    path = checkpoint_dir(workdir) / str(step) / "state"
     checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(path)
     tree = getattr(meta, "item_metadata", meta)
