@@ -195,6 +195,18 @@ def _usable(ex, info: ShardInfo):
     return ok
 
 
+def _optional_fields(ex: dict, info, context_length: int) -> dict:
+    """The label and pre-tokenized ids of a parsed record, where the shards have them."""
+    import tensorflow as tf
+
+    out = {}
+    if info.has_label:
+        out["label"] = tf.cast(ex[schema.LABEL], tf.int32)
+    if info.has_tokens:
+        out[schema.TOKENS] = _fit_tokens(ex[schema.TOKENS], context_length)
+    return out
+
+
 def _fit_tokens(ids, context_length: int):
     """Pre-tokenized ids -> int32 [L]: zero-padded, or truncated keeping the end token last."""
     import tensorflow as tf
@@ -409,11 +421,7 @@ class TrainPipeline:
             image = train_image(ex[schema.IMAGE], size, seed, scale=scale)
             out = {"image": image, schema.TEXT: ex[schema.TEXT],
                    "_epoch": tf.fill([], epoch), "_pos": pos}
-            if info.has_label:
-                out["label"] = tf.cast(ex[schema.LABEL], tf.int32)
-            if info.has_tokens:
-                out[schema.TOKENS] = _fit_tokens(ex[schema.TOKENS], self.context_length)
-            return out
+            return out | _optional_fields(ex, info, self.context_length)
 
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors()  # undecodable images: dropped, counted from position gaps
@@ -510,11 +518,7 @@ class EvalPipeline:
             out = {"image": transforms.eval_transform(transforms.decode_image(ex[schema.IMAGE]),
                                                       size),
                    "caption": ex[schema.TEXT], "key": ex[schema.KEY]}
-            if info.has_label:
-                out["label"] = tf.cast(ex[schema.LABEL], tf.int32)
-            if info.has_tokens:
-                out[schema.TOKENS] = _fit_tokens(ex[schema.TOKENS], self.context_length)
-            return out
+            return out | _optional_fields(ex, info, self.context_length)
 
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors().batch(self.batch_size)
