@@ -36,12 +36,9 @@ def load_experiment(path: str, arg: str | None):
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    progress = logging.getLogger("clipjax.progress")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("  %(message)s"))
-    progress.addHandler(handler)
-    progress.setLevel(logging.INFO)
-    progress.propagate = False
+    from clipjax.train.metrics import progress_to_stdout
+
+    progress_to_stdout(indent="  ")
 
 
 def main(argv: list[str] | None = None) -> int:

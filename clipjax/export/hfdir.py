@@ -30,14 +30,7 @@ _EMBED_NAMES = ("token_embedding", "position_embedding")
 
 
 def is_hf_dir(path: str) -> bool:
-    cfg = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(cfg):
-        return False
-    try:
-        with open(cfg, encoding="utf-8") as f:
-            return json.load(f).get("model_type") == "clip"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return ser.json_field(os.path.join(path, CONFIG_FILE), "model_type") == "clip"
 
 
 def flax_to_torch_names(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -64,14 +64,7 @@ def config_from_json(text: str, where: str) -> CLIPConfig:
 
 
 def is_model_dir(path: str) -> bool:
-    cfg = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(cfg):
-        return False
-    try:
-        with open(cfg, encoding="utf-8") as f:
-            return json.load(f).get("format") == MODEL_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return ser.json_field(os.path.join(path, CONFIG_FILE), "format") == MODEL_FORMAT
 
 
 def save_model_dir(out_dir: str, config: CLIPConfig, params: Mapping[str, Any],

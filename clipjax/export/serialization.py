@@ -143,6 +143,17 @@ def param_count(params: Mapping[str, Any]) -> int:
     return int(sum(v.size for v in flatten_params(params).values()))
 
 
+def json_field(path: str | os.PathLike, key: str) -> Any:
+    """`key` of the JSON object in file `path`; None when the file is missing or not such JSON."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _require_file(path: str | os.PathLike, what: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{os.fspath(path)}: no such file (expected {what})")

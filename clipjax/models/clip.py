@@ -129,6 +129,9 @@ class CLIP(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         dtype = cfg.compute_dtype
+        # Settings both transformer stacks share.
+        stack = dict(mlp_ratio=cfg.mlp_ratio, act=cfg.act, eps=cfg.layer_norm_eps, dtype=dtype,
+                     scan_layers=cfg.scan_layers, remat=cfg.remat)
         if cfg.vision_type == "vit":
             self.visual = VisionTransformer(
                 image_size=cfg.image_size,
@@ -137,12 +140,7 @@ class CLIP(nn.Module):
                 layers=cfg.vision_layers,
                 heads=cfg.vision_heads,
                 output_dim=cfg.embed_dim,
-                mlp_ratio=cfg.mlp_ratio,
-                act=cfg.act,
-                eps=cfg.layer_norm_eps,
-                dtype=dtype,
-                scan_layers=cfg.scan_layers,
-                remat=cfg.remat,
+                **stack,
             )
         else:
             self.visual = ModifiedResNet(
@@ -160,12 +158,7 @@ class CLIP(nn.Module):
             layers=cfg.text_layers,
             heads=cfg.text_heads,
             output_dim=cfg.embed_dim,
-            mlp_ratio=cfg.mlp_ratio,
-            act=cfg.act,
-            eps=cfg.layer_norm_eps,
-            dtype=dtype,
-            scan_layers=cfg.scan_layers,
-            remat=cfg.remat,
+            **stack,
         )
         self.logit_scale = self.param(
             "logit_scale", logical(nn.initializers.constant(cfg.logit_scale_init), ()), ()

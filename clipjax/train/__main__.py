@@ -31,12 +31,9 @@ def _setup_logging() -> None:
     absl_logging.set_verbosity(absl_logging.INFO)
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    progress = logging.getLogger("clipjax.progress")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    progress.addHandler(handler)
-    progress.setLevel(logging.INFO)
-    progress.propagate = False
+    from clipjax.train.metrics import progress_to_stdout
+
+    progress_to_stdout()
 
 
 def main(argv: list[str]) -> int:

@@ -18,6 +18,17 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger("clipjax.progress")
 
 
+def progress_to_stdout(indent: str = "") -> None:
+    """Print the progress line bare on stdout (for the CLIs), not through the root logger."""
+    import sys
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(indent + "%(message)s"))
+    progress_log.addHandler(handler)
+    progress_log.setLevel(logging.INFO)
+    progress_log.propagate = False
+
+
 def _scalar(v: Any) -> float:
     return float(np.asarray(v))
 
