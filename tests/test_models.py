@@ -21,6 +21,7 @@ from clipjax.models import (
 )
 from clipjax.models.layers import MultiHeadAttention, Transformer, make_attention_mask
 from clipjax.models.resnet import AttentionPool2d
+from clipjax.models.vit import PatchEmbedding
 
 SMALL = CLIPConfig(
     embed_dim=16, image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=4,
@@ -215,6 +216,25 @@ def test_attention_matches_numpy_reference():
         heads.append((w / w.sum(-1, keepdims=True)) @ v)
     ref = sum(heads[h] @ p["out"]["kernel"][h] for h in range(2)) + p["out"]["bias"]
     np.testing.assert_allclose(out[0], ref, atol=1e-5)
+
+
+def test_patch_embedding_equals_strided_convolution_value_and_grad():
+    """The matmul patch projection is the stride-p convolution it replaces, value and gradient."""
+    images = jax.random.normal(jax.random.key(5), (2, 12, 12, 3))
+    embed = PatchEmbedding(patch_size=4, width=6)
+    params = nn.meta.unbox(embed.init(jax.random.key(6), images)["params"])
+    assert params["kernel"].shape == (4, 4, 3, 6)
+
+    def conv(kernel, x):
+        y = jax.lax.conv_general_dilated(x, kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y.reshape(2, 9, 6)
+
+    def ours(kernel, x):
+        return embed.apply({"params": {"kernel": kernel}}, x)
+
+    np.testing.assert_allclose(ours(params["kernel"], images), conv(params["kernel"], images), atol=1e-5)
+    grad = lambda f: jax.grad(lambda k, x: jnp.sum(jnp.sin(f(k, x))), argnums=(0, 1))(params["kernel"], images)
+    _assert_trees_close(grad(ours), grad(conv))
 
 
 # --- scan / remat / bf16 ---------------------------------------------------------------------------
