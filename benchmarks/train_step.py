@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--quick] [--compare open_clip] [--presets tiny,B/32,B/16]
         [--dtypes float32,bfloat16] [--batch tiny=32,B/32=32,B/16=8] [--steps N] [--no-scan]
-        [--remat none] [--profile DIR]
+        [--remat dots] [--profile DIR]
 
 Each (preset, dtype) runs the project's real jitted train step (`clipjax.train.build_trainer`:
 state creation, masked AdamW with clipping, gathered InfoNCE, the donated-state step) on one CPU
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     p.add_argument("--no-scan", dest="scan", action="store_false",
                    help="unrolled layers instead of a layer scan")
-    p.add_argument("--remat", default="none", help="remat policy of the transformer blocks")
+    p.add_argument("--remat", default="dots",
+                   help="remat policy of the transformer blocks (the trainer's default: dots)")
     p.add_argument("--compare", choices=["open_clip"], default=None)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads (XLA's CPU pool uses every core the process may run on)")

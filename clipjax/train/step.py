@@ -220,8 +220,16 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mes
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, new_opt = optimizer.tx.update(grads, state.opt_state, trainable)
-        new_params = optimizer.merge(optax.apply_updates(trainable, updates), frozen)
+        def apply_update(operands):
+            grads, opt_state, trainable = operands
+            updates, new_opt = optimizer.tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), new_opt
+
+        # A conditional, not a select of new vs old: the update runs in place on the donated
+        # buffers instead of keeping copies of the old params and moments alive.
+        new_trainable, new_opt = jax.lax.cond(
+            finite, apply_update, lambda operands: (operands[2], operands[1]),
+            (grads, state.opt_state, trainable))
 
         new_loss_state = dict(state.loss_state)
         if model_state:
@@ -240,8 +248,8 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mes
         applied = state.step - state.nonfinite_total  # updates actually made = optax's count
         new_state = state.replace(
             step=state.step + 1,
-            params=pick(new_params, state.params),
-            opt_state=pick(new_opt, state.opt_state),
+            params=optimizer.merge(new_trainable, frozen),
+            opt_state=new_opt,
             loss_state=pick(new_loss_state, state.loss_state),
             rng=rng,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32),
