@@ -1,7 +1,7 @@
 """Train-step throughput, MFU, compile time and peak memory; optionally side by side with open_clip.
 
     python benchmarks/train_step.py [--quick] [--compare open_clip] [--presets tiny,B/32,B/16]
-        [--dtypes float32,bfloat16] [--batch tiny=32,B/32=32,B/16=8] [--steps N] [--no-scan]
+        [--dtypes float32,bfloat16] [--batch tiny=32,B/32=32,B/16=8] [--steps N] [--rounds N] [--no-scan]
         [--remat dots] [--profile DIR]
 
 Each (preset, dtype) runs the project's real jitted train step (`clipjax.train.build_trainer`:
@@ -19,6 +19,9 @@ compiled step is printed alongside as a cross-check.
 with the same architecture (random init, same batch, same precision via bf16 autocast, same thread
 count as XLA's CPU pool, AdamW with the same hyper-parameters and clipping, its ClipLoss), and prints
 the images/s ratio clipjax / open_clip. Needs the `bench` extra (pip install -e '.[bench]').
+`--rounds N` measures both sides N times, alternating who goes first, and pools the steps (median
+and best step both reported): on a shared machine whose speed drifts, one back-to-back pair can be
+off by 30%.
 `--quick` (about a minute) runs the tiny preset only and ends with one JSON line.
 """
 from __future__ import annotations
@@ -199,6 +202,17 @@ def run_sub(cmd: list[str], timeout: float) -> dict:
     raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{tail}")
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One worker result from several rounds: every round's steps, the highest matmul peak, the
+    first round's compile time and the largest RSS."""
+    out = dict(results[0])
+    out["step_s"] = [t for r in results for t in r["step_s"]]
+    out["rss_gib"] = max(r["rss_gib"] for r in results)
+    if "peak_flops" in out:
+        out["peak_flops"] = max(r["peak_flops"] for r in results)
+    return out
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
@@ -207,7 +221,8 @@ def median(xs: list[float]) -> float:
 def summarise(r: dict, batch: int, flops: float, peak: float) -> dict:
     step = median(r["step_s"])
     achieved = flops / step
-    return {"images_per_s": batch / step, "step_s": step, "tflops": achieved / 1e12,
+    return {"images_per_s": batch / step, "step_s": step, "step_min_s": min(r["step_s"]),
+            "tflops": achieved / 1e12,
             "mfu": achieved / peak, "compile_s": r.get("compile_s"),
             "compile_cpu_s": r.get("compile_cpu_s"),
             "first_step_s": r.get("first_step_s"), "rss_gib": r["rss_gib"]}
@@ -237,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compare", choices=["open_clip"], default=None)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads (XLA's CPU pool uses every core the process may run on)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each side this many times, alternating who goes first")
     p.add_argument("--profile", default="", help="write a jax profiler trace of the timed steps here")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -263,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                              "count and the open_clip comparison support ViT presets only")
     if args.steps < 1:
         raise SystemExit("--steps: expected >= 1")
+    if args.rounds < 1:
+        raise SystemExit("--rounds: expected >= 1")
     batches = parse_batches(args.batch)
     steps = 2 if args.quick else args.steps
     if args.compare == "open_clip":
@@ -286,26 +305,40 @@ def main(argv: list[str] | None = None) -> None:
                     "remat": args.remat, "peak_seconds": 1.5 if args.quick else 3.0,
                     "profile": os.path.join(args.profile, f"{name.replace('/', '')}-{dtype}")
                     if args.profile else ""}
-            r = run_sub([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                        args.timeout)
+            ours = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+            theirs = None
+            results: dict[str, list[dict]] = {"clipjax": [], "open_clip": []}
+            for rnd in range(args.rounds):
+                # Alternate who goes first so that a machine slowing down or speeding up during
+                # the run does not favour either side.
+                order = ["clipjax", "open_clip"] if rnd % 2 == 0 else ["open_clip", "clipjax"]
+                for who in order:
+                    if who == "clipjax":
+                        results[who].append(run_sub(ours, args.timeout))
+                    elif args.compare == "open_clip":
+                        if theirs is None:  # round 0 ran clipjax first: its model config
+                            theirs = [sys.executable, os.path.join(HERE, "openclip_step.py"),
+                                      json.dumps({"config": results["clipjax"][0]["config"],
+                                                  "batch": b, "dtype": dtype, "steps": steps,
+                                                  "threads": args.threads})]
+                        results[who].append(run_sub(theirs, args.timeout))
+            r = merge_rounds(results["clipjax"])
             flops = train_step_flops(r["config"], b)
             peak = r["peak_flops"]
             row = {"preset": name, "dtype": dtype, "batch": b, "flops": flops,
                    "xla_flops": r["xla_flops"], "peak_tflops": peak / 1e12,
-                   "clipjax": summarise(r, b, flops, peak)}
+                   "rounds": args.rounds, "clipjax": summarise(r, b, flops, peak)}
             j = row["clipjax"]
             xla = f" [{r['xla_flops'] / 1e9:.0f}]" if r["xla_flops"] else ""
             print(f"{name:5s} {dtype:8s} B={b:3d} clipjax: {j['images_per_s']:7.2f} img/s  "
-                  f"step {j['step_s']:.3f}s  {j['tflops'] * 1e3:6.1f} GFLOP/s "
+                  f"step {j['step_s']:.3f}s (min {j['step_min_s']:.3f}s)  "
+                  f"{j['tflops'] * 1e3:6.1f} GFLOP/s "
                   f"(step {flops / 1e9:.0f}{xla} GFLOP)  MFU {100 * j['mfu']:.0f}% of "
                   f"{peak / 1e9:.0f} GFLOP/s matmul peak  compile {j['compile_s']:.1f}s "
                   f"(CPU {j['compile_cpu_s']:.1f}s)  "
                   f"RSS {j['rss_gib']:.2f} GiB", flush=True)
             if args.compare == "open_clip":
-                o = run_sub([sys.executable, os.path.join(HERE, "openclip_step.py"),
-                             json.dumps({"config": r["config"], "batch": b, "dtype": dtype,
-                                         "steps": steps, "threads": args.threads})],
-                            args.timeout)
+                o = merge_rounds(results["open_clip"])
                 row["open_clip"] = summarise(o, b, flops, peak)
                 if o["num_params"] != r["num_params"]:
                     raise RuntimeError(f"{name}: open_clip model has {o['num_params']} params, "
@@ -313,12 +346,15 @@ def main(argv: list[str] | None = None) -> None:
                 row["open_clip"].update(num_params=o["num_params"], named=o["named_config"],
                                         version=o["version"], torch=o["torch"],
                                         threads=o["threads"])
-                row["ratio"] = j["images_per_s"] / row["open_clip"]["images_per_s"]
                 oc = row["open_clip"]
+                row["ratio"] = j["images_per_s"] / oc["images_per_s"]
+                row["ratio_best_steps"] = oc["step_min_s"] / j["step_min_s"]
                 print(f"{'':5s} {'':8s} {'':5s} open_clip: {oc['images_per_s']:5.2f} img/s  "
-                      f"step {oc['step_s']:.3f}s  {oc['tflops'] * 1e3:6.1f} GFLOP/s  MFU "
+                      f"step {oc['step_s']:.3f}s (min {oc['step_min_s']:.3f}s)  "
+                      f"{oc['tflops'] * 1e3:6.1f} GFLOP/s  MFU "
                       f"{100 * oc['mfu']:.0f}%  first step {oc['first_step_s']:.1f}s  RSS "
-                      f"{oc['rss_gib']:.2f} GiB  ->  clipjax/open_clip = {row['ratio']:.2f}x  "
+                      f"{oc['rss_gib']:.2f} GiB  ->  clipjax/open_clip = {row['ratio']:.2f}x "
+                      f"median step, {row['ratio_best_steps']:.2f}x best step  "
                       f"({o['num_params'] / 1e6:.1f}M params in both; open_clip "
                       f"{o['version']} {o['named_config'] or 'custom config'}, "
                       f"{o['threads']} threads)",
