@@ -1,8 +1,8 @@
 """Train-step throughput, MFU, compile time and peak memory; optionally side by side with open_clip.
 
     python benchmarks/train_step.py [--quick] [--compare open_clip] [--presets tiny,B/32,B/16]
-        [--dtypes float32,bfloat16] [--batch tiny=32,B/32=32,B/16=8] [--steps N] [--rounds N] [--no-scan]
-        [--remat dots] [--profile DIR]
+        [--dtypes float32,bfloat16] [--batch tiny=32,B/32=32,B/16=8] [--steps N] [--rounds N]
+        [--no-scan] [--remat dots] [--profile DIR]
 
 Each (preset, dtype) runs the project's real jitted train step (`clipjax.train.build_trainer`:
 state creation, masked AdamW with clipping, gathered InfoNCE, the donated-state step) on one CPU

@@ -226,15 +226,20 @@ def test_patch_embedding_equals_strided_convolution_value_and_grad():
     assert params["kernel"].shape == (4, 4, 3, 6)
 
     def conv(kernel, x):
-        y = jax.lax.conv_general_dilated(x, kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(x, kernel, (4, 4), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y.reshape(2, 9, 6)
 
     def ours(kernel, x):
         return embed.apply({"params": {"kernel": kernel}}, x)
 
-    np.testing.assert_allclose(ours(params["kernel"], images), conv(params["kernel"], images), atol=1e-5)
-    grad = lambda f: jax.grad(lambda k, x: jnp.sum(jnp.sin(f(k, x))), argnums=(0, 1))(params["kernel"], images)
-    _assert_trees_close(grad(ours), grad(conv))
+    kernel = params["kernel"]
+    np.testing.assert_allclose(ours(kernel, images), conv(kernel, images), atol=1e-5)
+
+    def grads(f):
+        return jax.grad(lambda k, x: jnp.sum(jnp.sin(f(k, x))), argnums=(0, 1))(kernel, images)
+
+    _assert_trees_close(grads(ours), grads(conv))
 
 
 # --- scan / remat / bf16 ---------------------------------------------------------------------------

@@ -225,11 +225,14 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mes
             updates, new_opt = optimizer.tx.update(grads, opt_state, trainable)
             return optax.apply_updates(trainable, updates), new_opt
 
+        def keep(operands):
+            _, opt_state, trainable = operands
+            return trainable, opt_state
+
         # A conditional, not a select of new vs old: the update runs in place on the donated
         # buffers instead of keeping copies of the old params and moments alive.
-        new_trainable, new_opt = jax.lax.cond(
-            finite, apply_update, lambda operands: (operands[2], operands[1]),
-            (grads, state.opt_state, trainable))
+        new_trainable, new_opt = jax.lax.cond(finite, apply_update, keep,
+                                              (grads, state.opt_state, trainable))
 
         new_loss_state = dict(state.loss_state)
         if model_state:
