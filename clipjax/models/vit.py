@@ -19,8 +19,8 @@ class PatchEmbedding(nn.Module):
     """Non-overlapping patch projection, [B, H, W, C] -> [B, N, width]; no bias.
 
     The same parameter as a stride-`patch_size` convolution (kernel [p, p, C, width], so checkpoints
-    and exports are unchanged), computed as one matmul over flattened patches, which XLA's CPU
-    backend runs several times faster than the strided convolution.
+    and exports are unchanged), computed as one matmul over flattened patches: XLA's CPU backend
+    ran the strided convolution at ~43 GFLOP/s, well below its matmul rate (benchmarks/RESULTS.md).
     """
 
     patch_size: int
