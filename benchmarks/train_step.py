@@ -22,6 +22,8 @@ the images/s ratio clipjax / open_clip. Needs the `bench` extra (pip install -e 
 `--rounds N` measures both sides N times, alternating who goes first, and pools the steps (median
 and best step both reported): on a shared machine whose speed drifts, one back-to-back pair can be
 off by 30%.
+Both subprocesses run with glibc's huge-page malloc tunable (`clipjax.hostmem`; what `make demo`
+uses) unless `--no-hugepages` is given.
 `--quick` (about a minute) runs the tiny preset only and ends with one JSON line.
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ import platform
 import subprocess
 import sys
 import time
+
+from clipjax.hostmem import with_hugepage_malloc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -192,8 +196,10 @@ def machine() -> str:
     return f"{len(os.sched_getaffinity(0))}-core {cpu}, {mem:.0f} GiB, {platform.system()}"
 
 
-def run_sub(cmd: list[str], timeout: float) -> dict:
+def run_sub(cmd: list[str], timeout: float, hugepages: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if hugepages:
+        env = with_hugepage_malloc(env)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith(RESULT_TAG):
@@ -255,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure each side this many times, alternating who goes first")
     p.add_argument("--profile", default="", help="write a jax profiler trace of the timed steps here")
+    p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
+                   help="run both sides without glibc's huge-page malloc tunable "
+                        "(clipjax.hostmem)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine()}; load average at start {load[0]:.1f}")
     print(f"command: python benchmarks/train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"date: {datetime.date.today()}; single CPU device, layer scan={args.scan}, "
-          f"remat={args.remat}; FLOPs: analytic (3x forward matmuls); in brackets XLA's "
+          f"remat={args.remat}; huge-page malloc (both sides)={args.hugepages}; FLOPs: analytic (3x forward matmuls); in brackets XLA's "
           f"cost_analysis count (it counts a scanned layer body once)")
     rows = []
     for name in presets:
@@ -314,14 +323,14 @@ def main(argv: list[str] | None = None) -> None:
                 order = ["clipjax", "open_clip"] if rnd % 2 == 0 else ["open_clip", "clipjax"]
                 for who in order:
                     if who == "clipjax":
-                        results[who].append(run_sub(ours, args.timeout))
+                        results[who].append(run_sub(ours, args.timeout, args.hugepages))
                     elif args.compare == "open_clip":
                         if theirs is None:  # round 0 ran clipjax first: its model config
                             theirs = [sys.executable, os.path.join(HERE, "openclip_step.py"),
                                       json.dumps({"config": results["clipjax"][0]["config"],
                                                   "batch": b, "dtype": dtype, "steps": steps,
                                                   "threads": args.threads})]
-                        results[who].append(run_sub(theirs, args.timeout))
+                        results[who].append(run_sub(theirs, args.timeout, args.hugepages))
             r = merge_rounds(results["clipjax"])
             flops = train_step_flops(r["config"], b)
             peak = r["peak_flops"]

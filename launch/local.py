@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from clipjax.hostmem import with_hugepage_malloc
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -30,6 +32,7 @@ def free_port() -> int:
 def process_env(devices_per_process: int | None) -> dict[str, str]:
     env = dict(os.environ)
     if devices_per_process:
+        env = with_hugepage_malloc(env)  # CPU processes: see clipjax.hostmem
         flags = [f for f in env.get("XLA_FLAGS", "").split()
                  if not f.startswith("--xla_force_host_platform_device_count")]
         flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from clipjax.hostmem import with_hugepage_malloc
 from launch import local, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,3 +81,15 @@ def test_slurm_script_and_local_launcher_commands():
     env = local.process_env(2)
     assert "--xla_force_host_platform_device_count=2" in env["XLA_FLAGS"]
     assert env["JAX_PLATFORMS"] == "cpu"
+    assert "glibc.malloc.hugetlb=1" in env["GLIBC_TUNABLES"].split(":")
+
+
+def test_hugepage_malloc_tunable_is_added_once_and_keeps_other_tunables():
+    env = with_hugepage_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "h"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert env["HOME"] == "h"
+    assert with_hugepage_malloc(env) == env
+    assert with_hugepage_malloc({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    # A user's own hugetlb choice wins.
+    own = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    assert with_hugepage_malloc(own) == own

@@ -1,0 +1,21 @@
+"""Host-memory setting for CPU runs: back large allocations with transparent huge pages.
+
+On the CPU backend, XLA allocates each train step's temporary buffer (about 2 GB for ViT-B/32 at
+batch 32) with malloc, which maps fresh memory for it every step. Touching that memory page by
+page cost ~500k page faults per step. glibc's `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35)
+asks the kernel for transparent huge pages on those mappings instead: the faults drop ~100x. The
+tunable is read once at process start, so it has to be in the environment of the process that
+runs JAX; older glibc versions ignore it. GPU and TPU device memory is not affected.
+"""
+
+from __future__ import annotations
+
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def with_hugepage_malloc(env: dict[str, str]) -> dict[str, str]:
+    """A copy of `env` whose GLIBC_TUNABLES also holds the huge-page malloc tunable."""
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
+        tunables.append(HUGEPAGE_TUNABLE)
+    return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
