@@ -164,11 +164,13 @@ def run_worker(spec: dict) -> dict:
     if spec.get("profile"):
         jax.profiler.start_trace(spec["profile"])
     times = []
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
     if spec.get("profile"):
         jax.profiler.stop_trace()
     loss = float(metrics["loss"])
@@ -177,7 +179,9 @@ def run_worker(spec: dict) -> dict:
     return {"framework": "clipjax", "step_s": times, "compile_s": compile_s,
             "compile_cpu_s": compile_cpu_s,
             "first_step_s": first_step_s, "xla_flops": xla_flops, "peak_flops": peak,
-            "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "rss_gib": usage1.ru_maxrss / 2 ** 20,
+            "page_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / spec["steps"],
+            "sys_s_per_step": (usage1.ru_stime - usage0.ru_stime) / spec["steps"],
             "loss": [loss0, loss], "config": cfg, "devices": jax.device_count(),
             "num_params": count_params(state.params)}
 

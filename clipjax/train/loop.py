@@ -243,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     batches = prefetch_to_device(
         (({k: b[k] for k in _STEP_KEYS}, s) for b, s in pipeline), mesh) if step < total else iter(())
     try:
-        for batch, host_data_state in batches:
+        for batch, host_data_state in progress.timed(batches):
             state, metrics = trainer.train_step(state, batch)
             step += 1
             if pending is not None:

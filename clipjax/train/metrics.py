@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -102,6 +102,19 @@ class Progress:
         self._last_t = self._t0
         self._last_s = self._s0
         self._first = True
+        self._waited = 0.0  # seconds blocked on the input pipeline since the previous rates()
+
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """Yields from `batches`, counting the time spent waiting for each item as data wait."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self._waited += time.perf_counter() - t
+            yield item
 
     def rates(self, step: int) -> dict[str, float]:
         """images/s since the previous call, and the ETA from the rate since the first call
@@ -113,9 +126,12 @@ class Progress:
         dt, ds = now - self._last_t, step - self._last_s
         self._last_t, self._last_s = now, step
         ips = ds * self.batch / dt if dt > 0 and ds > 0 else float("nan")
+        wait = self._waited / dt if dt > 0 else float("nan")
+        self._waited = 0.0
         elapsed, done = now - self._t0, step - self._s0
         eta = (self.total - step) * elapsed / done if done > 0 else float("nan")
-        return {"images_per_sec": ips, "eta_sec": eta, "elapsed_sec": elapsed}
+        return {"images_per_sec": ips, "data_wait_frac": wait, "eta_sec": eta,
+                "elapsed_sec": elapsed}
 
     def line(self, step: int, m: Mapping[str, Any]) -> str:
         width = len(str(self.total))
@@ -124,6 +140,8 @@ class Progress:
         if "temperature" in m:
             parts.append(f"temp {_scalar(m['temperature']):.4f}")
         parts.append(f"{_scalar(m.get('images_per_sec', float('nan'))):.1f} img/s")
+        if "data_wait_frac" in m:
+            parts.append(f"data wait {100 * _scalar(m['data_wait_frac']):.0f}%")
         parts.append(f"ETA {format_duration(_scalar(m.get('eta_sec', float('nan'))))}")
         if _scalar(m.get("nonfinite_total", 0)) > 0:
             parts.append(f"skipped {int(_scalar(m['nonfinite_total']))}")
