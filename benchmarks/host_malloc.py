@@ -16,26 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import RESULT_TAG, machine, median  # noqa: E402
-
-from clipjax.hostmem import with_hugepage_malloc  # noqa: E402
-
-
-def run_worker(spec: dict, hugepages: bool, timeout: float) -> dict:
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    if hugepages:
-        env = with_hugepage_malloc(env)
-    cmd = [sys.executable, os.path.join(root, "benchmarks", "train_step.py"),
-           "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    raise RuntimeError(f"worker failed (exit {proc.returncode}):\n{(proc.stderr or '')[-3000:]}")
+from train_step import HERE, machine, median, run_sub  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,13 +41,14 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = {"preset": args.preset, "dtype": "float32", "batch": args.batch, "steps": args.steps,
             "scan": True, "remat": "dots", "peak_seconds": 0.2, "profile": ""}
+    worker = [sys.executable, os.path.join(HERE, "train_step.py"), "--worker"]
     print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}")
     print(f"{args.preset} f32, batch {args.batch}, {args.steps} timed steps per process")
     rounds = []
     for r in range(args.rounds):
         row = {}
         for name, huge in (("default", False), ("hugepages", True)):
-            w = run_worker(spec, huge, args.timeout)
+            w = run_sub(worker + [json.dumps(spec)], args.timeout, hugepages=huge)
             row[name] = {"step_s": median(w["step_s"]), "page_faults": w["page_faults_per_step"],
                          "sys_s": w["sys_s_per_step"], "rss_gib": w["rss_gib"]}
         rounds.append(row)

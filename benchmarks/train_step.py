@@ -202,8 +202,7 @@ def machine() -> str:
 
 def run_sub(cmd: list[str], timeout: float, hugepages: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if hugepages:
-        env = with_hugepage_malloc(env)
+    env = with_hugepage_malloc(env, enabled=hugepages)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith(RESULT_TAG):
@@ -266,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="measure each side this many times, alternating who goes first")
     p.add_argument("--profile", default="", help="write a jax profiler trace of the timed steps here")
     p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
-                   help="run both sides without glibc's huge-page malloc tunable "
+                   help="run both sides without glibc's huge-page malloc tunable, even if "
+                        "GLIBC_TUNABLES sets it "
                         "(clipjax.hostmem)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)

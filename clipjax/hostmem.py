@@ -11,11 +11,18 @@ runs JAX; older glibc versions ignore it. GPU and TPU device memory is not affec
 from __future__ import annotations
 
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+_HUGETLB = "glibc.malloc.hugetlb="
 
 
-def with_hugepage_malloc(env: dict[str, str]) -> dict[str, str]:
-    """A copy of `env` whose GLIBC_TUNABLES also holds the huge-page malloc tunable."""
+def with_hugepage_malloc(env: dict[str, str], enabled: bool = True) -> dict[str, str]:
+    """A copy of `env` whose GLIBC_TUNABLES holds the huge-page malloc tunable (a hugetlb setting
+    already there is kept), or, with `enabled=False`, holds no hugetlb setting at all."""
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
+    if not enabled:
+        tunables = [t for t in tunables if not t.startswith(_HUGETLB)]
+    elif not any(t.startswith(_HUGETLB) for t in tunables):
         tunables.append(HUGEPAGE_TUNABLE)
-    return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
+    out = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+    if tunables:
+        out["GLIBC_TUNABLES"] = ":".join(tunables)
+    return out

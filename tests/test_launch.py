@@ -93,3 +93,5 @@ def test_hugepage_malloc_tunable_is_added_once_and_keeps_other_tunables():
     # A user's own hugetlb choice wins.
     own = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
     assert with_hugepage_malloc(own) == own
+    assert with_hugepage_malloc(env, enabled=False)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    assert "GLIBC_TUNABLES" not in with_hugepage_malloc(own, enabled=False)
