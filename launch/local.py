@@ -4,8 +4,9 @@
       python -m clipjax.train --config experiments/demo.py --workdir workdirs/demo2
 
 Each process gets `--coordinator 127.0.0.1:PORT --num_processes N --process_id I` appended and,
-with --devices-per-process K, K fake CPU devices (JAX_PLATFORMS=cpu, gloo collectives). If one
-process fails the others are stopped; the exit status is the first failure's (0 if all pass).
+with --devices-per-process K, K fake CPU devices (JAX_PLATFORMS=cpu, gloo collectives, huge-page
+malloc as in clipjax.hostmem). If one process fails the others are stopped; the exit status is the
+first failure's (0 if all pass).
 Process i's output goes to LOGDIR/process_i.log when --log-dir is given (process 0's log is
 printed when all have finished), otherwise every process writes to the terminal.
 """
