@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
-# CPU runs: XLA's large host buffers on transparent huge pages (see clipjax/hostmem.py).
-HUGEPAGE_MALLOC := glibc.malloc.hugetlb=1
-export GLIBC_TUNABLES := $(if $(findstring glibc.malloc.hugetlb,$(GLIBC_TUNABLES)),$(GLIBC_TUNABLES),$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)$(HUGEPAGE_MALLOC))
+# CPU runs: XLA's large host buffers on transparent huge pages (see clipjax/hostmem.py); a
+# hugetlb setting of the caller's own is kept.
+ifeq ($(findstring glibc.malloc.hugetlb,$(GLIBC_TUNABLES)),)
+export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
+endif
 
 .PHONY: install demo test clean
 

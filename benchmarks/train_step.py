@@ -265,9 +265,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="measure each side this many times, alternating who goes first")
     p.add_argument("--profile", default="", help="write a jax profiler trace of the timed steps here")
     p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
-                   help="run both sides without glibc's huge-page malloc tunable, even if "
-                        "GLIBC_TUNABLES sets it "
-                        "(clipjax.hostmem)")
+                   help="run both sides without glibc's huge-page malloc tunable "
+                        "(clipjax.hostmem), even if GLIBC_TUNABLES sets it")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -308,8 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine()}; load average at start {load[0]:.1f}")
     print(f"command: python benchmarks/train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"date: {datetime.date.today()}; single CPU device, layer scan={args.scan}, "
-          f"remat={args.remat}; huge-page malloc (both sides)={args.hugepages}; FLOPs: analytic (3x forward matmuls); in brackets XLA's "
-          f"cost_analysis count (it counts a scanned layer body once)")
+          f"remat={args.remat}; huge-page malloc (both sides)={args.hugepages}; "
+          f"FLOPs: analytic (3x forward matmuls); in brackets XLA's cost_analysis count "
+          f"(it counts a scanned layer body once)")
     rows = []
     for name in presets:
         b = batches.get(name, 8)
