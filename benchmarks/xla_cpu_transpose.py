@@ -2,7 +2,7 @@
 
     python benchmarks/xla_cpu_transpose.py [--quick] [--repeats 20]
 
-In the B/32 train step XLA feeds each weight-gradient matmul a transposed operand. Where that
+In the B/32 train step XLA feeds the weight-gradient matmuls transposed operands. Where such an
 operand is a fused elementwise result (the QuickGELU backward, the LayerNorm backward), XLA's CPU
 backend computes the elementwise chain directly in transposed order, and that loop runs far
 slower than the same chain in natural order followed by a plain transpose. This script measures
