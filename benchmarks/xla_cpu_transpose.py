@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     def arrays(n, shape):
         return [jax.device_put(rng.standard_normal(shape, dtype=np.float32)) for _ in range(n)]
 
-    x, dy = arrays(1, (2464, 512)) + arrays(1, (2464, 2048))
+    [x], [dy] = arrays(1, (2464, 512)), arrays(1, (2464, 2048))
     cases = {
         name: {"natural": (fn, xs),
                "transposed (fused)": (lambda *a, fn=fn: fn(*a).T, xs),
@@ -92,10 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = {v: round(1e3 * min(ts), 2) for v, ts in times.items()}
         # Which calls XLA handed to YNNPACK (its fusions are named ynn_fusion).
         uses_ynn = {v: "ynn_fusion" in f.as_text() for v, (f, _) in calls.items()}
-        print(f"{name}: " + ", ".join(f"{v} {ms:.2f} ms" + (" [YNNPACK fusion]" if uses_ynn[v] else "")
-                                      for v, ms in results[name].items()), flush=True)
-    print(json.dumps({"benchmark": "xla_cpu_transpose", "machine": machine(), "jax": jax.__version__,
-                      "repeats": args.repeats, "options": options, "best_ms": results}))
+        print(f"{name}: " + ", ".join(
+            f"{v} {ms:.2f} ms" + (" [YNNPACK fusion]" if uses_ynn[v] else "")
+            for v, ms in results[name].items()), flush=True)
+    print(json.dumps({"benchmark": "xla_cpu_transpose", "machine": machine(),
+                      "jax": jax.__version__, "repeats": args.repeats, "options": options,
+                      "best_ms": results}))
 
 
 if __name__ == "__main__":
