@@ -1,8 +1,9 @@
 """Momentum queue: a FIFO of the last K image/text embeddings from an EMA copy of the encoders.
 
-Sharding the trainer should use (global arrays under jit): `image`/`text` [K, D] split on the batch
-axes, P(('data', 'fsdp'), None), with K divisible by the number of batch shards; `ptr`/`count`
-replicated scalars. The losses read the queue as extra, gradient-free negatives.
+Sharding (global arrays under jit): `image`/`text`/`group` [K, ...] split on the batch axes, with K
+divisible by the number of batch shards; `ptr`/`count` replicated scalars. The losses read the
+queue as extra, gradient-free negatives; `group` (caption hash or label, [K, G], G = 0 when the
+loss has no group rules) lets them leave out entries of the anchor's own group.
 """
 
 from __future__ import annotations
@@ -16,20 +17,25 @@ import jax.numpy as jnp
 class QueueState(NamedTuple):
     image: jax.Array  # [K, D] f32, EMA image embeddings
     text: jax.Array  # [K, D] f32, EMA text embeddings
+    group: jax.Array  # [K, G] int32, the entries' groups (see clipjax.losses.pairs)
     ptr: jax.Array  # int32 scalar: next slot to write
     count: jax.Array  # int32 scalar: filled slots (<= K); slots [0, count) are valid
 
 
-def queue_init(size: int, dim: int, dtype=jnp.float32) -> QueueState:
-    """An empty queue of `size` slots of `dim`-d embeddings."""
-    if size < 0 or dim <= 0:
-        raise ValueError(f"queue_init: expected size >= 0 and dim > 0, got size={size}, dim={dim}")
+def queue_init(size: int, dim: int, dtype=jnp.float32, group_width: int = 0) -> QueueState:
+    """An empty queue of `size` slots of `dim`-d embeddings (and `group_width` group ids)."""
+    if size < 0 or dim <= 0 or group_width < 0:
+        raise ValueError(f"queue_init: expected size >= 0, dim > 0, group_width >= 0, got "
+                         f"size={size}, dim={dim}, group_width={group_width}")
     return QueueState(image=jnp.zeros((size, dim), dtype), text=jnp.zeros((size, dim), dtype),
+                      group=jnp.zeros((size, group_width), jnp.int32),
                       ptr=jnp.zeros((), jnp.int32), count=jnp.zeros((), jnp.int32))
 
 
-def queue_push(queue: QueueState, image: jax.Array, text: jax.Array) -> QueueState:
-    """Write a batch [B, D] at `ptr` (wrapping), overwriting the oldest entries; B <= K."""
+def queue_push(queue: QueueState, image: jax.Array, text: jax.Array,
+               group: jax.Array | None = None) -> QueueState:
+    """Write a batch [B, D] (and its groups [B, G]) at `ptr` (wrapping), overwriting the oldest
+    entries; B <= K."""
     k = queue.image.shape[0]
     b = image.shape[0]
     if image.shape != text.shape or image.shape[1:] != queue.image.shape[1:]:
@@ -41,8 +47,14 @@ def queue_push(queue: QueueState, image: jax.Array, text: jax.Array) -> QueueSta
         raise ValueError(f"queue_push: batch {b} is larger than the queue ({k} slots)")
     image = jax.lax.stop_gradient(image).astype(queue.image.dtype)
     text = jax.lax.stop_gradient(text).astype(queue.text.dtype)
+    width = queue.group.shape[1]
+    if group is None:
+        group = jnp.zeros((b, width), jnp.int32)
+    if group.shape != (b, width):
+        raise ValueError(f"queue_push: expected groups [{b}, {width}], got {group.shape}")
     slots = (queue.ptr + jnp.arange(b)) % k
     return QueueState(image=queue.image.at[slots].set(image), text=queue.text.at[slots].set(text),
+                      group=queue.group.at[slots].set(group.astype(jnp.int32)),
                       ptr=((queue.ptr + b) % k).astype(jnp.int32),
                       count=jnp.minimum(queue.count + b, k).astype(jnp.int32))
 
