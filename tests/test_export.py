@@ -401,7 +401,7 @@ def test_export_from_training_workdir(tmp_path):
 
 def test_export_resnet_from_workdir_with_model_config(tmp_path):
     """The trainer's model_config.json names the architecture; BatchNorm statistics come from
-    the checkpointed loss_state.model_state."""
+    the checkpointed model_state."""
     import jax.numpy as jnp
 
     from clipjax.export.modeldir import config_to_json
@@ -413,8 +413,8 @@ def test_export_resnet_from_workdir_with_model_config(tmp_path):
     v = init_params(TINY_RN, 3)
     state = TrainState.create(jax.tree.map(jnp.asarray, v["params"]), opt_state={},
                               rng=jnp.zeros(2, jnp.uint32),
-                              loss_state={"model_state": {"batch_stats": jax.tree.map(
-                                  jnp.asarray, v["batch_stats"])}})
+                              model_state={"batch_stats": jax.tree.map(
+                                  jnp.asarray, v["batch_stats"])})
     ckpt = Checkpointer(str(tmp_path / "wd"), every_steps=1, keep=1, async_save=False)
     ckpt.save(3, state, {"step": 3})
     ckpt.close()

@@ -39,7 +39,11 @@ def model_outputs(b=16, d=8, n=3, l=4, seed=0):
     ({"queue_size": 2.5}, "loss.queue_size"),
     ({"impl": "gathered", "tile": 128}, "loss.tile"),
     ({"impl": "ring", "tile": 0}, "loss.tile"),
-    ({"batch_axes": []}, "loss.batch_axes"),
+    ({"positives": "labels"}, "loss.positives"),
+    ({"in_batch_negatives": False}, "loss.queue_size > 0"),
+    ({"in_batch_negatives": 0, "queue_size": 8}, "loss.in_batch_negatives"),
+    ({"duplicate_threshold": 1.5}, "loss.duplicate_threshold"),
+    ({"name": "sigmoid", "positives": "caption"}, "loss.name='softmax'"),
     ({"momentum": 1.0}, "loss.momentum"),
     ({"name": "tokenwise", "tokenwise_mode": "max"}, "loss.tokenwise_mode"),
 ])
@@ -51,20 +55,22 @@ def test_validate_rejects_with_named_key(cfg, key):
 def test_validate_fills_defaults_from_configdict():
     cfg = validate_loss_config(ml_collections.ConfigDict({"impl": "ring", "tile": 256}))
     assert cfg["name"] == "softmax" and cfg["tile"] == 256 and cfg["queue_size"] == 0
-    assert cfg["batch_axes"] == ("data", "fsdp")
+    assert cfg["positives"] == "pair" and cfg["in_batch_negatives"]
 
 
 def test_make_loss_checks_mesh_and_queue():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    with pytest.raises(ValueError, match="loss.batch_axes"):
-        make_loss({"batch_axes": ("data", "model")}, mesh)
     with pytest.raises(ValueError, match="loss.queue_size"):
         make_loss({"queue_size": 6}, mesh)  # not divisible by 4 batch shards
-    fn = make_loss({"queue_size": 8}, mesh)
-    with pytest.raises(ValueError, match="no QueueState"):
-        fn(model_outputs())
+    with pytest.raises(ValueError, match="needs training shards with labels"):
+        make_loss({"positives": "label"}, mesh)
+    assert make_loss({"positives": "auto"}, mesh).positives == "caption"
+    assert make_loss({"positives": "auto"}, mesh, has_labels=True).positives == "label"
+    loss = make_loss({"queue_size": 8}, mesh)
+    with pytest.raises(ValueError, match="no queue"):
+        loss.loss_fn(model_outputs())
     with pytest.raises(ValueError, match="lack"):
-        make_loss({"name": "sigmoid"}, mesh)({**model_outputs(), "logit_bias": None})
+        make_loss({"name": "sigmoid"}, mesh).loss_fn({**model_outputs(), "logit_bias": None})
 
 
 @pytest.mark.parametrize("cfg", [
@@ -80,9 +86,10 @@ def test_make_loss_matches_reference_on_3d_mesh(cfg):
     if cfg.get("queue_size"):
         queue = queue_push(queue_init(16, 8), out["image_embeds"][4:], out["text_embeds"][4:])
     mask = out.pop("text_mask")
-    loss_fn = make_loss(cfg, mesh)
+    loss_fn = make_loss(cfg, mesh).loss_fn
     (loss, metrics), grads = jax.jit(jax.value_and_grad(
-        lambda o, q: loss_fn({**o, "text_mask": mask}, q), has_aux=True))(out, queue)
+        lambda o, q: loss_fn({**o, "text_mask": mask}, q and {"queue": q}),
+        has_aux=True))(out, queue)
     name = cfg["name"]
 
     def reference(o):

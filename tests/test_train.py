@@ -126,7 +126,7 @@ def test_accumulated_gradients_equal_full_batch():
     batch = put(full, batches(1, seed=3)[0])
 
     def grads(trainer):
-        fn = jax.jit(lambda t, b: trainer.grad_fn(t, frozen, {}, b, None))
+        fn = jax.jit(lambda t, b: trainer.grad_fn(t, frozen, {}, b, {}, None))
         loss, _, _, _, g = fn(trainable, batch)
         return float(loss), jax.device_get(g)
 
@@ -306,12 +306,23 @@ def test_momentum_queue_and_ema_in_state():
     assert not np.array_equal(ema, p0["visual"]["proj"]) and not np.array_equal(ema, now)
     # A queue full of earlier embeddings adds negatives: the loss differs from the plain one.
     from clipjax.losses import queue_init
+    from clipjax.train.step import make_embed_fn
 
-    empty = queue_init(32, TINY["embed_dim"])
-    plain, _ = jax.jit(lambda s, b: trainer.grad_fn(*trainer.optimizer.split(s.params), {}, b,
-                                                    empty)[:2])(state, put(trainer, data[2]))
+    embed = make_embed_fn(trainer.model, trainer.mesh, 1)
+
+    def loss_with(queue):
+        def fn(s, b):
+            loss_state, info = trainer.loss.prepare({**s.loss_state, "queue": queue}, s.params,
+                                                    b, lambda p, bb: embed(p, {}, bb))
+            trainable, frozen = trainer.optimizer.split(s.params)
+            return trainer.grad_fn(trainable, frozen, {}, b, loss_state, info)[0]
+        return jax.jit(fn)(state, put(trainer, data[2]))
+
+    plain = loss_with(queue_init(32, TINY["embed_dim"]))
+    with_queue = loss_with(state.loss_state["queue"])
+    assert float(with_queue) > float(plain) + 1e-3
     state, m = trainer.train_step(state, put(trainer, data[2]))
-    assert float(m["loss"]) > float(plain) + 1e-3
+    np.testing.assert_allclose(float(m["loss"]), float(with_queue), rtol=1e-5)
 
 
 def test_checkpoint_dir_of_a_relative_workdir_is_absolute(tmp_path, monkeypatch):

@@ -134,7 +134,7 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[CLIPConfig, dic
 
     The architecture comes from the workdir's model_config.json (a model directory's config
     format) or else from the resolved train config, config.json. ResNet towers get their
-    BatchNorm statistics from the checkpointed loss_state.model_state.
+    BatchNorm statistics from the checkpointed model_state.
     """
     import orbax.checkpoint as ocp
 
@@ -154,18 +154,18 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[CLIPConfig, dic
     if not isinstance(tree, Mapping) or "params" not in tree:
         raise ValueError(f"{path}: checkpoint has no 'params' entry")
     item = {"params": tree["params"]}
-    model_state = (tree.get("loss_state") or {}).get("model_state")
-    if model_state:
-        item["loss_state"] = {"model_state": model_state}
+    if tree.get("model_state"):
+        item["model_state"] = tree["model_state"]
     restore_args = _tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
     log.info("restored params of step %d from %s", step, workdir)
     if config.vision_type == "resnet":
-        stats = (out.get("loss_state") or {}).get("model_state") or {}
+        stats = out.get("model_state") or {}
         if "batch_stats" not in stats:
-            raise ValueError(f"{path}: ResNet checkpoint without loss_state.model_state."
-                             f"batch_stats (BatchNorm statistics)")
+            raise ValueError(f"{path}: ResNet checkpoint without model_state.batch_stats "
+                             "(BatchNorm statistics; checkpoints written before the model_state "
+                             "field kept them in loss_state and need an older clipjax)")
         return config, {"params": out["params"], "batch_stats": stats["batch_stats"]}
     return config, out["params"]
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-BATCH_AXES = ("data", "fsdp")
+from clipjax.parallel.mesh import BATCH_AXES  # noqa: F401  (the losses' default batch axes)
 
 
 def as_axes(batch_axes: str | Sequence[str]) -> tuple[str, ...]:

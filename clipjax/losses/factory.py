@@ -1,23 +1,31 @@
-"""Pick a loss from config: `make_loss(loss_config, mesh)` -> fn(outputs, queue=None) -> (loss,
-metrics). `validate_loss_config` rejects unknown keys/values and unsupported combinations early.
+"""Pick a loss from config: `make_loss(loss_config, mesh)` -> a `Loss` that owns its state.
+`validate_loss_config` rejects unknown keys/values and unsupported combinations early.
 
 Keys (defaults in LOSS_DEFAULTS): name 'softmax'|'sigmoid'|'tokenwise'; impl
-'reference'|'gathered'|'ring'; queue_size (K, softmax only; the trainer keeps a QueueState and an
-EMA copy of the encoders updated with `momentum`); tile (ring only); batch_axes; tokenwise_mode.
+'reference'|'gathered'|'ring'; queue_size (K: a momentum queue of EMA embeddings as extra
+negatives, softmax only); momentum (EMA decay of the encoders behind the queue and the duplicate
+test); tile (ring only); tokenwise_mode. False-negative rules (softmax only, see
+clipjax.losses.pairs): positives 'pair'|'caption'|'label'|'auto' (pairs of one caption / label are
+positives; 'auto' = label when the shards carry labels, else caption); in_batch_negatives (False:
+negatives come from the queue only, MoCo-style); duplicate_threshold (None, or the EMA cosine
+above which a negative is left out as a near-duplicate of the positive).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clipjax.losses.common import BATCH_AXES, as_axes, batch_axis_size, check_divisible
+from clipjax.losses.common import BATCH_AXES, batch_axis_size, check_divisible
 from clipjax.losses.infonce import infonce_gathered, infonce_reference
-from clipjax.losses.queue import QueueState
+from clipjax.losses.pairs import (PairInfo, PairRules, batch_homogeneity, caption_groups,
+                                  label_groups)
+from clipjax.losses.queue import QueueState, ema_update, queue_init, queue_push
 from clipjax.losses.ring import infonce_ring
 from clipjax.losses.sigmoid import sigmoid_gathered, sigmoid_reference, sigmoid_ring
 from clipjax.losses.tokenwise import MODES, tokenwise_gathered, tokenwise_reference
@@ -30,12 +38,13 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "queue_size": 0,
     "momentum": 0.995,
     "tile": None,
-    "batch_axes": BATCH_AXES,
     "tokenwise_mode": "filip",
+    "positives": "pair",
+    "in_batch_negatives": True,
+    "duplicate_threshold": None,
 }
+POSITIVES = ("pair", "caption", "label", "auto")
 _SUPPORTED_IMPLS = {"softmax": IMPLS, "sigmoid": IMPLS, "tokenwise": ("reference", "gathered")}
-
-LossFn = Callable[[Mapping[str, Any], QueueState | None], tuple[jax.Array, dict]]
 
 
 def _as_dict(cfg) -> dict:
@@ -85,14 +94,27 @@ def validate_loss_config(loss_config) -> dict:
         if impl != "ring":
             raise ValueError(f"loss.tile={tile} only applies to loss.impl='ring' (got "
                              f"loss.impl={impl!r}); set loss.tile=None")
-    axes = cfg["batch_axes"]
-    if isinstance(axes, str):
-        axes = (axes,)
-    if (not isinstance(axes, Sequence) or not axes
-            or not all(isinstance(a, str) and a for a in axes)):
-        raise ValueError(f"loss.batch_axes must be a non-empty sequence of mesh axis names, "
-                         f"got {cfg['batch_axes']!r}")
-    cfg["batch_axes"] = tuple(axes)
+    rules_on = (cfg["positives"] != "pair" or not cfg["in_batch_negatives"]
+                or cfg["duplicate_threshold"] is not None)
+    if cfg["positives"] not in POSITIVES:
+        raise ValueError(f"loss.positives={cfg['positives']!r} is not supported; expected one of "
+                         f"{POSITIVES}")
+    if not isinstance(cfg["in_batch_negatives"], bool):
+        raise ValueError(f"loss.in_batch_negatives must be True or False, got "
+                         f"{cfg['in_batch_negatives']!r}")
+    if not cfg["in_batch_negatives"] and not k:
+        raise ValueError("loss.in_batch_negatives=False takes every negative from the momentum "
+                         "queue: set loss.queue_size > 0 (a queue spanning several categories)")
+    t = cfg["duplicate_threshold"]
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
+                          or not -1.0 < t <= 1.0):
+        raise ValueError(f"loss.duplicate_threshold must be None or a cosine in (-1, 1], got {t!r}")
+    if rules_on and impl == "ring":
+        raise ValueError("loss.positives / in_batch_negatives / duplicate_threshold are not "
+                         "available with loss.impl='ring' yet; use loss.impl='gathered'")
+    if rules_on and name != "softmax":
+        raise ValueError(f"loss.positives / in_batch_negatives / duplicate_threshold apply to "
+                         f"loss.name='softmax'; got loss.name={name!r}")
     if cfg["tokenwise_mode"] not in MODES:
         raise ValueError(f"loss.tokenwise_mode={cfg['tokenwise_mode']!r} is not supported; "
                          f"expected one of {MODES}")
@@ -103,57 +125,149 @@ _REQUIRED = {"softmax": ("image_embeds", "text_embeds", "logit_scale"),
              "sigmoid": ("image_embeds", "text_embeds", "logit_scale", "logit_bias"),
              "tokenwise": ("image_tokens", "text_tokens", "text_mask", "logit_scale")}
 
+# embed(params, batch) -> (image_embeds, text_embeds): the model's forward without gradients.
+EmbedFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, jax.Array]]
 
-def make_loss(loss_config, mesh: Mesh | None) -> LossFn:
-    """A loss function over the CLIP model's output dict; `mesh` may be None for 'reference'."""
-    cfg = validate_loss_config(loss_config)
-    name, impl, k = cfg["name"], cfg["impl"], cfg["queue_size"]
-    axes = as_axes(cfg["batch_axes"])
-    if impl != "reference":
-        if mesh is None:
-            raise ValueError(f"loss.impl={impl!r} needs a device mesh; got mesh=None")
-        try:
-            n = batch_axis_size(mesh, axes)
-        except ValueError as e:
-            raise ValueError(f"loss.batch_axes: {e}") from None
-        if k:
-            check_divisible(k, n, "loss.queue_size")
 
-    def loss_fn(outputs: Mapping[str, Any], queue: QueueState | None = None):
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A configured contrastive loss and the state it owns (momentum queue, EMA encoders).
+
+    Per train step: `prepare` (EMA update, the batch's EMA embeddings and groups) -> `loss_fn`
+    (differentiated) -> `update_state` (queue push). The state is {} for losses without one.
+    """
+
+    config: dict
+    mesh: Mesh | None
+    positives: str  # 'pair' | 'caption' | 'label' ('auto' resolved)
+
+    @property
+    def rules(self) -> PairRules:
+        return PairRules(group_positives=self.positives != "pair",
+                         duplicate_threshold=self.config["duplicate_threshold"],
+                         batch_negatives=self.config["in_batch_negatives"])
+
+    @property
+    def uses_ema(self) -> bool:
+        """EMA encoders are kept for the queue's embeddings and for near-duplicate masking."""
+        return self.config["queue_size"] > 0 or self.config["duplicate_threshold"] is not None
+
+    @property
+    def group_width(self) -> int:
+        return {"pair": 0, "caption": 2, "label": 1}[self.positives]
+
+    # -- state --------------------------------------------------------------------------------
+    def init_state(self, params: Any, embed_dim: int) -> dict:
+        if not self.uses_ema:
+            return {}
+        return {"ema_params": params,
+                "queue": queue_init(self.config["queue_size"], embed_dim,
+                                    group_width=self.group_width)}
+
+    def state_shardings(self, param_shardings: Any, abstract_state: dict) -> dict:
+        """NamedShardings of `init_state`'s tree: EMA params as the params, queue rows split on
+        the batch axes (when they divide), counters replicated."""
+        if not abstract_state:
+            return {}
+        replicated = NamedSharding(self.mesh, P())
+        n = batch_axis_size(self.mesh, BATCH_AXES)
+        q = abstract_state["queue"]
+        rows = NamedSharding(self.mesh, P(BATCH_AXES) if q.image.shape[0] % n == 0 else P())
+        return {"ema_params": param_shardings,
+                "queue": QueueState(image=rows, text=rows, group=rows, ptr=replicated,
+                                    count=replicated)}
+
+    def groups(self, batch: Mapping[str, jax.Array]) -> jax.Array | None:
+        if self.positives == "caption":
+            return caption_groups(batch["text"])
+        if self.positives == "label":
+            return label_groups(batch["label"])
+        return None
+
+    def prepare(self, state: dict, params: Any, batch: Mapping[str, jax.Array],
+                embed: EmbedFn) -> tuple[dict, PairInfo]:
+        """(state with the EMA encoders moved towards `params`, the batch's PairInfo)."""
+        if not self.uses_ema:
+            return state, PairInfo(group=self.groups(batch))
+        ema = ema_update(state["ema_params"], params, self.config["momentum"])
+        img, txt = embed(jax.lax.stop_gradient(ema), batch)
+        info = PairInfo(group=self.groups(batch), ema_image=jax.lax.stop_gradient(img),
+                        ema_text=jax.lax.stop_gradient(txt))
+        return {**state, "ema_params": ema}, info
+
+    def update_state(self, state: dict, info: PairInfo) -> dict:
+        """Push the batch's EMA embeddings (and groups) into the queue."""
+        if "queue" not in state:
+            return state
+        return {**state, "queue": queue_push(state["queue"], info.ema_image, info.ema_text,
+                                             info.group)}
+
+    # -- the loss -----------------------------------------------------------------------------
+    def loss_fn(self, outputs: Mapping[str, Any], state: dict | None = None,
+                info: PairInfo | None = None, batch: Mapping[str, jax.Array] | None = None
+                ) -> tuple[jax.Array, dict]:
+        """(loss, metrics) over the CLIP model's output dict; with `batch`, the metrics include
+        how homogeneous the batch is (clipjax.losses.pairs.batch_homogeneity)."""
+        cfg, name, impl, mesh = self.config, self.config["name"], self.config["impl"], self.mesh
         missing = [key for key in _REQUIRED[name] if outputs.get(key) is None]
         if missing:
             raise ValueError(f"loss {name!r}: model outputs lack {missing} "
                              f"(got keys {sorted(outputs)})")
-        if k and queue is None:
-            raise ValueError(f"loss.queue_size={k} but no QueueState was passed to the loss")
-        if queue is not None and queue.image.shape[0] != k:
-            raise ValueError(f"queue has {queue.image.shape[0]} slots but loss.queue_size={k}")
+        queue = (state or {}).get("queue")
+        if cfg["queue_size"] and queue is None:
+            raise ValueError(f"loss.queue_size={cfg['queue_size']} but the loss state has no "
+                             "queue (pass state=Loss.init_state(...))")
+        if queue is not None and queue.image.shape[0] != cfg["queue_size"]:
+            raise ValueError(f"queue has {queue.image.shape[0]} slots but "
+                             f"loss.queue_size={cfg['queue_size']}")
         ls = outputs["logit_scale"]
         if name == "softmax":
             img, txt = outputs["image_embeds"], outputs["text_embeds"]
+            kw = dict(queue=queue, rules=self.rules, pairs=info)
             if impl == "reference":
-                loss, aux = infonce_reference(img, txt, ls, queue=queue)
+                loss, aux = infonce_reference(img, txt, ls, **kw)
             elif impl == "gathered":
-                loss, aux = infonce_gathered(img, txt, ls, mesh, axes, queue=queue)
+                loss, aux = infonce_gathered(img, txt, ls, mesh, BATCH_AXES, **kw)
             else:
-                loss, aux = infonce_ring(img, txt, ls, mesh, axes, queue=queue, tile=cfg["tile"])
+                loss, aux = infonce_ring(img, txt, ls, mesh, BATCH_AXES, tile=cfg["tile"],
+                                         queue=queue)
         elif name == "sigmoid":
             img, txt, bias = outputs["image_embeds"], outputs["text_embeds"], outputs["logit_bias"]
             if impl == "reference":
                 loss, aux = sigmoid_reference(img, txt, ls, bias)
             elif impl == "gathered":
-                loss, aux = sigmoid_gathered(img, txt, ls, bias, mesh, axes)
+                loss, aux = sigmoid_gathered(img, txt, ls, bias, mesh, BATCH_AXES)
             else:
-                loss, aux = sigmoid_ring(img, txt, ls, bias, mesh, axes, tile=cfg["tile"])
+                loss, aux = sigmoid_ring(img, txt, ls, bias, mesh, BATCH_AXES, tile=cfg["tile"])
             aux = {**aux, "logit_bias": jnp.asarray(bias, jnp.float32)}
         else:
             args = (outputs["image_tokens"], outputs["text_tokens"], outputs["text_mask"], ls)
             if impl == "reference":
                 loss, aux = tokenwise_reference(*args, mode=cfg["tokenwise_mode"])
             else:
-                loss, aux = tokenwise_gathered(*args, mesh, axes, mode=cfg["tokenwise_mode"])
-        metrics = {"loss": loss, "temperature": jnp.exp(jnp.asarray(ls, jnp.float32)),
-                   **jax.lax.stop_gradient(aux)}
-        return loss, metrics
+                loss, aux = tokenwise_gathered(*args, mesh, BATCH_AXES,
+                                               mode=cfg["tokenwise_mode"])
+        metrics = {"loss": loss, "temperature": jnp.exp(jnp.asarray(ls, jnp.float32)), **aux}
+        if batch is not None and outputs.get("text_embeds") is not None:
+            metrics.update(batch_homogeneity(batch["text"], outputs["text_embeds"],
+                                             batch.get("label")))
+        return loss, jax.lax.stop_gradient(metrics)
 
-    return loss_fn
+
+def make_loss(loss_config, mesh: Mesh | None, has_labels: bool = False) -> Loss:
+    """The configured loss; `mesh` may be None for 'reference'. `has_labels`: the training
+    batches carry a 'label' (resolves loss.positives='auto'; needed for 'label')."""
+    cfg = validate_loss_config(loss_config)
+    positives = cfg["positives"]
+    if positives == "auto":
+        positives = "label" if has_labels else "caption"
+    if positives == "label" and not has_labels:
+        raise ValueError("loss.positives='label' needs training shards with labels (make_shards "
+                         "--class-folders or --label-field writes them); use 'caption' or 'auto'")
+    if cfg["impl"] != "reference":
+        if mesh is None:
+            raise ValueError(f"loss.impl={cfg['impl']!r} needs a device mesh; got mesh=None")
+        n = batch_axis_size(mesh, BATCH_AXES)
+        if cfg["queue_size"]:
+            check_divisible(cfg["queue_size"], n, "loss.queue_size")
+    return Loss(config=cfg, mesh=mesh, positives=positives)

@@ -6,18 +6,19 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
+from clipjax.losses import Loss, make_loss
 from clipjax.models import CLIP, CLIPConfig, dummy_inputs
 from clipjax.parallel.mesh import batch_sharding
 from clipjax.parallel.rules import Rules, make_rules
 from clipjax.train import config as config_lib
 from clipjax.train.optimizer import Optimizer, make_optimizer
 from clipjax.train.state import TrainState, make_state_init
-from clipjax.train.step import (StepConfig, jit_train_step, make_grad_fn, make_train_step,
+from clipjax.train.step import (jit_train_step, make_embed_fn, make_grad_fn, make_train_step,
                                 used_outputs)
 
 log = logging.getLogger(__name__)
@@ -33,58 +34,64 @@ class Trainer:
     mesh: Mesh
     rules: Rules
     optimizer: Optimizer
-    loss_fn: Callable
+    loss: Loss
     init: Callable[[jax.Array], TrainState]  # jitted, returns a state placed on the mesh
     train_step: Callable  # jitted (state, batch) -> (state, metrics); donates state
     state_shardings: TrainState
     batch_shardings: dict[str, NamedSharding]
-    # Unjitted fn(trainable, frozen, model_state, batch, queue) -> (loss, metrics, log_scale,
-    # model_state, grads): what the step differentiates, exposed for tests and tools.
+    # Unjitted fn(trainable, frozen, model_state, batch, loss_state, info) -> (loss, metrics,
+    # log_scale, model_state, grads): what the step differentiates (see make_grad_fn).
     grad_fn: Callable
 
     def init_state(self) -> TrainState:
         return self.init(jax.random.PRNGKey(self.config.seed))
 
 
-def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
-    """Model, optimizer, loss, state layout and jitted step for `config` on `mesh`."""
-    from clipjax.losses import make_loss
-
+def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh,
+                  has_labels: bool = False) -> Trainer:
+    """Model, optimizer, loss, state layout and jitted step for `config` on `mesh`.
+    `has_labels`: the training batches carry a 'label' array (labelled shards)."""
     mcfg = config_lib.model_config(config)
     model = CLIP(mcfg)
     rules = make_rules(dict(config.sharding_rules))
     images, text = dummy_inputs(mcfg)
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, text)
     optimizer = make_optimizer(config.optimizer, boxed["params"], config.num_steps)
-    loss_fn = make_loss(config.loss, mesh)
-    queue_size = int(config.loss.queue_size)
+    loss = make_loss(config.loss, mesh, has_labels=has_labels)
 
     compiler_options = dict(config.compiler_options) or None
-    init, state_sh = make_state_init(model, optimizer, mesh, rules, queue_size=queue_size,
+    init, state_sh = make_state_init(model, optimizer, loss, mesh, rules,
                                      compiler_options=compiler_options)
-    bsh = batch_sharding(mesh)
-    batch_sh = {"image": bsh, "text": bsh}
-
+    keys = ("image", "text", "label") if has_labels else ("image", "text")
+    batch_sh = {k: batch_sharding(mesh) for k in keys}
+    microbatches = int(config.microbatches)
+    embed = make_embed_fn(model, mesh, microbatches)
     cached = None
-    if config.microbatches > 1:
-        b = config.batch_size
-        abstract_out = jax.eval_shape(
-            lambda p: model.apply({"params": p}, *dummy_inputs(mcfg, b)),
-            nn.meta.unbox(boxed["params"]))
-        queue = None
-        if queue_size:
-            from clipjax.losses import queue_init
-
-            queue = jax.eval_shape(lambda: queue_init(queue_size, mcfg.embed_dim))
-        cached = used_outputs(loss_fn, abstract_out, with_queue=bool(queue_size),
-                              abstract_queue=queue)
-        log.info("gradient accumulation over %d microbatches caches %s", config.microbatches,
+    if microbatches > 1:
+        cached = _cached_outputs(model, loss, init, embed, config.batch_size, batch_sh)
+        log.info("gradient accumulation over %d microbatches caches %s", microbatches,
                  sorted(cached))
-    step_cfg = StepConfig(microbatches=int(config.microbatches), queue_size=queue_size,
-                          ema_momentum=float(config.loss.momentum))
-    step = make_train_step(model, optimizer, loss_fn, mesh, step_cfg, cached_keys=cached)
+    grad_fn = make_grad_fn(model, optimizer, loss, mesh, microbatches, cached)
+    step = make_train_step(model, optimizer, loss, grad_fn, embed)
     return Trainer(config=config, model_config=mcfg, model=model, mesh=mesh, rules=rules,
-                   optimizer=optimizer, loss_fn=loss_fn, init=init,
+                   optimizer=optimizer, loss=loss, init=init,
                    train_step=jit_train_step(step, state_sh, batch_sh, rules, compiler_options),
-                   state_shardings=state_sh, batch_shardings=batch_sh,
-                   grad_fn=make_grad_fn(model, optimizer, loss_fn, mesh, step_cfg, cached))
+                   state_shardings=state_sh, batch_shardings=batch_sh, grad_fn=grad_fn)
+
+
+def _cached_outputs(model: CLIP, loss: Loss, init: Callable, embed: Callable, batch_size: int,
+                    batch_sh: dict) -> frozenset[str]:
+    """The model outputs the loss reads, found by tracing it on abstract values."""
+    mcfg = model.config
+    state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    images, text = dummy_inputs(mcfg, batch_size)
+    batch = {"image": images, "text": text, "label": jax.ShapeDtypeStruct((batch_size,),
+                                                                          jnp.int32)}
+    batch = {k: jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype) for k in batch_sh}
+    outputs = jax.eval_shape(
+        lambda p, ms, b: model.apply({"params": p, **ms}, b["image"], b["text"]),
+        state.params, state.model_state, batch)
+    loss_state, info = jax.eval_shape(
+        lambda st, p, ms, b: loss.prepare(st, p, b, lambda q, bb: embed(q, ms, bb)),
+        state.loss_state, state.params, state.model_state, batch)
+    return used_outputs(loss.loss_fn, outputs, loss_state, info, batch)

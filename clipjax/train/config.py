@@ -39,15 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "dots"
     c.model.overrides = ml_collections.ConfigDict()  # any other CLIPConfig field
 
-    # Passed to clipjax.losses.make_loss (keys per clipjax.losses.LOSS_DEFAULTS).
-    c.loss = ml_collections.ConfigDict()
-    c.loss.name = "softmax"  # softmax (InfoNCE) | sigmoid (SigLIP) | tokenwise
-    c.loss.impl = "gathered"  # reference | gathered | ring
-    c.loss.queue_size = 0  # momentum queue of EMA embeddings (softmax only); 0 = off
-    c.loss.momentum = 0.995  # EMA decay of the queue's momentum encoders
-    c.loss.tile = ml_collections.FieldReference(None, field_type=int)  # ring: rows per tile
-    c.loss.batch_axes = BATCH_AXES
-    c.loss.tokenwise_mode = "filip"
+    # Passed to clipjax.losses.make_loss; keys and defaults are clipjax.losses.LOSS_DEFAULTS (name
+    # softmax|sigmoid|tokenwise, impl reference|gathered|ring, queue_size, momentum, tile,
+    # tokenwise_mode, and the false-negative rules positives, in_batch_negatives,
+    # duplicate_threshold: see the README's "Batches of one category").
+    c.loss = _loss_defaults()
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # glob (or comma-separated globs) of TFRecord shards
@@ -102,6 +98,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.export.dir = ""  # if set: write a model directory there at the end
     c.export.format = "safetensors"
     return c
+
+
+def _loss_defaults() -> ml_collections.ConfigDict:
+    """LOSS_DEFAULTS as a ConfigDict; keys that default to None still take typed CLI values."""
+    from clipjax.losses import LOSS_DEFAULTS
+
+    none_types = {"tile": int, "duplicate_threshold": float}
+    return ml_collections.ConfigDict({
+        k: (ml_collections.FieldReference(None, field_type=none_types[k]) if v is None else v)
+        for k, v in LOSS_DEFAULTS.items()})
 
 
 def _fail(key: str, value: Any, expected: str) -> ConfigError:

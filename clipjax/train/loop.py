@@ -23,13 +23,10 @@ from clipjax.parallel.mesh import make_mesh
 from clipjax.train import config as config_lib
 from clipjax.train.builder import Trainer, build_trainer
 from clipjax.train.checkpoint import FAULT_ENV, Checkpointer
-from clipjax.train.metrics import MetricWriter, Progress, progress_log
+from clipjax.train.metrics import ClusterWatch, MetricWriter, Progress, progress_log
 from clipjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-# The eval hooks' batches hold these (besides strings); the train step takes image and text only.
-_STEP_KEYS = ("image", "text")
 
 
 class TrainingDiverged(RuntimeError):
@@ -144,8 +141,8 @@ def export_model(trainer: Trainer, state: TrainState, out_dir: str, fmt: str) ->
     from clipjax.export.modeldir import save_model_dir
 
     params = fetch_params(state.params)
-    if "model_state" in state.loss_state:
-        params = {"params": params, **fetch_params(state.loss_state["model_state"])}
+    if state.model_state:
+        params = {"params": params, **fetch_params(state.model_state)}
     if jax.process_index() == 0:
         save_model_dir(out_dir, trainer.model_config, params, fmt=fmt)
         log.info("exported the model to %s", out_dir)
@@ -204,7 +201,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     mesh = make_mesh(dict(config.mesh))
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
              jax.process_count())
-    trainer = build_trainer(config, mesh)
+    from clipjax.data.pipeline import TrainPipeline, gather_state, prefetch_to_device
+
+    mcfg = config_lib.model_config(config)
+    pipeline = TrainPipeline(config.data.train, global_batch=config.batch_size,
+                             image_size=mcfg.image_size, context_length=mcfg.context_length,
+                             seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
+                             crop_scale=tuple(config.data.augment_scale))
+    try:
+        trainer = build_trainer(config, mesh, has_labels=pipeline.info.has_label)
+    except ValueError as e:  # e.g. loss.positives='label' on shards without labels
+        raise config_lib.ConfigError(f"config.loss: {e}") from None
     if log.isEnabledFor(logging.DEBUG):
         from clipjax.parallel.rules import describe
 
@@ -213,35 +220,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             describe(trainer.state_shardings.params, like.params)))
     write_run_files(config, trainer, workdir)
 
-    from clipjax.data.pipeline import TrainPipeline, gather_state, prefetch_to_device
-
     ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                         config.checkpoint.async_save)
     latest = ckpt.latest_step()
-    data_state = None
     if latest is None:
         state = trainer.init_state()
         log.info("starting from scratch in %s", workdir)
     else:
         like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
         state, meta = ckpt.restore(latest, _abstract(trainer.state_shardings, like))
-        data_state = meta.get("data")
+        if meta.get("data") is not None:
+            pipeline.restore(meta["data"])
         log.info("resumed from the checkpoint of step %d in %s", latest, workdir)
     step = int(jax.device_get(state.step))
     total = int(config.num_steps)
 
-    mcfg = trainer.model_config
-    pipeline = TrainPipeline(config.data.train, global_batch=config.batch_size,
-                             image_size=mcfg.image_size, context_length=mcfg.context_length,
-                             seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
-                             crop_scale=tuple(config.data.augment_scale), state=data_state)
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
     progress = Progress(total, config.batch_size, start_step=step)
     watch = PreemptionWatch()
     status, last_metrics, eval_metrics = "completed", {}, {}
     pending: dict[str, jax.Array] | None = None  # metrics of the previous step (one-step lag)
-    batches = prefetch_to_device(
-        (({k: b[k] for k in _STEP_KEYS}, s) for b, s in pipeline), mesh) if step < total else iter(())
+    clusters = ClusterWatch()
+
+    def step_batches():
+        for b, s in pipeline:
+            clusters.observe(b)
+            yield {k: b[k] for k in trainer.batch_shardings}, s
+
+    batches = prefetch_to_device(step_batches(), mesh) if step < total else iter(())
     try:
         for batch, host_data_state in progress.timed(batches):
             state, metrics = trainer.train_step(state, batch)
@@ -259,6 +265,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 writer.write(step, last_metrics)
                 if jax.process_index() == 0:
                     progress_log.info(progress.line(step, last_metrics))
+                    warning = clusters.check(last_metrics)
+                    if warning:
+                        log.warning("step %d: %s", step, warning)
             if ckpt.should_save(step, total) or preempted:
                 meta = {"step": step, "data": gather_state(host_data_state)}
                 ckpt.save(step, state, meta)

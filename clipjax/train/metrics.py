@@ -143,6 +143,59 @@ class Progress:
         if "data_wait_frac" in m:
             parts.append(f"data wait {100 * _scalar(m['data_wait_frac']):.0f}%")
         parts.append(f"ETA {format_duration(_scalar(m.get('eta_sec', float('nan'))))}")
+        for kind in ("label", "caption"):
+            if f"batch/same_{kind}" in m:
+                parts.append(f"same-{kind} pairs {100 * _scalar(m[f'batch/same_{kind}']):.0f}%")
+                break
         if _scalar(m.get("nonfinite_total", 0)) > 0:
             parts.append(f"skipped {int(_scalar(m['nonfinite_total']))}")
         return " | ".join(parts)
+
+
+class ClusterWatch:
+    """Says when training batches hold one category ("a batch all about cats").
+
+    Observes each host batch's labels (when the shards carry them) or caption token rows, keeps
+    their frequencies (at most `max_keys` distinct ones), and compares the trainer's in-batch
+    shares of pairs with one label / one caption (`batch/same_label`, `batch/same_caption`) with
+    the share random batches would have, sum(p_k^2). Clustered: over twice that and 10 points
+    above it.
+    """
+
+    def __init__(self, max_keys: int = 100_000):
+        self.max_keys = max_keys
+        self._counts: dict[Any, int] = {}
+        self._kind: str | None = None
+        self.warned = False
+
+    def observe(self, batch: Mapping[str, np.ndarray]) -> None:
+        kind = "label" if "label" in batch else "caption"
+        self._kind = kind
+        rows = batch["label"].tolist() if kind == "label" else [r.tobytes() for r in batch["text"]]
+        for key in rows:
+            if key in self._counts:
+                self._counts[key] += 1
+            elif len(self._counts) < self.max_keys:
+                self._counts[key] = 1
+
+    def expected_share(self) -> float:
+        """The share of pairs of one label/caption among random batches of what was seen."""
+        counts = np.fromiter(self._counts.values(), np.float64)
+        total = counts.sum()
+        return float(np.sum((counts / total) ** 2)) if total else 0.0
+
+    def check(self, metrics: Mapping[str, float]) -> str | None:
+        """A warning (once per run) when the batch in `metrics` is clustered, else None."""
+        key = f"batch/same_{self._kind}"
+        if self.warned or self._kind is None or key not in metrics:
+            return None
+        share, expected = float(metrics[key]), self.expected_share()
+        if share <= max(2 * expected, expected + 0.1):
+            return None
+        self.warned = True
+        return (f"training batches are clustered: {100 * share:.0f}% of in-batch pairs share a "
+                f"{self._kind}, random batches of this data would give {100 * expected:.0f}%. "
+                "Plain InfoNCE then treats true matches as negatives. Re-write the shards with "
+                "make_shards (it shuffles by default), raise data.shuffle_buffer above the size "
+                "of a category, or train with the setting for clustered data (README: 'Batches "
+                "of one category')")

@@ -13,15 +13,18 @@ embedding gradient into the parameters, summing over microbatches. The result eq
 full-batch gradient (every microbatch still sees all B-1 negatives); peak activation memory is that
 of one microbatch, at the cost of a second forward pass.
 
-A non-finite loss or gradient norm skips the update (params, optimizer and loss state unchanged),
-advances the step (the batch was consumed) and counts it in `nonfinite_streak`/`nonfinite_total`.
+The loss owns its state (clipjax.losses.Loss): each step calls `loss.prepare` (EMA encoders, the
+batch's pair info), the differentiated `loss.loss_fn`, then `loss.update_state` (queue push); the
+step knows nothing of queues.
+
+A non-finite loss or gradient norm skips the update (params, optimizer, model and loss state
+unchanged), advances the step (the batch was consumed) and counts it in `nonfinite_streak` /
+`nonfinite_total`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,22 +34,15 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clipjax.parallel.mesh import BATCH_AXES
+from clipjax.losses import Loss
+from clipjax.parallel.mesh import BATCH_AXES, batch_axis_size
 from clipjax.train.optimizer import Optimizer
 from clipjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 # Output keys of the CLIP model that are per-example (leading batch dim) vs. scalars.
 _SCALAR_OUTPUTS = ("logit_scale", "logit_bias")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    microbatches: int = 1
-    queue_size: int = 0
-    ema_momentum: float = 0.999
 
 
 def _is_float(x: Any) -> bool:
@@ -85,20 +81,19 @@ def join_microbatches(y: jax.Array, n_shards: int, mesh: Mesh) -> jax.Array:
     return _batch_constraint(x.reshape((m * bm,) + y.shape[2:]), mesh)
 
 
-def used_outputs(loss_fn: LossFn, abstract_outputs: dict[str, Any], with_queue: bool,
-                 abstract_queue: Any = None) -> frozenset[str]:
-    """Names of model outputs the loss actually reads (traced once, abstractly).
-
-    Gradient caching then caches only those (e.g. token sequences only for a token-wise loss).
-    """
+def used_outputs(loss_of: Callable, abstract_outputs: dict[str, Any], *abstract_args
+                 ) -> frozenset[str]:
+    """Names of model outputs that `loss_of(outputs, *args)` actually reads (traced once,
+    abstractly). Gradient caching then caches only those (e.g. token sequences only for a
+    token-wise loss)."""
     keys = [k for k, v in abstract_outputs.items() if v is not None]
 
-    def f(*vals):
+    def f(vals, args):
         outs = dict(abstract_outputs)
         outs.update(zip(keys, vals))
-        return loss_fn(outs, queue=abstract_queue) if with_queue else loss_fn(outs)
+        return loss_of(outs, *args)
 
-    jaxpr = jax.make_jaxpr(f)(*[abstract_outputs[k] for k in keys]).jaxpr
+    jaxpr = jax.make_jaxpr(f)([abstract_outputs[k] for k in keys], abstract_args).jaxpr
     from jax.extend.core import Var
 
     read = set()
@@ -108,33 +103,50 @@ def used_outputs(loss_fn: LossFn, abstract_outputs: dict[str, Any], with_queue: 
     return frozenset(k for k, var in zip(keys, jaxpr.invars) if id(var) in read)
 
 
-def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mesh: Mesh,
-                 cfg: StepConfig, cached_keys: frozenset[str] | None = None) -> Callable:
-    """fn(trainable, frozen, model_state, batch, queue) -> (loss, metrics, log_scale,
+def make_embed_fn(model: nn.Module, mesh: Mesh, microbatches: int) -> Callable:
+    """embed(params, model_state, batch) -> (image_embeds, text_embeds) without gradients, one
+    microbatch at a time under gradient accumulation (the momentum encoders' forward)."""
+    n_shards, m = batch_axis_size(mesh), int(microbatches)
+
+    def embed(params, model_state, batch):
+        params = jax.lax.stop_gradient(params)
+        if m == 1:
+            out, _ = _apply(model, params, model_state, batch)
+            return out["image_embeds"], out["text_embeds"]
+        micro = jax.tree.map(lambda x: split_microbatches(x, n_shards, m, mesh), batch)
+
+        def one(_, mb):
+            out, _ = _apply(model, params, model_state, mb)
+            return None, (out["image_embeds"], out["text_embeds"])
+
+        _, (img, txt) = jax.lax.scan(one, None, micro)
+        return join_microbatches(img, n_shards, mesh), join_microbatches(txt, n_shards, mesh)
+
+    return embed
+
+
+def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss: Loss, mesh: Mesh,
+                 microbatches: int = 1, cached_keys: frozenset[str] | None = None) -> Callable:
+    """fn(trainable, frozen, model_state, batch, loss_state, info) -> (loss, metrics, log_scale,
     new_model_state, grads w.r.t. trainable): the whole batch at once, or gradient caching over
-    `cfg.microbatches` (same value and gradient; see the module docstring).
+    `microbatches` (same value and gradient; see the module docstring).
 
-    `cached_keys`: model outputs kept for the loss under gradient accumulation (default: every
-    float output); see `used_outputs`.
+    `info`: the batch's PairInfo from `loss.prepare`. `cached_keys`: model outputs kept for the
+    loss under gradient accumulation (default: every float output); see `used_outputs`.
     """
-    n_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    m = int(cfg.microbatches)
-    use_queue = cfg.queue_size > 0
+    n_shards, m = batch_axis_size(mesh), int(microbatches)
 
-    def loss_call(outputs, queue):
-        return loss_fn(outputs, queue=queue) if use_queue else loss_fn(outputs)
-
-    def full_batch_grads(trainable, frozen, model_state, batch, queue):
+    def full_batch_grads(trainable, frozen, model_state, batch, loss_state, info):
         def loss_of(tr):
             outputs, new_ms = _apply(model, optimizer.merge(tr, frozen), model_state, batch)
-            loss, metrics = loss_call(outputs, queue)
-            return loss, (metrics, outputs, new_ms)
+            value, metrics = loss.loss_fn(outputs, loss_state, info, batch)
+            return value, (metrics, outputs, new_ms)
 
-        (loss, (metrics, outputs, new_ms)), grads = jax.value_and_grad(
+        (value, (metrics, outputs, new_ms)), grads = jax.value_and_grad(
             loss_of, has_aux=True)(trainable)
-        return loss, metrics, outputs["logit_scale"], new_ms, grads
+        return value, metrics, outputs["logit_scale"], new_ms, grads
 
-    def accumulated_grads(trainable, frozen, model_state, batch, queue):
+    def accumulated_grads(trainable, frozen, model_state, batch, loss_state, info):
         micro = jax.tree.map(lambda x: split_microbatches(x, n_shards, m, mesh), batch)
         params_sg = jax.lax.stop_gradient(optimizer.merge(trainable, frozen))
 
@@ -156,10 +168,10 @@ def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mesh: 
 
         def loss_of_outputs(diff):
             outs = {"logit_bias": None, **nondiff, **diff}
-            return loss_call(outs, queue)
+            return loss.loss_fn(outs, loss_state, info, batch)
 
-        (loss, metrics), vjp = _vjp_with_aux(loss_of_outputs, full)
-        ct_full = vjp(jnp.ones((), loss.dtype))
+        (value, metrics), vjp = _vjp_with_aux(loss_of_outputs, full)
+        ct_full = vjp(jnp.ones((), value.dtype))
         # Scalar outputs (temperature, bias) are shared by all microbatches: their cotangent is
         # applied once (microbatch 0), not m times.
         ct_stacked = {k: (jnp.zeros((m,) + v.shape, v.dtype).at[0].set(v) if k in _SCALAR_OUTPUTS
@@ -180,45 +192,26 @@ def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mesh: 
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         grads, _ = jax.lax.scan(bwd, zeros, (micro, ct_stacked))
-        return loss, metrics, full["logit_scale"], new_ms, grads
+        return value, metrics, full["logit_scale"], new_ms, grads
 
     return full_batch_grads if m == 1 else accumulated_grads
 
 
-def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mesh: Mesh,
-                    cfg: StepConfig, cached_keys: frozenset[str] | None = None
+def make_train_step(model: nn.Module, optimizer: Optimizer, loss: Loss, grad_fn: Callable,
+                    embed: Callable
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure train step for `model` under `optimizer` and `loss_fn` on `mesh`."""
-    n_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    m = int(cfg.microbatches)
-    use_queue = cfg.queue_size > 0
-    grads_fn = make_grad_fn(model, optimizer, loss_fn, mesh, cfg, cached_keys)
-
-    def ema_embeddings(ema_params, model_state, batch):
-        """Image/text embeddings of the momentum (EMA) encoders for the queue, without grads."""
-        ema_params = jax.lax.stop_gradient(ema_params)
-        if m == 1:
-            out, _ = _apply(model, ema_params, model_state, batch)
-            return out["image_embeds"], out["text_embeds"]
-        micro = jax.tree.map(lambda x: split_microbatches(x, n_shards, m, mesh), batch)
-
-        def one(_, mb):
-            out, _ = _apply(model, ema_params, model_state, mb)
-            return None, (out["image_embeds"], out["text_embeds"])
-
-        _, (img, txt) = jax.lax.scan(one, None, micro)
-        return join_microbatches(img, n_shards, mesh), join_microbatches(txt, n_shards, mesh)
+    """The pure train step for `model` under `optimizer` and `loss`; `grad_fn` from
+    `make_grad_fn`, `embed` from `make_embed_fn` (used by losses with EMA encoders)."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, _ = jax.random.split(state.rng)
         trainable, frozen = optimizer.split(state.params)
-        model_state = state.loss_state.get("model_state", {})
-        queue = state.loss_state.get("queue") if use_queue else None
-
-        loss, metrics, log_scale, new_ms, grads = grads_fn(trainable, frozen, model_state, batch,
-                                                           queue)
+        loss_state, info = loss.prepare(state.loss_state, state.params, batch,
+                                        lambda p, b: embed(p, state.model_state, b))
+        value, metrics, log_scale, new_ms, grads = grad_fn(trainable, frozen, state.model_state,
+                                                           batch, loss_state, info)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
 
         def apply_update(operands):
             grads, opt_state, trainable = operands
@@ -234,16 +227,7 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mes
         new_trainable, new_opt = jax.lax.cond(finite, apply_update, keep,
                                               (grads, state.opt_state, trainable))
 
-        new_loss_state = dict(state.loss_state)
-        if model_state:
-            new_loss_state["model_state"] = new_ms
-        if use_queue:
-            from clipjax.losses import ema_update, queue_push
-
-            ema = ema_update(state.loss_state["ema_params"], state.params, cfg.ema_momentum)
-            img, txt = ema_embeddings(ema, model_state, batch)
-            new_loss_state["ema_params"] = ema
-            new_loss_state["queue"] = queue_push(queue, img, txt)
+        new_loss_state = loss.update_state(loss_state, info)
 
         def pick(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -252,6 +236,7 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mes
         new_state = state.replace(
             step=state.step + 1,
             params=optimizer.merge(new_trainable, frozen),
+            model_state=pick(new_ms, state.model_state),
             opt_state=new_opt,
             loss_state=pick(new_loss_state, state.loss_state),
             rng=rng,
@@ -260,7 +245,7 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, mes
         )
         out = {k: v for k, v in metrics.items() if k != "loss"}
         out.update(
-            loss=loss,
+            loss=value,
             grad_norm=grad_norm,
             lr=optimizer.schedule(applied),
             temperature=jnp.exp(-log_scale),
