@@ -43,7 +43,7 @@ def test_captions_jsonl_and_csv(tmp_path, capsys):
     caps.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = str(tmp_path / "out")
     rc = make_shards.main(["--out", out, "--captions", str(caps), "--images", str(img),
-                           "--shard-size", "2", "--no-progress"])
+                           "--shard-size", "2", "--no-progress", "--keep-order"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "missing.jpg" in printed and "broken.jpg" in printed and "skipped 2" in printed
@@ -51,6 +51,7 @@ def test_captions_jsonl_and_csv(tmp_path, capsys):
     assert [(r["key"], r["txt"]) for r in recs] == [
         ("a.jpg", "red"), ("sub/b.png", "green"), ("a.jpg", "a second caption")]
     assert m["num_skipped"] == 2 and m["source"]["kind"] == "captions"
+    assert m["order"] == {"shuffled": False} and "in source order" in printed
 
     csv = tmp_path / "caps.csv"
     csv.write_text('image,caption\na.jpg,"red, with a comma"\n')
@@ -83,7 +84,7 @@ def test_class_folders(tmp_path):
     assert src.classnames == ["cat", "golden retriever"] and src.total == 4
     out = str(tmp_path / "out")
     assert make_shards.main(["--out", out, "--class-folders", str(tmp_path / "root"),
-                             "--no-progress"]) == 0
+                             "--no-progress", "--keep-order"]) == 0
     m, recs = _read_shards(out)
     assert m["classnames"] == ["cat", "golden retriever"]
     assert [(r["txt"], r["label"]) for r in recs] == [
@@ -92,17 +93,46 @@ def test_class_folders(tmp_path):
         sources.class_folder_source(str(tmp_path / "root"), "no placeholder")
 
 
+def test_class_folders_are_shuffled_by_default(tmp_path, capsys):
+    root = tmp_path / "root"
+    for c in range(3):
+        for i in range(10):
+            _save(str(root / f"class{c}" / f"{i}.jpg"), (80 * c, 9 * i, 0))
+    out = str(tmp_path / "out")
+    assert make_shards.main(["--out", out, "--class-folders", str(root), "--shard-size", "7",
+                             "--no-progress"]) == 0
+    assert "shuffled with seed 0" in capsys.readouterr().out
+    m, recs = _read_shards(out)
+    labels = [r["label"][0] for r in recs]
+    assert labels != sorted(labels) and len(set(labels[:7])) > 1
+    assert sorted(r["key"] for r in recs) == sorted(f"class{c}/{i}.jpg" for c in range(3)
+                                                    for i in range(10))
+    assert m["order"]["shuffled"] and m["order"]["seed"] == 0
+    out7 = str(tmp_path / "out7")
+    assert make_shards.main(["--out", out7, "--class-folders", str(root), "--shard-size", "7",
+                             "--seed", "7", "--no-progress"]) == 0
+    m7, recs7 = _read_shards(out7)
+    assert m7["order"]["seed"] == 7 and [r["key"] for r in recs7] != [r["key"] for r in recs]
+    assert make_shards.main(["--out", out, "--class-folders", str(root), "--shard-size", "7",
+                             "--seed", "7", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "shuffled with seed 0" in err and "shuffled with seed 7" in err
+    assert make_shards.main(["--out", out, "--class-folders", str(root), "--shard-size", "7",
+                             "--no-progress"]) == 0  # same arguments: resumes (nothing to do)
+    assert _read_shards(out)[1] == recs
+    with pytest.raises(SystemExit):
+        make_shards.main(["--out", out, "--class-folders", str(root), "--seed", "1",
+                          "--keep-order"])
+
+
 def _add(tar, name, data: bytes):
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
 
 
-def test_webdataset_tars(tmp_path):
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="JPEG")
-    jpg = buf.getvalue()
-    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+def _wds_tar(path, jpg, mode="w"):
+    with tarfile.open(path, mode) as tar:
         _add(tar, "000000000.jpg", jpg)
         _add(tar, "000000000.txt", b"first")
         _add(tar, "000000000.json", b"{}")
@@ -110,9 +140,19 @@ def test_webdataset_tars(tmp_path):
         _add(tar, "000000002.jpg", jpg)
         _add(tar, "000000002.txt", b"third")
         _add(tar, "000000002.cls", b"7")
+
+
+def test_webdataset_tars(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="JPEG")
+    jpg = buf.getvalue()
+    _wds_tar(tmp_path / "00000.tar", jpg)
+    src = sources.webdataset_source(str(tmp_path / "*.tar"))
+    assert not src.in_memory  # uncompressed: images are read by offset when written
+    assert [it.read() for it in src if it.key != "000000001"] == [jpg, jpg]
     out = str(tmp_path / "out")
     assert make_shards.main(["--out", out, "--webdataset", str(tmp_path / "*.tar"),
-                             "--no-progress"]) == 0
+                             "--no-progress", "--keep-order"]) == 0
     m, recs = _read_shards(out)
     assert [(r["key"], r["txt"]) for r in recs] == [("000000000", "first"), ("000000002", "third")]
     assert recs[1]["label"] == [7] and recs[0]["jpg"] == jpg
@@ -120,6 +160,40 @@ def test_webdataset_tars(tmp_path):
     assert "no image" in m["shards"][0]["skipped"][0]["reason"]
     with pytest.raises(ValueError, match="matches no files"):
         sources.webdataset_source(str(tmp_path / "nothing-*.tar"))
+
+
+def test_webdataset_shuffle_lazy_and_compressed(tmp_path):
+    jpgs = []
+    for t in range(4):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (60 * t, 2, 3)).save(buf, format="JPEG")
+        jpgs.append(buf.getvalue())
+        os.makedirs(tmp_path / "plain", exist_ok=True)
+        with tarfile.open(tmp_path / "plain" / f"{t:05d}.tar", "w") as tar:
+            for i in range(5):
+                _add(tar, f"{t}{i:04d}.jpg", jpgs[t])
+                _add(tar, f"{t}{i:04d}.txt", f"tar {t}".encode())
+    out = str(tmp_path / "out")
+    assert make_shards.main(["--out", out, "--webdataset", str(tmp_path / "plain" / "*.tar"),
+                             "--shard-size", "6", "--no-progress"]) == 0
+    m, recs = _read_shards(out)
+    assert m["order"]["method"] == "permutation" and m["order"]["items"] == 20
+    keys = [r["key"] for r in recs]
+    assert sorted(keys) == [f"{t}{i:04d}" for t in range(4) for i in range(5)]
+    assert keys != sorted(keys)  # records of one tar are spread over the shards
+    assert all(r["jpg"] == jpgs[int(r["key"][0])] and r["txt"] == f"tar {r['key'][0]}"
+               for r in recs)
+
+    _wds_tar(tmp_path / "a.tar.gz", jpgs[0], mode="w:gz")
+    src = sources.webdataset_source(str(tmp_path / "a.tar.gz"))
+    assert src.in_memory and src.shuffled_parts is not None
+    out = str(tmp_path / "gz")
+    assert make_shards.main(["--out", out, "--webdataset", str(tmp_path / "a.tar.gz"),
+                             "--shuffle-buffer", "2", "--no-progress"]) == 0
+    m, recs = _read_shards(out)
+    assert m["order"] == {"shuffled": True, "seed": 0, "method": "buffer", "buffer": 2,
+                          "files_shuffled": True}
+    assert sorted(r["key"] for r in recs) == ["000000000", "000000002"]
 
 
 class TinyShapes(tfds.core.GeneratorBasedBuilder):
@@ -149,6 +223,7 @@ def test_tfds_source(tmp_path):
                              str(tmp_path / "tfds"), "--label-field", "label",
                              "--template", "a {} square", "--no-progress"]) == 0
     m, recs = _read_shards(out)
+    assert m["order"]["method"] == "buffer" and m["order"]["seed"] == 0
     assert m["classnames"] == ["dark", "bright"] and m["shards"][0]["file"].startswith("train-")
     got = sorted((r["txt"], r["label"][0], int(np.asarray(Image.open(io.BytesIO(r["jpg"])))[0, 0, 0]))
                  for r in recs)

@@ -4,8 +4,12 @@
   python -m clipjax.data.make_shards --out DIR --class-folders ROOT [--template "a photo of a {}."]
   python -m clipjax.data.make_shards --out DIR --webdataset 'tars/*.tar'
   python -m clipjax.data.make_shards --out DIR --tfds NAME --split train --label-field label
-Options: --shard-size N, --max-side PX (resize on write), --workers N, --no-progress.
-Re-running with the same arguments skips shards already complete.
+Options: --shard-size N, --max-side PX (resize on write), --workers N, --no-progress,
+--seed N / --keep-order, --shuffle-buffer N.
+Records are shuffled across the whole source with --seed (default 0), because sources sorted by
+class (class folders, sorted CSVs, per-query scrapes) would give batches of one category;
+--keep-order writes them in source order. Re-running with the same arguments skips shards already
+complete (the same seed puts the same records in each shard); a different order is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import os
 import sys
 
-from clipjax.data import sources, writer
+from clipjax.data import order, sources, writer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes decoding/re-encoding images")
     p.add_argument("--prefix", default=None, help="shard file prefix (default: shard, or the "
                                                    "tfds split)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the shuffle across the whole source (default 0)")
+    p.add_argument("--keep-order", action="store_true",
+                   help="write records in source order instead of shuffling them")
+    p.add_argument("--shuffle-buffer", type=int, default=order.DEFAULT_BUFFER,
+                   help="items held by the bounded shuffle of streamed sources (tfds, "
+                        "compressed tars), whose images cannot all be held in memory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -63,17 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    for flag in ("shard_size", "workers", "max_side"):
+    for flag in ("shard_size", "workers", "max_side", "shuffle_buffer"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.keep_order and args.seed is not None:
+        parser.error("--seed and --keep-order exclude each other (--keep-order does not shuffle)")
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    seed = None if args.keep_order else (args.seed if args.seed is not None else 0)
     try:
         source = make_source(args)
         prefix = args.prefix or (args.split if args.tfds else "shard")
         manifest = writer.write_shards(
             source, args.out, source=source.description, shard_size=args.shard_size,
             max_side=args.max_side, workers=args.workers, prefix=prefix,
-            classnames=source.classnames, total=source.total, progress=not args.no_progress)
+            classnames=source.classnames, total=source.total, progress=not args.no_progress,
+            shuffle_seed=seed, shuffle_buffer=args.shuffle_buffer)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -83,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(skipped) > 50:
         print(f"... and {len(skipped) - 50} more (see manifest.json)")
     print(f"wrote {manifest['num_examples']} examples in {len(manifest['shards'])} shards to "
-          f"{args.out}; skipped {manifest['num_skipped']}; manifest: "
+          f"{args.out} {order.describe(manifest['order'])}; skipped {manifest['num_skipped']}; "
+          "manifest: "
           f"{os.path.join(args.out, 'manifest.json')}")
     return 0
 

@@ -3,6 +3,10 @@
 Each `*_source` function checks its input up front (raising ValueError naming the file and what
 was expected) and returns a `Source`: a re-iterable of `SourceItem`s in a fixed order, plus the
 count when known, class names when labelled, and a description stored in the manifest.
+
+Items are lazy (the image is read by `item.read()` when its shard is written) except where a
+source has to read them in a stream: tfds and compressed webdataset tars set `in_memory`, and the
+writer shuffles those with a bounded buffer instead of a global permutation (see `order`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import glob
 import json
 import os
 import tarfile
+
+import numpy as np
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from clipjax.data.writer import SourceItem
 
@@ -27,6 +34,8 @@ class Source:
     description: dict
     total: int | None = None
     classnames: list[str] | None = None
+    in_memory: bool = False  # items hold their image bytes: too many to list all at once
+    shuffled_parts: Callable[[int], Iterable[SourceItem]] | None = None  # files in seeded order
 
     def __iter__(self) -> Iterator[SourceItem]:
         return iter(self.items())
@@ -151,11 +160,33 @@ def _split_member(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), ext.lower()
 
 
-def _tar_items(path: str) -> Iterator[SourceItem]:
-    def make(key: str, parts: dict[str, bytes]) -> SourceItem:
+def _range_reader(path: str, offset: int, size: int) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{path}: truncated at byte {offset + len(data)}")
+        return data
+    return read
+
+
+def _is_plain_tar(path: str) -> bool:
+    """An uncompressed tar, whose members can be read later by offset."""
+    try:
+        with tarfile.open(path, "r:"):
+            return True
+    except tarfile.TarError:
+        return False
+
+
+def _tar_items(path: str, lazy: bool) -> Iterator[SourceItem]:
+    """The tar's items; `lazy` (uncompressed tars) reads each image by offset when needed,
+    otherwise the images are read here, in one pass over a compressed stream."""
+    def make(key: str, parts: dict[str, Any]) -> SourceItem:
         origin = f"{path}:{key}"
         ext = next((e for e in _WDS_IMAGE_EXTS if e in parts), None)
-        read = (lambda d=parts[ext]: d) if ext else _missing(f"no image member for key {key}")
+        read = parts[ext] if ext else _missing(f"no image member for key {key}")
         label = None
         if "cls" in parts:
             try:
@@ -166,7 +197,7 @@ def _tar_items(path: str) -> Iterator[SourceItem]:
                           label=label)
 
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with tarfile.open(path, "r:" if lazy else "r|*") as tar:
             key, parts = None, {}
             for member in tar:
                 if not member.isfile():
@@ -176,7 +207,14 @@ def _tar_items(path: str) -> Iterator[SourceItem]:
                     yield make(key, parts)
                     parts = {}
                 key = k
-                parts[ext] = tar.extractfile(member).read()
+                if ext in _WDS_IMAGE_EXTS and lazy:
+                    parts[ext] = _range_reader(path, member.offset_data, member.size)
+                elif ext in _WDS_IMAGE_EXTS:
+                    parts[ext] = (lambda d=tar.extractfile(member).read(): d)
+                elif ext in ("txt", "cls"):
+                    parts[ext] = tar.extractfile(member).read()
+                else:
+                    parts[ext] = None  # e.g. .json: unused, but it names a key
             if key is not None:
                 yield make(key, parts)
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -185,17 +223,28 @@ def _tar_items(path: str) -> Iterator[SourceItem]:
 
 
 def webdataset_source(patterns: str | Iterable[str]) -> Source:
-    """Webdataset `.tar` shards: members KEY.jpg/png/webp + KEY.txt (+ optional KEY.cls)."""
+    """Webdataset `.tar` shards: members KEY.jpg/png/webp + KEY.txt (+ optional KEY.cls).
+
+    Uncompressed tars (webdataset's usual form) give lazy items, read by offset, so the writer
+    can permute all of them; if any tar is compressed the source is `in_memory` and shuffled by
+    tar order plus a bounded buffer.
+    """
     paths = expand_paths(patterns, "--webdataset")
     for p in paths:
         if not tarfile.is_tarfile(p):
             raise ValueError(f"{p}: not a tar file; expected webdataset shards")
+    lazy = all(_is_plain_tar(p) for p in paths)
 
-    def items() -> Iterator[SourceItem]:
-        for p in paths:
-            yield from _tar_items(p)
+    def items_of(ordered: list[str]) -> Iterator[SourceItem]:
+        for p in ordered:
+            yield from _tar_items(p, lazy)
 
-    return Source(items, {"kind": "webdataset", "paths": [os.path.abspath(p) for p in paths]})
+    def shuffled_parts(seed: int) -> Iterator[SourceItem]:
+        return items_of([paths[i] for i in np.random.default_rng(seed).permutation(len(paths))])
+
+    return Source(lambda: items_of(paths),
+                  {"kind": "webdataset", "paths": [os.path.abspath(p) for p in paths]},
+                  in_memory=not lazy, shuffled_parts=None if lazy else shuffled_parts)
 
 
 # (d) a tfds dataset ------------------------------------------------------------------------------
@@ -204,7 +253,11 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, image_field:
                 text_field: str | None = None, label_field: str | None = None,
                 template: str = "a photo of a {}.") -> Source:
     """A prepared tfds dataset: encoded images from `image_field`, the caption from `text_field`
-    or else `template` over the class name of `label_field` (whose label is kept)."""
+    or else `template` over the class name of `label_field` (whose label is kept).
+
+    Read as a stream (`in_memory`), so the writer shuffles it with a bounded buffer; tfds
+    already shuffles examples when it prepares a dataset, so this is rarely class-sorted.
+    """
     import tensorflow_datasets as tfds
 
     if text_field is None and label_field is None:
@@ -245,4 +298,5 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, image_field:
                           "image_field": image_field, "text_field": text_field,
                           "label_field": label_field,
                           "template": None if text_field else template},
-                  total=builder.info.splits[split].num_examples, classnames=classnames)
+                  total=builder.info.splits[split].num_examples, classnames=classnames,
+                  in_memory=True)

@@ -1,8 +1,10 @@
 """Write (image, caption[, label]) items into TFRecord shards plus a `manifest.json`.
 
-Item i goes to shard i // shard_size, so a re-run over the same source finds the same shards and
-skips those already complete. Each shard is written under a temporary name and renamed when
-complete; the manifest (also replaced atomically) records per shard its count and the items skipped
+Items are first put in a seeded shuffled order by default (see `order`; class-sorted shards
+make training batches of one category), then item i of that order goes to shard i // shard_size,
+so a re-run with the same source and seed finds the same shards and skips those already
+complete. Each shard is written under a temporary name and renamed when complete; the manifest
+(also replaced atomically) records the order and per shard its count and the items skipped
 (unreadable or corrupt image, empty or non-UTF-8 caption) with the reason.
 """
 
@@ -20,6 +22,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from clipjax.data import order as order_lib
 from clipjax.data import schema
 
 log = logging.getLogger(__name__)
@@ -130,12 +133,37 @@ def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]
         yield chunk
 
 
+def _check_order(out_dir: str, old: dict, new: dict) -> None:
+    """Refuse to resume shards written in another order: the output would mix two orders."""
+    if old == new:
+        return
+    same_seed = all(old.get(k) == new.get(k) for k in ("shuffled", "seed", "method"))
+    if same_seed and new.get("method") == "permutation":
+        raise ValueError(
+            f"{out_dir}: its shards were written {order_lib.describe(old)} from a source of "
+            f"{old.get('items')} items (digest {old.get('source_digest')}); the source now lists "
+            f"{new['items']} (digest {new['source_digest']}), so the same seed would put other "
+            "records in each shard; use a fresh --out directory")
+    if same_seed and new.get("method") == "buffer":
+        raise ValueError(
+            f"{out_dir}: its shards were written {order_lib.describe(old)}, this run would use "
+            f"{order_lib.describe(new)}; re-run with --shuffle-buffer {old.get('buffer')} to "
+            "resume, or use a fresh --out directory")
+    hint = f"--seed {old['seed']}" if old.get("shuffled") else "--keep-order"
+    raise ValueError(
+        f"{out_dir}: its manifest says the shards were written {order_lib.describe(old)}, this "
+        f"run would write them {order_lib.describe(new)}; one directory must not mix orders: "
+        f"re-run with {hint} to resume, or use a fresh --out directory")
+
+
 def _start_manifest(out_dir: str, prefix: str, shard_size: int, max_side: int | None,
-                    source: dict, classnames: list[str] | None) -> dict:
+                    source: dict, classnames: list[str] | None, order: dict) -> dict:
     settings = {"prefix": prefix, "shard_size": shard_size, "max_side": max_side,
                 "source": source, "classnames": classnames}
     old = read_manifest(out_dir)
     if old is not None:
+        # manifests from before shuffling existed hold shards in source order
+        _check_order(out_dir, old.get("order", {"shuffled": False}), order)
         differs = [k for k, v in settings.items() if old.get(k) != v]
         if differs:
             raise ValueError(
@@ -145,8 +173,10 @@ def _start_manifest(out_dir: str, prefix: str, shard_size: int, max_side: int | 
         old["shards"] = [s for s in old.get("shards", [])
                          if os.path.exists(os.path.join(out_dir, s["file"]))]
         old["complete"] = False
+        old["order"] = order
         return old
-    return {"format": MANIFEST_FORMAT, **settings, "shards": [], "complete": False}
+    return {"format": MANIFEST_FORMAT, **settings, "order": order, "shards": [],
+            "complete": False}
 
 
 def _summarise(manifest: dict) -> None:
@@ -159,9 +189,15 @@ def _summarise(manifest: dict) -> None:
 def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
                  shard_size: int = 1000, max_side: int | None = None, workers: int = 1,
                  prefix: str = "shard", classnames: list[str] | None = None,
-                 total: int | None = None, progress: bool = True) -> dict:
+                 total: int | None = None, progress: bool = True,
+                 shuffle_seed: int | None = 0,
+                 shuffle_buffer: int = order_lib.DEFAULT_BUFFER) -> dict:
     """Write `items` as shards `out_dir/{prefix}-NNNNN.tfrecord`; returns the manifest dict.
 
+    Items are written in a global permutation seeded by `shuffle_seed` (None: source order).
+    Sources flagged `in_memory` (items already hold image bytes) get a bounded shuffle instead:
+    their files in seeded order plus a `shuffle_buffer`-item buffer (see `order`). The manifest's
+    `order` records which; resuming a directory with another order is refused.
     `source` describes where items come from (stored in the manifest; a re-run with a different
     source or settings is refused instead of mixing data). `workers` > 1 decodes/re-encodes images
     in that many processes. Already complete shards are skipped without reading their images.
@@ -175,8 +211,10 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
     import tensorflow as tf
     from tqdm.auto import tqdm
 
+    items, order, count = order_lib.order_items(items, shuffle_seed, shuffle_buffer)
+    total = count if count is not None else total
     os.makedirs(out_dir, exist_ok=True)
-    manifest = _start_manifest(out_dir, prefix, shard_size, max_side, source, classnames)
+    manifest = _start_manifest(out_dir, prefix, shard_size, max_side, source, classnames, order)
     done = {s["index"] for s in manifest["shards"]}
     manifest_path = os.path.join(out_dir, schema.MANIFEST)
     for name in os.listdir(out_dir):  # leftovers of an interrupted run
