@@ -13,8 +13,9 @@ def tokenize(texts, context_length: int = 77):
     return _tokenize(texts, context_length=context_length)
 
 
-def load(path):
-    """Load a model: returns (model, params, preprocess). See clipjax.export.load."""
+def load(path, **kwargs):
+    """Load a model: returns (model, params, preprocess). See clipjax.export.load.load
+    (keywords: step, dtype, trust_torchscript)."""
     from clipjax.export.load import load as _load
 
-    return _load(path)
+    return _load(path, **kwargs)

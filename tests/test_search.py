@@ -144,8 +144,8 @@ def test_cli_index_query_html_and_errors(setup, tmp_path, capsys):
                         "--no-progress"]) == 0
     assert "9 images indexed" in capsys.readouterr().out
     html = tmp_path / "r.html"
-    assert search_main(["query", "--index", idx, "a red square", "-k", "3",
-                        "--html", str(html)]) == 0
+    assert search_main(["query", "--index", idx, "--model", str(setup / "model"),
+                        "a red square", "-k", "3", "--html", str(html)]) == 0
     lines = capsys.readouterr().out.splitlines()
     ranked = [ln.split() for ln in lines if ln.strip()[:1].isdigit()]
     assert len(ranked) == 3 and [r[0] for r in ranked] == ["1", "2", "3"]
@@ -177,3 +177,31 @@ def test_cli_index_query_html_and_errors(setup, tmp_path, capsys):
     assert search_main(["index", "--model", str(setup / "model"), "--images",
                         str(tmp_path / "*.jpg"), "--out", str(tmp_path / "i2")]) == 1
     assert "matches no files" in capsys.readouterr().err
+
+
+def test_query_does_not_open_the_model_an_index_names_unasked(setup, tmp_path, capsys,
+                                                              monkeypatch):
+    """An index can come from anyone and name any path: a text query needs --model (or
+    --trust-torchscript), and without either nothing is loaded."""
+    import clipjax.export.load as load_module
+
+    idx = str(tmp_path / "idx")
+    paths = list_images(str(setup / "imgs" / "**" / "*.png"))[:2]
+    model, params, preprocess = load(str(setup / "model"))
+    build_index(idx, paths, model=model, params=params, preprocess=preprocess,
+                fingerprint=model_fingerprint(model.config, params),
+                model_path=str(setup / "model"), progress=False)
+    loaded = []
+    real_load = load_module.load
+    monkeypatch.setattr(load_module, "load", lambda p, **kw: loaded.append(p) or real_load(p, **kw))
+    assert search_main(["query", "--index", idx, "a red square"]) == 1
+    err = capsys.readouterr().err
+    assert "pass --model PATH" in err and str(setup / "model") in err and loaded == []
+    # An indexed image as the query needs no model at all.
+    assert search_main(["query", "--index", idx, "--image", paths[0], "-k", "1"]) == 0
+    assert loaded == []
+    capsys.readouterr()
+    assert search_main(["query", "--index", idx, "--trust-torchscript", "a red square"]) == 0
+    assert loaded == [str(setup / "model")]
+    assert search_main(["query", "--index", idx, "--model", str(setup / "model"), "x"]) == 0
+    assert loaded == [str(setup / "model")] * 2

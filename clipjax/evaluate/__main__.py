@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from clipjax.export.__main__ import add_trust_flag
 from clipjax.export.serialization import write_text
 
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-field", help="tfds: label feature (default label)")
     p.add_argument("--text-field", help="tfds: caption feature (retrieval)")
     p.add_argument("--out", help="write the results as JSON here")
+    add_trust_flag(p)
     return p
 
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.task == "zeroshot":
         templates = load_templates(args.templates or
                                    ("demo" if args.classnames == "demo" else "openai"))
-    model, params, _ = load(args.model, step=args.step)
+    model, params, _ = load(args.model, step=args.step, trust_torchscript=args.trust_torchscript)
     cfg = model.config
     if args.task == "zeroshot" and args.text_field:
         raise ValueError("--text-field is for --task retrieval")

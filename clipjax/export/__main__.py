@@ -37,6 +37,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-logit-bias", action="store_true",
                    help="hf: export a model with a logit bias without it (HF CLIP has none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_trust_flag(p)
     return p
 
 
@@ -52,7 +53,15 @@ def import_parser() -> argparse.ArgumentParser:
                    help="openai/open_clip activation (default: quick_gelu for openai, gelu for "
                         "open_clip; open_clip's '-quickgelu' models need quick_gelu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_trust_flag(p)
     return p
+
+
+def add_trust_flag(p: argparse.ArgumentParser, also: str = "") -> None:
+    """--trust-torchscript, for every CLI that loads model files."""
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow torch.jit.load for a TorchScript .pt that cannot be read as data "
+                        "only (it runs code stored in the file: only for files you trust)" + also)
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -112,7 +121,8 @@ def run_export(args: argparse.Namespace) -> None:
     if args.workdir is not None and not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
         raise SystemExit(f"error: --workdir {args.workdir}: no checkpoints/ directory; expected "
                          f"a training workdir")
-    config, params = load_config_and_params(src, step=args.step)
+    config, params = load_config_and_params(src, step=args.step,
+                                            trust_torchscript=args.trust_torchscript)
     write_model(args.out, args.format, config, params, drop_logit_bias=args.drop_logit_bias)
     print(f"wrote {args.format} model to {args.out}")
 
@@ -125,13 +135,14 @@ def run_import(args: argparse.Namespace) -> None:
         if not is_hf_dir(args.src):
             raise SystemExit(f"error: {args.src}: not a Hugging Face CLIP directory (expected "
                              f"config.json with \"model_type\": \"clip\")")
-        if args.act:
-            raise SystemExit("error: --act applies to openai/open_clip imports only")
+        if args.act or args.trust_torchscript:
+            raise SystemExit("error: --act and --trust-torchscript apply to openai/open_clip "
+                             "imports only")
         config, params = read_hf_dir(args.src)
     else:
         from clipjax.export.openai import DEFAULT_ACT, from_openai_state_dict, read_state_dict
 
-        sd = read_state_dict(args.src)
+        sd = read_state_dict(args.src, trust_torchscript=args.trust_torchscript)
         config, params = from_openai_state_dict(sd, act=args.act or DEFAULT_ACT[args.source])
     from clipjax.export.load import check_params
 

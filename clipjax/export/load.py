@@ -55,10 +55,12 @@ def detect_source(path: str) -> str:
                      f"\"clip\" (Hugging Face), or a training workdir with {CHECKPOINT_DIR}/")
 
 
-def load_config_and_params(path: str, *, step: int | None = None,
-                           openai_act: str = "quick_gelu") -> tuple[CLIPConfig, dict[str, Any]]:
+def load_config_and_params(path: str, *, step: int | None = None, openai_act: str = "quick_gelu",
+                           trust_torchscript: bool = False
+                           ) -> tuple[CLIPConfig, dict[str, Any]]:
     """(config, params) from any source; params are host numpy arrays (a variables dict with
-    'params' and 'batch_stats' for ResNet image towers)."""
+    'params' and 'batch_stats' for ResNet image towers). Files are read as data; only
+    `trust_torchscript=True` lets a TorchScript .pt run its code (see openai.read_state_dict)."""
     kind = detect_source(path)
     if step is not None and kind != "workdir":
         raise ValueError(f"{path}: --step applies to training workdirs only; this is a "
@@ -74,22 +76,26 @@ def load_config_and_params(path: str, *, step: int | None = None,
     else:
         from clipjax.export.openai import from_openai_state_dict, read_state_dict
 
-        config, params = from_openai_state_dict(read_state_dict(path), act=openai_act)
+        config, params = from_openai_state_dict(
+            read_state_dict(path, trust_torchscript=trust_torchscript), act=openai_act)
     check_params(config, params, where=path)
     return config, params
 
 
-def load(path: str, *, step: int | None = None, dtype: str | None = None
+def load(path: str, *, step: int | None = None, dtype: str | None = None,
+         trust_torchscript: bool = False
          ) -> tuple[CLIP, dict[str, Any], Callable[[Any], np.ndarray]]:
     """Load a model for use: (model, params, preprocess).
 
     `model.apply({'params': params}, images, method='encode_image')` embeds images (for ResNet
     towers `params` is the variables dict: `model.apply(params, ...)`); `preprocess(pil_image)`
     gives the float32 [S, S, 3] input of one image. `dtype='bfloat16'` sets the compute dtype.
+    `trust_torchscript=True` allows torch.jit.load (which runs code stored in the file) for a
+    TorchScript .pt that cannot be read as data only.
     """
     from clipjax.data.transforms import preprocess as _preprocess
 
-    config, params = load_config_and_params(path, step=step)
+    config, params = load_config_and_params(path, step=step, trust_torchscript=trust_torchscript)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
     return CLIP(config), params, functools.partial(_preprocess, size=config.image_size)

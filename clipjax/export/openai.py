@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -265,8 +266,13 @@ def from_openai_state_dict(sd: Mapping[str, Any], act: str = "quick_gelu",
     return config, variables
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A state dict from .safetensors (no torch needed) or .pt/.pth/.bin (needs torch)."""
+def read_state_dict(path: str, *, trust_torchscript: bool = False) -> dict[str, np.ndarray]:
+    """A state dict from .safetensors or .pt/.pth/.bin, read as data: nothing in the file runs.
+
+    PyTorch zip checkpoints and TorchScript archives (OpenAI's released .pt files) are read
+    without torch by `clipjax.export.torchfile`. Only a TorchScript archive that reader cannot
+    read, and only with `trust_torchscript=True`, goes to torch.jit.load, which runs its code.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (expected an OpenAI/open_clip state dict "
                                 f".safetensors or .pt)")
@@ -274,18 +280,66 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         from clipjax.export.serialization import load_safetensors_flat
 
         return load_safetensors_flat(path)
-    if path.endswith((".pt", ".pth", ".bin")):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(f"{path}: reading PyTorch checkpoints needs torch, which is not "
-                              f"installed; convert it to .safetensors or install torch") from None
-        try:  # OpenAI's releases are TorchScript archives
-            obj = torch.jit.load(path, map_location="cpu").state_dict()
-        except RuntimeError:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "state_dict" in obj:
-            obj = obj["state_dict"]
-        return {k: v.float().numpy() for k, v in obj.items() if hasattr(v, "numpy")}
-    raise ValueError(f"{path}: unknown state dict format; expected .safetensors, .pt, .pth or "
-                     f".bin")
+    if not path.endswith((".pt", ".pth", ".bin")):
+        raise ValueError(f"{path}: unknown state dict format; expected .safetensors, .pt, .pth "
+                         f"or .bin")
+    obj = _read_torch_file(path, trust_torchscript)
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return {k: np.asarray(v, dtype=np.float32) for k, v in obj.items()
+            if isinstance(v, np.ndarray)}
+
+
+def _import_torch(path: str, what: str) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path}: {what} needs torch, which is not installed; convert the "
+                          f"file to .safetensors or install torch") from None
+    return torch
+
+
+def _torch_to_numpy(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _torch_to_numpy(v) for k, v in obj.items()}
+    return obj.float().numpy() if hasattr(obj, "numpy") else obj
+
+
+def _torch_load_weights_only(path: str, error: ValueError) -> Any:
+    """torch's own weights-only unpickler (it allows a few more types), when torch is here."""
+    try:
+        import torch
+    except ImportError:
+        raise error from None
+    try:
+        return _torch_to_numpy(torch.load(path, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError:
+        raise error from None
+
+
+def _read_torch_file(path: str, trust_torchscript: bool) -> Any:
+    """What a .pt file holds, tensors as numpy; see read_state_dict for what may run."""
+    import zipfile
+
+    from clipjax.export.torchfile import UnsafePickleError, is_torchscript, read_torch_zip
+
+    if not zipfile.is_zipfile(path):  # torch.save's format before PyTorch 1.6
+        _import_torch(path, "reading a legacy (non-zip) PyTorch checkpoint")
+        return _torch_load_weights_only(path, UnsafePickleError(
+            f"{path}: a legacy PyTorch checkpoint refused by torch.load(weights_only=True)"))
+    try:
+        return read_torch_zip(path)
+    except ValueError as e:
+        if not is_torchscript(path):
+            return _torch_load_weights_only(path, e)
+        if not trust_torchscript:
+            raise UnsafePickleError(
+                f"{e}\n{path} is a TorchScript archive that cannot be read as data only; "
+                f"torch.jit.load would run the code stored in it. If you trust where it came "
+                f"from, pass --trust-torchscript (trust_torchscript=True in Python).") from None
+        torch = _import_torch(path, "--trust-torchscript (torch.jit.load)")
+        log.warning("%s: loading with torch.jit.load because trust_torchscript is set: code in "
+                    "this file runs now (%s)", path, e)
+        return _torch_to_numpy(torch.jit.load(path, map_location="cpu").state_dict())

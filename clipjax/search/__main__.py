@@ -1,11 +1,13 @@
 """Image search over an embedding index.
 
   python -m clipjax.search index --model PATH --images DIR|GLOB --out INDEX [--float16]
-  python -m clipjax.search query --index INDEX [--model PATH] "a text" [--image FILE] -k 10
+  python -m clipjax.search query --index INDEX --model PATH "a text" [--image FILE] -k 10
       [--html OUT.html]
 
 `index` is resumable and incremental: re-running it continues a killed run or adds new files.
-`query` uses the model the index was built with unless --model is given (which must match).
+`query` embeds a text (or an image not in the index) with --model, which must be the model the
+index was built with. The model path recorded in the index is opened only with
+--trust-torchscript: an index may come from anyone, and it names any path it likes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+
+from clipjax.export.__main__ import add_trust_flag
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--chunk-size", type=int, default=1024,
                     help="images per persisted chunk (work lost if killed is at most this)")
     ix.add_argument("--no-progress", action="store_true")
+    add_trust_flag(ix)
     q = sub.add_parser("query", help="rank indexed images by a text and/or image query")
     q.add_argument("--index", required=True)
-    q.add_argument("--model", help="model to encode the query (default: the index's model)")
+    q.add_argument("--model", help="model to encode the query: the one the index was built "
+                                   "with (needed for text queries)")
     q.add_argument("text", nargs="?", help="text query")
     q.add_argument("--image", help="image query (a file; indexed images need no model)")
     q.add_argument("-k", type=int, default=10, help="number of results")
     q.add_argument("--html", help="also write an HTML page of thumbnails here")
+    add_trust_flag(q, also="; without --model, also load the model path the index records")
     return p
 
 
@@ -50,7 +59,7 @@ def run_index(args: argparse.Namespace) -> None:
     if args.batch_size <= 0 or args.chunk_size <= 0:
         raise ValueError("--batch-size and --chunk-size must be positive")
     paths = list_images(args.images)  # fails fast, before the model is loaded
-    model, params, preprocess = load(args.model)
+    model, params, preprocess = load(args.model, trust_torchscript=args.trust_torchscript)
     stats = build_index(args.out, paths, model=model, params=params, preprocess=preprocess,
                         fingerprint=model_fingerprint(model.config, params),
                         model_path=os.path.abspath(args.model), float16=args.float16,
@@ -60,24 +69,40 @@ def run_index(args: argparse.Namespace) -> None:
           f"{stats.already} already present, {stats.failed} unreadable skipped)")
 
 
+def _index_model_path(args: argparse.Namespace, index) -> str:
+    """The model path the index records, only when the user trusts it (--trust-torchscript)."""
+    recorded = index.meta.model_path
+    if not args.trust_torchscript:
+        built = f" (it records {recorded})" if recorded else ""
+        raise ValueError(f"{args.index}: this query needs the model the index was built with"
+                         f"{built}; pass --model PATH. The index's own record is not opened "
+                         f"unasked, since an index can name any file; --trust-torchscript "
+                         f"opens it")
+    if not recorded:
+        raise ValueError(f"{args.index}: the index does not record its model; pass --model")
+    if not os.path.exists(recorded):
+        raise FileNotFoundError(f"{recorded}: the model this index was built with is gone; "
+                                f"pass --model with the same model")
+    log.warning("loading the model the index %s records, %s (--trust-torchscript)", args.index,
+                recorded)
+    return recorded
+
+
 def _encode_queries(args: argparse.Namespace, index) -> np.ndarray:
     """The normalised query vector: text and/or image (their normalised sum when both)."""
     from clipjax.search.index import check_compatible
 
     vectors = []
     image_emb = index.lookup(args.image) if args.image else None
+    if args.image and image_emb is None and not os.path.isfile(args.image):
+        raise FileNotFoundError(f"--image {args.image}: no such file")
     need_model = args.text is not None or (args.image and image_emb is None)
     if need_model:
         from clipjax.evaluate.embed import Encoder
         from clipjax.export.load import load, model_fingerprint
 
-        model_path = args.model or index.meta.model_path
-        if not model_path:
-            raise ValueError(f"{args.index}: the index does not record its model; pass --model")
-        if not os.path.exists(model_path):
-            raise FileNotFoundError(f"{model_path}: the model this index was built with is gone; "
-                                    f"pass --model with the same model")
-        model, params, preprocess = load(model_path)
+        model_path = args.model or _index_model_path(args, index)
+        model, params, preprocess = load(model_path, trust_torchscript=args.trust_torchscript)
         check_compatible(index.meta, model_fingerprint(model.config, params),
                          model.config.embed_dim, where=args.index)
         encoder = Encoder(model, params, batch_size=1)
@@ -88,8 +113,6 @@ def _encode_queries(args: argparse.Namespace, index) -> np.ndarray:
         if args.image and image_emb is None:
             from clipjax.search.build import load_image
 
-            if not os.path.isfile(args.image):
-                raise FileNotFoundError(f"--image {args.image}: no such file")
             vectors.append(encoder.images(load_image(args.image, preprocess)[None])[0])
     if image_emb is not None:
         vectors.append(image_emb)
