@@ -332,3 +332,42 @@ def test_checkpoint_dir_of_a_relative_workdir_is_absolute(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert str(checkpoint_dir("runs/x")) == str(tmp_path / "runs" / "x" / "checkpoints")
     assert str(checkpoint_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"
+
+
+def test_false_negative_rules_through_the_step():
+    """Label positives, near-duplicate masking and queue-only negatives in the real step: the
+    queue records the labels, and gradient caching over 2 microbatches gives the full-batch
+    loss and gradient."""
+    from clipjax.train.step import make_embed_fn
+
+    loss_cfg = {"loss.positives": "label", "loss.queue_size": 32, "loss.duplicate_threshold": 0.9,
+                "loss.in_batch_negatives": False}
+    mesh = mesh_of(data=2)
+    full = build_trainer(tiny_config(**loss_cfg), mesh, has_labels=True)
+    accum = build_trainer(tiny_config(microbatches=2, **loss_cfg), mesh, has_labels=True)
+    assert set(full.batch_shardings) == {"image", "text", "label"}
+    data = [dict(b, label=np.arange(B, dtype=np.int32) % 3) for b in batches(2, seed=5)]
+    state = full.init_state()
+    state, m = full.train_step(state, put(full, data[0]))
+    q = jax.device_get(state.loss_state["queue"])
+    np.testing.assert_array_equal(q.group[:B, 0], data[0]["label"])
+    assert 0 < float(m["batch/same_label"]) < 1 and math.isfinite(float(m["loss"]))
+
+    def loss_and_grads(trainer):
+        embed = make_embed_fn(trainer.model, trainer.mesh, trainer.config.microbatches)
+
+        def fn(s, b):
+            loss_state, info = trainer.loss.prepare(s.loss_state, s.params, b,
+                                                    lambda p, bb: embed(p, {}, bb))
+            trainable, frozen = trainer.optimizer.split(s.params)
+            out = trainer.grad_fn(trainable, frozen, {}, b, loss_state, info)
+            return out[0], out[-1]
+        return jax.device_get(jax.jit(fn)(state, put(trainer, data[1])))
+
+    loss1, g1 = loss_and_grads(full)
+    loss2, g2 = loss_and_grads(accum)
+    assert float(loss1) > 0 and abs(float(loss1) - float(loss2)) < 1e-5 * float(loss1)
+    flat1, flat2 = traverse_util.flatten_dict(g1), traverse_util.flatten_dict(g2)
+    scale = max(np.abs(v).max() for v in flat1.values())
+    for k in flat1:
+        np.testing.assert_allclose(flat2[k], flat1[k], atol=1e-5 * scale, err_msg=str(k))
