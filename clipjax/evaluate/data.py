@@ -1,6 +1,6 @@
 """Evaluation inputs from a spec string: TFRecord shards, an image folder by class, or tfds.
 
-  GLOB or DIR of *.tfrecord   labelled / captioned shards (clipjax.data.pipeline.EvalPipeline)
+  GLOB or DIR of *.tfrecord   labelled / captioned shards (clipjax.data.eval_pipeline.EvalPipeline)
   DIR of class sub-folders    root/<class>/<image>: labels by sorted folder name
   tfds:NAME[:SPLIT]           a prepared tfds dataset (default split: test)
 
@@ -135,7 +135,7 @@ def open_eval_data(spec: str, *, image_size: int, context_length: int, batch_siz
                         lambda: batches.skipped)
     files = _shard_files(spec)
     if files:
-        from clipjax.data.pipeline import EvalPipeline
+        from clipjax.data.eval_pipeline import EvalPipeline
 
         pipeline = EvalPipeline(files, global_batch=batch_size, image_size=image_size,
                                 context_length=context_length)

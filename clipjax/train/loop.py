@@ -106,7 +106,7 @@ def _names(spec: str, sep: str) -> list[str]:
 
 def run_evals(trainer: Trainer, params: Any) -> dict[str, float]:
     """Zero-shot accuracy and retrieval recall on the configured held-out shards."""
-    from clipjax.data.pipeline import EvalPipeline
+    from clipjax.data.eval_pipeline import EvalPipeline
 
     cfg, mcfg, out = trainer.config.eval, trainer.model_config, {}
 
@@ -213,7 +213,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             describe(trainer.state_shardings.params, like.params)))
     write_run_files(config, trainer, workdir)
 
-    from clipjax.data.pipeline import TrainPipeline, gather_state, prefetch_to_device
+    from clipjax.data.train_pipeline import TrainPipeline, gather_state
+    from clipjax.parallel.placement import prefetch_to_device
 
     ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                         config.checkpoint.async_save)
