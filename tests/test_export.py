@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from clipjax import files
 from clipjax.export import serialization as ser
 from clipjax.export.__main__ import main as export_main
 from clipjax.export.load import check_params, detect_source, load, model_fingerprint
@@ -88,7 +89,7 @@ def test_safetensors_and_msgpack_round_trip_keep_dtypes_and_scalars(tmp_path):
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "x.bin"
     with pytest.raises(RuntimeError):
-        with ser.atomic_path(target) as tmp:
+        with files.atomic_path(target) as tmp:
             open(tmp, "wb").write(b"half")
             raise RuntimeError("crash")
     assert os.listdir(tmp_path) == []

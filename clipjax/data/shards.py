@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from clipjax.data import schema
+from clipjax.files import expand_globs, split_patterns
 
 log = logging.getLogger(__name__)
 
@@ -22,26 +23,27 @@ log = logging.getLogger(__name__)
 def list_shards(patterns: str | Sequence[str]) -> list[str]:
     """Sorted shard paths from globs / paths (a string may hold several, comma-separated).
 
-    Uses tf.io.gfile, so gs:// and other registered filesystems work. A pattern matching nothing
-    is an error naming it.
+    Remote patterns (gs://, ...) go through tf.io.gfile. A pattern matching nothing is an error
+    naming it.
     """
-    import tensorflow as tf
-
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p.strip()]
-    patterns = [p.strip() for p in patterns]
+    patterns = split_patterns(patterns)
     if not patterns:
         raise ValueError("no shard pattern given; expected a glob like 'data/train-*.tfrecord'")
-    files: set[str] = set()
-    for p in patterns:
-        matches = tf.io.gfile.glob(p)
-        if not matches:
-            raise ValueError(f"shard pattern {p!r} matches no files; expected TFRecord shards "
-                             "written by clipjax.data.make_shards or img2dataset")
-        files.update(m for m in matches if not tf.io.gfile.isdir(m))
+    files = expand_globs(patterns, missing=lambda p: ValueError(
+        f"shard pattern {p!r} matches no files; expected TFRecord shards written by "
+        "clipjax.data.make_shards or img2dataset"))
+    files = [f for f in files if not _is_dir(f)]
     if not files:
         raise ValueError(f"shard patterns {patterns} match only directories, no files")
     return sorted(files)
+
+
+def _is_dir(path: str) -> bool:
+    if "://" not in path:
+        return os.path.isdir(path)
+    import tensorflow as tf
+
+    return tf.io.gfile.isdir(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +105,10 @@ def dataset_classnames(shards: str | Sequence[str]) -> list[str] | None:
         return None
     with tf.io.gfile.GFile(manifest) as f:
         try:
-            return json.load(f).get("classnames")
-        except ValueError as e:
-            raise ValueError(f"{manifest}: not valid JSON ({e})") from None
+            names = json.load(f).get("classnames")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{manifest}: not a JSON object ({e})") from None
+    return list(names) if names else None
 
 
 def host_batch_size(global_batch: int, process_count: int) -> int:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import json
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 
 from clipjax.data.writer import SourceItem
+from clipjax.files import expand_globs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -134,15 +134,7 @@ def class_folder_source(root: str, template: str = "a photo of a {}.") -> Source
 
 def expand_paths(patterns: str | Iterable[str], what: str) -> list[str]:
     """Sorted files matching comma-separated globs; ValueError naming any that match nothing."""
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p]
-    out: list[str] = []
-    for p in patterns:
-        matches = sorted(glob.glob(p))
-        if not matches:
-            raise ValueError(f"{what} {p!r} matches no files")
-        out.extend(matches)
-    return out
+    return expand_globs(patterns, missing=lambda p: ValueError(f"{what} {p!r} matches no files"))
 
 
 def _split_member(name: str) -> tuple[str, str]:

@@ -18,9 +18,9 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 from clipjax.data import schema
+from clipjax.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,6 @@ def read_manifest(out_dir: str) -> dict | None:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable manifest ({e}); remove it or use a fresh --out") from e
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]]:
@@ -234,7 +226,7 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
             manifest["shards"].append({"index": index, "file": name, "count": count,
                                        "skipped": skipped})
             _summarise(manifest)
-            _write_json_atomic(manifest_path, manifest)
+            write_json(manifest_path, manifest)
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -242,5 +234,5 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
             pool.shutdown(cancel_futures=True)
     manifest["complete"] = True
     _summarise(manifest)
-    _write_json_atomic(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return manifest

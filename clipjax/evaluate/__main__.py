@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from clipjax.export.serialization import write_text
+from clipjax.files import write_text
 
 
 def build_parser() -> argparse.ArgumentParser:

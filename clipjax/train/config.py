@@ -7,13 +7,12 @@ config against the devices and files at hand and raises `ConfigError` naming the
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 from typing import Any
 
 import ml_collections
 
+from clipjax.files import expand_globs
 from clipjax.parallel.mesh import BATCH_AXES, MESH_AXES, resolve_axis_sizes
 from clipjax.train.optimizer import SCHEDULES
 
@@ -115,21 +114,6 @@ def _positive_int(c: ml_collections.ConfigDict, key: str, allow_zero: bool = Fal
     if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
         raise _fail(key, value, f"expected an int {'>= 0' if allow_zero else '> 0'}")
     return value
-
-
-def expand_globs(spec: str | Any) -> list[str]:
-    """Files matched by a glob, or by comma-separated globs / a list of globs, sorted."""
-    patterns = ([p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str)
-                else [str(p) for p in spec])
-    files: list[str] = []
-    for pattern in patterns:
-        if "://" in pattern:  # remote (gs://, ...): let tf.io.gfile list it
-            import tensorflow as tf
-
-            files += sorted(tf.io.gfile.glob(pattern))
-        else:
-            files += sorted(glob.glob(os.path.expanduser(pattern)))
-    return files
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -241,12 +225,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
 
 def model_config(config: ml_collections.ConfigDict):
     """The CLIPConfig a train config describes (preset + dtype/scan/remat + overrides)."""
-    import dataclasses
+    from clipjax.models import config_from_spec
 
-    from clipjax.models import get_preset
-
-    fields = dict(dtype=config.model.dtype, scan_layers=bool(config.model.scan_layers),
-                  remat=config.model.remat)
-    fields.update({k: (tuple(v) if isinstance(v, list) else v)
-                   for k, v in config.model.overrides.items()})
-    return dataclasses.replace(get_preset(config.model.preset), **fields)
+    return config_from_spec(config.model.to_dict())

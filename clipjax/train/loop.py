@@ -12,13 +12,13 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import time
 from typing import Any
 
 import jax
 import ml_collections
 
+from clipjax.files import write_text
 from clipjax.parallel.mesh import make_mesh
 from clipjax.train import config as config_lib
 from clipjax.train.builder import Trainer, build_trainer
@@ -49,24 +49,16 @@ class TrainResult:
 # Workdir files
 # ---------------------------------------------------------------------------------------------
 
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_run_files(config: ml_collections.ConfigDict, trainer: Trainer, workdir: str) -> None:
     """config.json (the resolved train config) and model_config.json (the CLIPConfig, in the
     format of a model directory's config.json) in the workdir; process 0 only."""
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
-    _write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     from clipjax.export.modeldir import config_to_json
 
-    _write_atomic(os.path.join(workdir, "model_config.json"), config_to_json(trainer.model_config))
+    write_text(os.path.join(workdir, "model_config.json"), config_to_json(trainer.model_config))
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
