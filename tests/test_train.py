@@ -321,3 +321,17 @@ def test_checkpoint_dir_of_a_relative_workdir_is_absolute(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert str(checkpoint_dir("runs/x")) == str(tmp_path / "runs" / "x" / "checkpoints")
     assert str(checkpoint_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"
+
+
+def test_parse_config_arg_converts_and_names_bad_keys():
+    from clipjax.train.config import parse_config_arg
+
+    got = parse_config_arg("quick,steps=5,data=a=b", "exp.py", quick=False, steps=10, data="x")
+    assert got == {"quick": True, "steps": 5, "data": "a=b"}
+    assert parse_config_arg(None, "exp.py", steps=10) == {"steps": 10}
+    with pytest.raises(ValueError, match=r"exp.py: unknown arg 'nope'.*\['steps'\]"):
+        parse_config_arg("nope=1", "exp.py", steps=10)
+    with pytest.raises(ValueError, match="steps='x': expected a value of type int"):
+        parse_config_arg("steps=x", "exp.py", steps=10)
+    with pytest.raises(ValueError, match="expected steps=VALUE"):
+        parse_config_arg("steps", "exp.py", steps=10)

@@ -52,9 +52,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train = ""  # glob (or comma-separated globs) of TFRecord shards
     c.data.shuffle_buffer = 10_000
     c.data.augment_scale = (0.9, 1.0)  # random-resized-crop area range
-    c.data.demo_dir = ""  # if set: generate the demo dataset there first (train/ and test/)
-    c.data.demo_n_train = 4000
-    c.data.demo_n_test = 600
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axis overrides
@@ -101,6 +98,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.export.dir = ""  # if set: write a model directory there at the end
     c.export.format = "safetensors"
     return c
+
+
+def parse_config_arg(arg: str | None, where: str, **defaults: Any) -> dict[str, Any]:
+    """An experiment's `:ARG` as a dict: comma-separated `key=value` items over `defaults`.
+
+    Each value is converted to its default's type (bool: true/false/1/0); a bare `key` sets a
+    bool key to True, so `experiments/demo.py:quick,data=DIR` gives quick=True, data='DIR'.
+    Unknown keys and unconvertible values are errors naming `where` and the known keys.
+    """
+    out = dict(defaults)
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if key not in defaults:
+            raise ValueError(f"{where}: unknown arg {key!r}; expected key=value with a key in "
+                             f"{sorted(defaults)}")
+        kind = type(defaults[key])
+        if not eq:
+            if kind is not bool:
+                raise ValueError(f"{where}: expected {key}=VALUE, got {part!r}")
+            out[key] = True
+        elif kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{where}: {key}={value!r}: expected true or false")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value) if defaults[key] is not None else value
+            except ValueError:
+                raise ValueError(f"{where}: {key}={value!r}: expected a value of type "
+                                 f"{kind.__name__}") from None
+    return out
 
 
 def _fail(key: str, value: Any, expected: str) -> ConfigError:
@@ -205,16 +236,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
 
     # Data.
     if check_files:
-        if not config.data.demo_dir:
-            if not config.data.train:
-                raise _fail("data.train", config.data.train,
-                            "give a glob of TFRecord shards (or data.demo_dir for the demo data)")
-            if not expand_globs(config.data.train):
-                raise _fail("data.train", config.data.train,
-                            "matches no files; expected a glob of TFRecord shards")
+        if not config.data.train:
+            raise _fail("data.train", config.data.train, "give a glob of TFRecord shards")
+        if not expand_globs(config.data.train):
+            raise _fail("data.train", config.data.train,
+                        "matches no files; expected a glob of TFRecord shards")
         for key in ("eval.zeroshot.shards", "eval.retrieval.shards"):
             spec = config.eval.zeroshot.shards if "zeroshot" in key else config.eval.retrieval.shards
-            if spec and not config.data.demo_dir and not expand_globs(spec):
+            if spec and not expand_globs(spec):
                 raise _fail(key, spec, "matches no files; expected a glob of TFRecord shards")
     if config.eval.zeroshot.shards and not config.eval.zeroshot.classnames:
         raise _fail("eval.zeroshot.classnames", "", "needed when eval.zeroshot.shards is set")
