@@ -22,7 +22,7 @@ from clipjax.export.load import check_params, detect_source, load, model_fingerp
 from clipjax.export.modeldir import read_model_dir, save_model_dir
 from clipjax.export.openai import (config_from_openai, from_openai_state_dict,
                                    to_openai_state_dict)
-from clipjax.models import CLIP, CLIPConfig, dummy_inputs
+from clipjax.models import CLIP, CLIPConfig
 
 TINY = CLIPConfig(embed_dim=24, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                   vision_heads=1, context_length=12, vocab_size=300, text_width=64, text_layers=2,

@@ -138,7 +138,7 @@ def test_two_processes_match_one_process(tmp_path, env, demo_data):
             dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
-    r = run([sys.executable, "-m", "launch.local", "-n", "2", "--devices-per-process", "2",
+    r = run([sys.executable, "-m", "clipjax.launch.local", "-n", "2", "--devices-per-process", "2",
              "--log-dir", str(two / "logs"), "--"]
             + train_cmd(two, demo_data, *same_data, steps=steps), env)
     assert r.returncode == 0, r.stdout[-3000:]

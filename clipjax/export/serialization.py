@@ -113,10 +113,6 @@ def load_msgpack(path: str | os.PathLike) -> dict[str, Any]:
     return tree
 
 
-def param_count(params: Mapping[str, Any]) -> int:
-    return int(sum(v.size for v in flatten_params(params).values()))
-
-
 def json_field(path: str | os.PathLike, key: str) -> Any:
     """`key` of the JSON object in file `path`; None when the file is missing or not such JSON."""
     import json

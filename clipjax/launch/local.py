@@ -1,6 +1,6 @@
 """Start N processes of a multi-host JAX program on this machine (multi-host without the hosts).
 
-  python -m launch.local -n 2 --devices-per-process 2 -- \
+  python -m clipjax.launch.local -n 2 --devices-per-process 2 -- \
       python -m clipjax.train --config experiments/demo.py --workdir workdirs/demo2
 
 Each process gets `--coordinator 127.0.0.1:PORT --num_processes N --process_id I` appended and,
@@ -91,8 +91,8 @@ def main(args: list[str] | None = None) -> int:
                 remaining.discard(i)
                 if rc != 0 and status == 0:
                     status = rc
-                    print(f"launch.local: process {i} exited with {rc}; stopping the others",
-                          file=sys.stderr)
+                    print(f"clipjax.launch.local: process {i} exited with {rc}; stopping the "
+                          "others", file=sys.stderr)
                     for j in remaining:
                         procs[j].send_signal(signal.SIGTERM)
             time.sleep(0.2)
