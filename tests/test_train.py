@@ -255,6 +255,8 @@ def test_nonfinite_step_is_skipped_and_counted(single):
     ({"data.train": "/nonexistent/shards-*.tfrecord"}, "config.data.train"),
     ({"data.train": ""}, "config.data.train"),
     ({"model.remat": "sometimes"}, "config.model"),
+    ({"model.overrides.dtype": "bfloat16"},
+     "config.model.dtype='float32' and config.model.overrides.dtype='bfloat16' disagree"),
 ])
 def test_config_errors_name_the_key(changes, key, tmp_path):
     shard = tmp_path / "a.tfrecord"

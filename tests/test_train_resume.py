@@ -129,7 +129,7 @@ def test_two_processes_match_one_process(tmp_path, env, demo_data):
     One shard and no shuffling/cropping make both runs see the same examples in each global
     batch (per host: records i::2), in a different row order, so results agree to float
     rounding, not bitwise."""
-    same_data = ["--config.data.shuffle_buffer=1", "--config.data.augment_scale=(1.0, 1.0)",
+    same_data = ["--config.data.shuffle_buffer=1", "--config.data.crop_scale=(1.0, 1.0)",
                  "--config.checkpoint.every_steps=0"]
     # Few steps: on CPU, gloo makes the token-embedding gradient's all-reduce slow (seconds).
     steps = 3

@@ -161,12 +161,13 @@ class TrainPipeline:
                               tf.constant(0, tf.int64)))
         ds = ds.map(lambda pos, rec: (pos, records.parse_record(rec, info)))
         ds = ds.filter(lambda pos, ex: records.usable(ex, info))
-        size, scale, aug_key = self.image_size, self.crop_scale, keys[1]
+        size, crop_scale, aug_key = self.image_size, self.crop_scale, keys[1]
 
         def decode(pos, ex):
             seed = tf.random.stateless_uniform([2], seed=tf.stack([aug_key, pos]),
                                                dtype=tf.int32, minval=None, maxval=None)
-            image = train_transform(decode_image(ex[schema.IMAGE]), size, seed, scale=scale)
+            image = train_transform(decode_image(ex[schema.IMAGE]), size, seed,
+                                    crop_scale=crop_scale)
             out = {"image": image, schema.TEXT: ex[schema.TEXT],
                    "_epoch": tf.fill([], epoch), "_pos": pos}
             return out | records.optional_fields(ex, info, self.context_length)

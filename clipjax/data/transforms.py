@@ -95,26 +95,27 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def random_resized_crop_box(image_shape: tf.Tensor, seed: tf.Tensor,
-                            scale: tuple[float, float] = (0.9, 1.0),
+                            crop_scale: tuple[float, float] = (0.9, 1.0),
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple:
-    """A crop window (begin [3], size [3] for tf.slice) covering `scale` of the image area with
+    """A crop window (begin [3], size [3] for tf.slice) covering `crop_scale` of the image area with
     width/height in `ratio`; up to 10 tries, else the whole image. Deterministic given `seed`."""
     seed = tf.convert_to_tensor(seed)
     if seed.dtype not in (tf.int32, tf.int64) or seed.shape.as_list() != [2]:
         raise ValueError(f"seed must be an int32/int64 tensor of shape [2], got {seed.dtype.name} "
                          f"{seed.shape}")
-    if not 0.0 < scale[0] <= scale[1] <= 1.0 or not 0.0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got "
-                         f"scale={scale}, ratio={ratio}")
+    if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0 or not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"need 0 < crop_scale[0] <= crop_scale[1] <= 1 and 0 < ratio[0] <= "
+                         f"ratio[1], got "
+                         f"crop_scale={crop_scale}, ratio={ratio}")
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         image_shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-        aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+        aspect_ratio_range=ratio, area_range=crop_scale, max_attempts=10,
         use_image_if_no_bounding_boxes=True)
     return begin, crop_size
 
 
 def train_transform(image: tf.Tensor, size: int, seed: tf.Tensor,
-                    scale: tuple[float, float] = (0.9, 1.0),
+                    crop_scale: tuple[float, float] = (0.9, 1.0),
                     ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
     """Random resized crop: uint8 [H, W, 3] -> float32 [size, size, 3], CLIP-normalised.
 
@@ -127,7 +128,7 @@ def train_transform(image: tf.Tensor, size: int, seed: tf.Tensor,
     """
     image = _check_image(image)
     size = _check_size(size)
-    begin, crop_size = random_resized_crop_box(tf.shape(image), seed, scale, ratio)
+    begin, crop_size = random_resized_crop_box(tf.shape(image), seed, crop_scale, ratio)
     crop = tf.cast(tf.slice(image, begin, crop_size), tf.float32)
     k = tf.maximum(tf.minimum(crop_size[0], crop_size[1]) // size, 1)
     crop = tf.cond(k > 1, lambda: area_shrink(crop, k), lambda: crop)

@@ -55,7 +55,8 @@ def build_config(preset_or_config: str | CLIPConfig,
     """
     cfg = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     if not isinstance(cfg, CLIPConfig):
-        raise TypeError(f"expected a preset name or CLIPConfig, got {type(preset_or_config).__name__}")
+        raise TypeError(f"expected a preset name or CLIPConfig, got "
+                        f"{type(preset_or_config).__name__}")
     if not overrides:
         return cfg
     known = {f.name for f in dataclasses.fields(CLIPConfig)}

@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # glob (or comma-separated globs) of TFRecord shards
     c.data.shuffle_buffer = 10_000
-    c.data.augment_scale = (0.9, 1.0)  # random-resized-crop area range
+    c.data.crop_scale = (0.9, 1.0)  # random-resized-crop area range (fractions of the image)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axis overrides
@@ -158,8 +158,6 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1,
              check_files: bool = True) -> dict[str, int]:
     """Check a resolved config before any compilation; returns the mesh shape it implies."""
-    from clipjax.models import PRESETS, CLIPConfig
-
     for key in ("num_steps", "batch_size", "microbatches", "log_every", "max_nonfinite",
                 "checkpoint.keep", "eval.batch_size"):
         _positive_int(config, key)
@@ -167,19 +165,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         _positive_int(config, key, allow_zero=True)
     if not isinstance(config.seed, int):
         raise _fail("seed", config.seed, "expected an int")
-
-    # Model.
-    if config.model.preset not in PRESETS:
-        raise _fail("model.preset", config.model.preset, f"expected one of {list(PRESETS)}")
-    known = {f for f in CLIPConfig.__dataclass_fields__}
-    for key in config.model.overrides:
-        if key not in known:
-            raise _fail(f"model.overrides.{key}", config.model.overrides[key],
-                        f"not a CLIPConfig field; known fields: {sorted(known)}")
-    try:
-        model_config(config)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model is invalid: {e}") from None
+    _validate_model(config)
 
     # Mesh and batch divisibility.
     shape = mesh_shape(config, num_devices)
@@ -212,8 +198,33 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         make_rules(dict(config.sharding_rules))
     except ValueError as e:
         raise ConfigError(f"config.sharding_rules: {e}") from None
+    _validate_optimizer(config)
+    _validate_data_and_eval(config, check_files)
+    return shape
 
-    # Optimizer.
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+    from clipjax.models import PRESETS, SPEC_FIELDS, CLIPConfig
+
+    if config.model.preset not in PRESETS:
+        raise _fail("model.preset", config.model.preset, f"expected one of {list(PRESETS)}")
+    known = {f for f in CLIPConfig.__dataclass_fields__}
+    for key in config.model.overrides:
+        if key not in known:
+            raise _fail(f"model.overrides.{key}", config.model.overrides[key],
+                        f"not a CLIPConfig field; known fields: {sorted(known)}")
+    for key in SPEC_FIELDS:
+        if key in config.model.overrides and config.model.overrides[key] != config.model[key]:
+            raise ConfigError(
+                f"config.model.{key}={config.model[key]!r} and config.model.overrides.{key}="
+                f"{config.model.overrides[key]!r} disagree; set config.model.{key} only")
+    try:
+        model_config(config)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model is invalid: {e}") from None
+
+
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
     o = config.optimizer
     if not float(o.lr) > 0:
         raise _fail("optimizer.lr", o.lr, "expected a learning rate > 0")
@@ -234,7 +245,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     if o.lock_image and "image" not in o.towers:
         raise _fail("optimizer.lock_image", True, "needs optimizer.towers.image (a path regex)")
 
-    # Data.
+
+def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool) -> None:
     if check_files:
         if not config.data.train:
             raise _fail("data.train", config.data.train, "give a glob of TFRecord shards")
@@ -249,7 +261,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise _fail("eval.zeroshot.classnames", "", "needed when eval.zeroshot.shards is set")
     if config.export.format not in ("safetensors", "msgpack"):
         raise _fail("export.format", config.export.format, "expected 'safetensors' or 'msgpack'")
-    return shape
 
 
 def model_config(config: ml_collections.ConfigDict):

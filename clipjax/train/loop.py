@@ -113,7 +113,7 @@ def train_batches(trainer: Trainer, data_state: dict | None) -> Iterator:
     pipeline = TrainPipeline(config.data.train, global_batch=config.batch_size,
                              image_size=mcfg.image_size, context_length=mcfg.context_length,
                              seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
-                             crop_scale=tuple(config.data.augment_scale), state=data_state)
+                             crop_scale=tuple(config.data.crop_scale), state=data_state)
     return prefetch_to_device((({k: b[k] for k in _STEP_KEYS}, s) for b, s in pipeline),
                               trainer.mesh)
 
