@@ -132,11 +132,6 @@ def class_folder_source(root: str, template: str = "a photo of a {}.") -> Source
 
 # (c) webdataset tars (img2dataset's default output) ---------------------------------------------
 
-def expand_paths(patterns: str | Iterable[str], what: str) -> list[str]:
-    """Sorted files matching comma-separated globs; ValueError naming any that match nothing."""
-    return expand_globs(patterns, missing=lambda p: ValueError(f"{what} {p!r} matches no files"))
-
-
 def _split_member(name: str) -> tuple[str, str]:
     directory, base = os.path.split(name)
     stem, _, ext = base.partition(".")
@@ -178,7 +173,8 @@ def _tar_items(path: str) -> Iterator[SourceItem]:
 
 def webdataset_source(patterns: str | Iterable[str]) -> Source:
     """Webdataset `.tar` shards: members KEY.jpg/png/webp + KEY.txt (+ optional KEY.cls)."""
-    paths = expand_paths(patterns, "--webdataset")
+    paths = expand_globs(patterns, missing=lambda p: ValueError(
+        f"--webdataset {p!r} matches no files"))
     for p in paths:
         if not tarfile.is_tarfile(p):
             raise ValueError(f"{p}: not a tar file; expected webdataset shards")
