@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from clipjax.data import schema
-from clipjax.files import write_json
+from clipjax.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,42 @@ def _summarise(manifest: dict) -> None:
     manifest["num_skipped"] = sum(len(s["skipped"]) for s in shards)
 
 
+def _read_chunk(chunk: list[SourceItem]) -> tuple[list[tuple[SourceItem, str]], list[bytes],
+                                                  list[dict]]:
+    """(item, cleaned caption) pairs and raw image bytes of the usable items; skip records."""
+    good, raw, skipped = [], [], []
+    for item in chunk:
+        try:
+            caption = clean_caption(item.caption)
+            data = item.read()
+        except ValueError as e:
+            skipped.append({"key": item.key, "origin": item.origin, "reason": str(e)})
+            continue
+        except OSError as e:
+            skipped.append({"key": item.key, "origin": item.origin,
+                            "reason": f"unreadable ({e})"})
+            continue
+        good.append((item, caption))
+        raw.append(data)
+    return good, raw, skipped
+
+
+def _write_shard(path: str, good: list[tuple[SourceItem, str]], encoded: Iterable,
+                 skipped: list[dict]) -> int:
+    """Write one shard atomically; images that failed to encode are added to `skipped`."""
+    import tensorflow as tf
+
+    count = 0
+    with atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp) as w:
+        for (item, caption), (image, reason) in zip(good, encoded):
+            if image is None:
+                skipped.append({"key": item.key, "origin": item.origin, "reason": reason})
+                continue
+            w.write(schema.make_example(image, caption, item.key, item.label))
+            count += 1
+    return count
+
+
 def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
                  shard_size: int = 1000, max_side: int | None = None, workers: int = 1,
                  prefix: str = "shard", classnames: list[str] | None = None,
@@ -164,15 +200,14 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
         raise ValueError(f"max_side must be >= 1, got {max_side}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    import tensorflow as tf
     from tqdm.auto import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
     manifest = _start_manifest(out_dir, prefix, shard_size, max_side, source, classnames)
     done = {s["index"] for s in manifest["shards"]}
     manifest_path = os.path.join(out_dir, schema.MANIFEST)
-    for name in os.listdir(out_dir):  # leftovers of an interrupted run
-        if name.startswith(prefix + "-") and ".tmp-" in name:
+    for name in os.listdir(out_dir):  # leftovers of a killed run (temporary names)
+        if name.startswith("." + prefix + "-") and name.endswith(".tmp"):
             os.remove(os.path.join(out_dir, name))
 
     pool = None
@@ -185,41 +220,10 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
             if index in done:
                 bar.update(len(chunk))
                 continue
-            skipped: list[dict] = []
-            good: list[tuple[SourceItem, str]] = []
-            raw: list[bytes] = []
-            for item in chunk:
-                try:
-                    caption = clean_caption(item.caption)
-                    data = item.read()
-                except ValueError as e:
-                    skipped.append({"key": item.key, "origin": item.origin, "reason": str(e)})
-                    continue
-                except OSError as e:
-                    skipped.append({"key": item.key, "origin": item.origin,
-                                    "reason": f"unreadable ({e})"})
-                    continue
-                good.append((item, caption))
-                raw.append(data)
+            good, raw, skipped = _read_chunk(chunk)
             encoded = pool.map(encode, raw, chunksize=8) if pool else map(encode, raw)
             name = shard_name(prefix, index)
-            final = os.path.join(out_dir, name)
-            tmp = f"{final}.tmp-{os.getpid()}"
-            count = 0
-            try:
-                with tf.io.TFRecordWriter(tmp) as w:
-                    for (item, caption), (image, reason) in zip(good, encoded):
-                        if image is None:
-                            skipped.append({"key": item.key, "origin": item.origin,
-                                            "reason": reason})
-                            continue
-                        w.write(schema.make_example(image, caption, item.key, item.label))
-                        count += 1
-                os.replace(tmp, final)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
+            count = _write_shard(os.path.join(out_dir, name), good, encoded, skipped)
             for s in skipped:
                 log.warning("skipped %s: %s", s["origin"], s["reason"])
             manifest["shards"] = [s for s in manifest["shards"] if s["index"] != index]
