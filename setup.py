@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax framework for CLIP-style contrastive image-text pretraining",
     python_requires=">=3.11",
-    packages=find_packages(include=["clipjax", "clipjax.*", "launch", "launch.*"]),
+    packages=find_packages(include=["clipjax", "clipjax.*"]),
     package_data={"clipjax": ["data/assets/*", "evaluate/assets/*"]},
     install_requires=[
         "jax>=0.4.35",

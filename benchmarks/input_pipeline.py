@@ -74,7 +74,7 @@ def write_shards(out_dir: str, n: int, unique: int) -> str:
 
 
 def time_pipeline(pattern: str, cores: int, batch: int, steps: int) -> float:
-    from clipjax.data.pipeline import TrainPipeline
+    from clipjax.data.train_pipeline import TrainPipeline
 
     pin(cores)
     pipe = TrainPipeline(pattern, global_batch=batch, image_size=SIZE, seed=0,

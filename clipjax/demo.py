@@ -1,7 +1,8 @@
 """`python -m clipjax.demo` (behind `make demo`): the whole job on a CPU in a few minutes.
 
 1. generate the procedural shapes dataset (train + held-out test shards) through the shard writer;
-2. train `experiments/demo.py` (a tiny CLIP) with progress lines, checkpoints and metrics;
+2. train `get_config()` below (a tiny CLIP; `experiments/demo.py` for the training CLI) with
+   progress lines, checkpoints and metrics;
 3. evaluate on the held-out split: zero-shot classification (12 colour x shape classes, prompt
    ensemble) and image<->text retrieval recall@K, next to chance;
 4. export the model directory and load it back with `clipjax.load` as a check.
@@ -18,20 +19,73 @@ import shutil
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENT = os.path.join(REPO, "experiments", "demo.py")
+DEFAULT_DATA = os.path.join("demo_out", "data")
+# (train, held-out) images of the demo dataset per variant.
+DATASET_SIZES = {"": (12000, 600), "quick": (256, 64)}
 
 
-def load_experiment(path: str, arg: str | None):
-    """get_config(arg) of an experiment file."""
-    import importlib.util
+def get_config(arg: str | None = None):
+    """The demo's train config; `arg`: comma-separated `quick` (a smoke run) and `data=DIR` (the
+    generated demo data, default demo_out/data). The data must exist (`make_demo_data`)."""
+    from clipjax.data.demo import DEMO_CLASSNAMES, DEMO_TEMPLATES
+    from clipjax.train.config import base_config, parse_config_arg
 
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: experiment file {path} not found (run from the repository)")
-    spec = importlib.util.spec_from_file_location("demo_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    a = parse_config_arg(arg, "the demo config", quick=False, data=DEFAULT_DATA)
+    c = base_config()
+    c.seed = 0
+    c.model.preset = "tiny"
+    # The demo captions are at most 14 tokens with start/end: a 16-token context halves the text
+    # tower's work.
+    c.model.overrides.context_length = 16
+    # Narrower than the 'tiny' preset: compute-bound on 2 CPU cores, and the shapes need little.
+    c.model.overrides.update(dict(vision_width=64, vision_heads=2, text_width=64, text_heads=2,
+                                  embed_dim=64))
+    c.data.train = os.path.join(a["data"], "train", "*.tfrecord")
+    c.data.shuffle_buffer = 4000
+    c.data.crop_scale = (0.8, 1.0)
+    c.num_steps = 900
+    c.batch_size = 128
+    c.optimizer.lr = 2e-3
+    c.optimizer.warmup_steps = 30
+    c.optimizer.weight_decay = 0.1
+    c.log_every = 50
+    c.checkpoint.every_steps = 300
+    c.checkpoint.keep = 2
+    test = os.path.join(a["data"], "test", "*.tfrecord")
+    c.eval.zeroshot.shards = test
+    c.eval.zeroshot.classnames = ",".join(DEMO_CLASSNAMES)
+    c.eval.zeroshot.templates = "|".join(DEMO_TEMPLATES)
+    c.eval.retrieval.shards = test
+    c.eval.batch_size = 200
+    if a["quick"]:
+        _quick(c)
+    return c
+
+
+def _quick(c) -> None:
+    """A handful of steps on tiny images (tests and smoke runs)."""
+    c.num_steps = 6
+    c.batch_size = 16
+    c.data.shuffle_buffer = 64
+    c.optimizer.warmup_steps = 2
+    c.log_every = 1
+    c.checkpoint.every_steps = 2
+    c.eval.batch_size = 32
+    c.compiler_options = {"xla_backend_optimization_level": 0}  # compiling dominates here
+    c.model.overrides.update(dict(image_size=16, patch_size=8, vision_width=32,
+                                  vision_layers=1, vision_heads=2, text_width=32,
+                                  text_layers=1, text_heads=2, embed_dim=32,
+                                  context_length=16))
+
+
+def make_demo_data(data_dir: str, variant: str = "", progress: bool = False):
+    """Generate (or find already generated) the demo dataset of `variant` in `data_dir`."""
+    from clipjax.data.demo import make_demo_dataset
+
+    if variant not in DATASET_SIZES:
+        raise ValueError(f"demo variant {variant!r}: expected one of {sorted(DATASET_SIZES)}")
+    n_train, n_test = DATASET_SIZES[variant]
+    return make_demo_dataset(data_dir, n_train=n_train, n_test=n_test, progress=progress)
 
 
 def _setup_logging() -> None:
@@ -41,45 +95,8 @@ def _setup_logging() -> None:
     progress_to_stdout(indent="  ")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipjax.demo",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    parser.add_argument("--variant", default=None,
-                        help="experiments/demo.py variant, e.g. 'quick' for a smoke run")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in OUT/workdir instead of starting fresh")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _setup_logging()
-    t0 = time.perf_counter()
-
-    config = load_experiment(EXPERIMENT, args.variant)
-    data_dir = os.path.join(args.out, "data")
-    workdir = os.path.join(args.out, "workdir")
-    model_dir = os.path.join(args.out, "model")
-    config.data.demo_dir = data_dir
-    config.export.dir = model_dir
-    if not args.resume and os.path.isdir(workdir):
-        shutil.rmtree(workdir)
-
-    import jax
-
-    from clipjax.train.loop import prepare_data, train
-
-    print(f"[1/4] demo dataset -> {data_dir}")
-    t = time.perf_counter()
-    config = prepare_data(config)
-    print(f"      train {config.data.train}, held-out {config.eval.zeroshot.shards} "
-          f"({time.perf_counter() - t:.1f}s)")
-
-    print(f"[2/4] training a '{config.model.preset}' CLIP for {config.num_steps} steps of "
-          f"{config.batch_size} on {jax.device_count()} {jax.devices()[0].platform} device(s) "
-          f"-> {workdir}")
-    t = time.perf_counter()
-    result = train(config, workdir)
-    train_s = time.perf_counter() - t
-
+def _report(result, workdir: str, model_dir: str, t0: float, train_s: float) -> None:
+    """Steps 3 and 4: the held-out metrics next to chance; the exported model loaded back."""
     ev = result.eval_metrics
     classes = int(ev.get("zeroshot/num_classes", 12))
     n_test = int(ev.get("retrieval/num_images", 1))
@@ -100,6 +117,48 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
     print(f"done in {total:.0f}s (training + evaluation {train_s:.0f}s); metrics in "
           f"{workdir}/metrics.jsonl, TensorBoard in {workdir}/tensorboard")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipjax.demo",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    parser.add_argument("--variant", default=None, choices=["quick"],
+                        help="'quick' for a smoke run (a few steps on tiny images)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUT/workdir instead of starting fresh")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _setup_logging()
+    t0 = time.perf_counter()
+
+    variant = args.variant or ""
+    data_dir = os.path.join(args.out, "data")
+    workdir = os.path.join(args.out, "workdir")
+    model_dir = os.path.join(args.out, "model")
+    if not args.resume and os.path.isdir(workdir):
+        shutil.rmtree(workdir)
+
+    print(f"[1/4] demo dataset -> {data_dir}")
+    t = time.perf_counter()
+    make_demo_data(data_dir, variant)
+    config = get_config(",".join(filter(None, [variant, f"data={data_dir}"])))
+    config.export.dir = model_dir
+    print(f"      train {config.data.train}, held-out {config.eval.zeroshot.shards} "
+          f"({time.perf_counter() - t:.1f}s)")
+
+    import jax
+
+    from clipjax.train.loop import train
+
+    print(f"[2/4] training a '{config.model.preset}' CLIP for {config.num_steps} steps of "
+          f"{config.batch_size} on {jax.device_count()} {jax.devices()[0].platform} device(s) "
+          f"-> {workdir}")
+    t = time.perf_counter()
+    result = train(config, workdir)
+    train_s = time.perf_counter() - t
+
+    _report(result, workdir, model_dir, t0, train_s)
     return 0 if result.status == "completed" else 1
 
 

@@ -1,10 +1,9 @@
 """Host-memory setting for CPU runs: back large allocations with transparent huge pages.
 
-On the CPU backend, XLA allocates each train step's temporary buffer (about 2 GB for ViT-B/32 at
-batch 32) with malloc, which maps fresh memory for it every step. Touching that memory page by
-page cost ~500k page faults per step. glibc's `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35)
-asks the kernel for transparent huge pages on those mappings instead: ~1-5k faults per step. The
-tunable is read once at process start, so it has to be in the environment of the process that
+On the CPU backend, XLA allocates each train step's large temporary buffer with malloc, which
+maps fresh memory for it every step and then faults it in page by page. glibc's
+`glibc.malloc.hugetlb=1` tunable (glibc >= 2.35) asks the kernel for transparent huge pages on
+those mappings instead (measurements: benchmarks/RESULTS.md, host malloc). The tunable is read once at process start, so it has to be in the environment of the process that
 runs JAX; older glibc versions ignore it. GPU and TPU device memory is not affected.
 """
 

@@ -13,26 +13,13 @@ the ring InfoNCE so the 32k x 32k logits never materialise.
 
 import ml_collections
 
-from clipjax.train.config import base_config
-
-
-def _args(arg: str | None) -> dict[str, str]:
-    out = {}
-    for part in (arg or "").split(","):
-        if not part:
-            continue
-        if "=" not in part:
-            raise ValueError(f"experiments/b16_laion.py: expected key=value, got {part!r}")
-        key, value = part.split("=", 1)
-        if key not in ("shards", "eval", "steps", "batch"):
-            raise ValueError(f"experiments/b16_laion.py: unknown arg {key!r}; expected shards, "
-                             "eval, steps or batch")
-        out[key] = value
-    return out
+from clipjax.train.config import base_config, parse_config_arg
 
 
 def get_config(arg: str | None = None):
-    a = _args(arg)
+    a = parse_config_arg(arg, "experiments/b16_laion.py",
+                         shards="gs://YOUR_BUCKET/laion400m/*.tfrecord", eval="", steps=100_000,
+                         batch=32768)
     c = base_config()
     c.model.preset = "B/16"
     c.model.dtype = "bfloat16"
@@ -41,10 +28,10 @@ def get_config(arg: str | None = None):
     c.model.overrides.logit_bias_init = ml_collections.FieldReference(None, field_type=float)
     c.loss.name = "softmax"
     c.loss.impl = "ring"
-    c.batch_size = int(a.get("batch", 32768))
-    c.num_steps = int(a.get("steps", 100_000))
+    c.batch_size = a["batch"]
+    c.num_steps = a["steps"]
     c.mesh.update({"data": -1, "fsdp": 8, "tensor": 1})
-    c.data.train = a.get("shards", "gs://YOUR_BUCKET/laion400m/*.tfrecord")
+    c.data.train = a["shards"]
     c.data.shuffle_buffer = 20_000
     c.optimizer.lr = 5e-4
     c.optimizer.warmup_steps = 2000
@@ -57,7 +44,7 @@ def get_config(arg: str | None = None):
     c.log_every = 100
     c.eval.every_steps = 5000
     c.eval.batch_size = 1024
-    if "eval" in a:
+    if a["eval"]:
         c.eval.zeroshot.shards = a["eval"]
         c.eval.zeroshot.classnames = "imagenet_classnames.txt"
         c.eval.zeroshot.templates = "openai_imagenet_templates.txt"

@@ -7,7 +7,9 @@ import numpy as np
 from clipjax.data import demo
 import pytest
 
-from clipjax.data.pipeline import EvalPipeline, TrainPipeline, dataset_classnames
+from clipjax.data.eval_pipeline import EvalPipeline
+from clipjax.data.shards import dataset_classnames
+from clipjax.data.train_pipeline import TrainPipeline
 
 
 def test_render_agrees_with_caption_and_label():

@@ -8,9 +8,11 @@ import tensorflow as tf
 from PIL import Image
 
 from clipjax.data import schema
-from clipjax.data.pipeline import (EvalPipeline, TrainPipeline, gather_state, list_shards,
-                                   prefetch_to_device, to_global, validate_shards)
+from clipjax.data.eval_pipeline import EvalPipeline
+from clipjax.data.shards import list_shards, validate_shards
+from clipjax.data.train_pipeline import TrainPipeline, gather_state
 from clipjax.parallel.mesh import make_mesh
+from clipjax.parallel.placement import prefetch_to_device, to_global
 
 N_RECORDS, N_SHARDS = 32, 3
 BAD = {5: "corrupt", 11: "empty", 17: "utf8", 23: "noimage", 29: "corrupt"}
@@ -183,56 +185,6 @@ def test_to_global_and_prefetch(shards):
                                         process_index=0, process_count=1)))
     g = to_global(eval_batch, mesh)
     assert "key" not in g and "caption" not in g and g["mask"].dtype == bool
-
-
-def _smooth_jpeg(h, w, seed) -> bytes:
-    low = np.random.default_rng(seed).uniform(0, 255, (3, 4, 3)).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(low).resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-@pytest.mark.parametrize("shape", [(20, 18), (70, 90)])  # crop < 2x output, and >= 2x (shrink)
-def test_train_image_close_to_antialiased_train_transform(shape):
-    from clipjax.data import transforms
-    from clipjax.data.pipeline import train_image
-
-    for i in range(3):
-        encoded = tf.constant(_smooth_jpeg(*shape, seed=i))
-        seed = tf.constant([i, 11], tf.int32)
-        ours = train_image(encoded, 16, seed, scale=(0.5, 1.0)).numpy()
-        np.testing.assert_array_equal(ours, train_image(encoded, 16, seed, (0.5, 1.0)).numpy())
-        ref = transforms.train_transform(transforms.decode_image(encoded), 16, seed,
-                                         scale=(0.5, 1.0)).numpy()
-        assert ours.shape == ref.shape == (16, 16, 3) and ours.std() > 0.1
-        # The shrink path drops the < k trailing rows/columns of the window (a slightly smaller
-        # crop): against an antialiased resize of that same window the pixels agree within
-        # ~1 grey level, and against train_transform's full window within ~7.
-        image = transforms.decode_image(encoded)
-        begin, size = transforms.random_resized_crop_box(tf.shape(image), seed, (0.5, 1.0))
-        k = max(1, int(min(size[0], size[1])) // 16)
-        window = tf.slice(image, begin, size)[:size[0] // k * k, :size[1] // k * k]
-        same_window = transforms.normalize(tf.clip_by_value(tf.image.resize(
-            window, [16, 16], method="bicubic", antialias=True), 0.0, 255.0)).numpy()
-        assert np.abs(ours - same_window).mean() < 0.015, np.abs(ours - same_window).mean()
-        assert np.abs(ours - ref).mean() < 0.1, np.abs(ours - ref).mean()
-    other = train_image(encoded, 16, tf.constant([99, 11], tf.int32), scale=(0.5, 1.0)).numpy()
-    assert not np.array_equal(other, ours)
-
-
-def test_area_shrink_and_fused_normalisation():
-    from clipjax.data import transforms
-    from clipjax.data.pipeline import _area_shrink, train_image
-
-    x = np.random.default_rng(0).uniform(0, 255, (7, 9, 3)).astype(np.float32)
-    want = x[:6, :9].reshape(2, 3, 3, 3, 3).mean(axis=(1, 3))
-    np.testing.assert_allclose(_area_shrink(tf.constant(x), 3).numpy(), want, rtol=1e-6)
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 30), (200, 100, 50)).save(buf, format="PNG")
-    out = train_image(tf.constant(buf.getvalue()), 8, tf.constant([1, 2], tf.int32)).numpy()
-    expect = (np.float32([200, 100, 50]) / 255 - np.float32(transforms.CLIP_MEAN)) / np.float32(
-        transforms.CLIP_STD)
-    np.testing.assert_allclose(out, np.broadcast_to(expect, out.shape), atol=1e-5)
 
 
 def test_pretokenized_ids_are_used_padded_and_truncated(tmp_path):

@@ -15,13 +15,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from clipjax import files
 from clipjax.export import serialization as ser
 from clipjax.export.__main__ import main as export_main
 from clipjax.export.load import check_params, detect_source, load, model_fingerprint
 from clipjax.export.modeldir import read_model_dir, save_model_dir
 from clipjax.export.openai import (config_from_openai, from_openai_state_dict,
                                    to_openai_state_dict)
-from clipjax.models import CLIP, CLIPConfig, dummy_inputs
+from clipjax.models import CLIP, CLIPConfig
 
 TINY = CLIPConfig(embed_dim=24, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                   vision_heads=1, context_length=12, vocab_size=300, text_width=64, text_layers=2,
@@ -88,7 +89,7 @@ def test_safetensors_and_msgpack_round_trip_keep_dtypes_and_scalars(tmp_path):
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "x.bin"
     with pytest.raises(RuntimeError):
-        with ser.atomic_path(target) as tmp:
+        with files.atomic_path(target) as tmp:
             open(tmp, "wb").write(b"half")
             raise RuntimeError("crash")
     assert os.listdir(tmp_path) == []

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from clipjax.hostmem import with_hugepage_malloc
-from launch import local, sweep
+from clipjax.launch import local, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,15 +43,16 @@ def test_sweep_expands_to_distinct_workdirs(launcher, tmp_path):
 
 
 def test_sweep_cli_dry_run_and_bad_file(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "launch.sweep", "experiments/sweeps/b16_loss.py",
-                          "--launcher", "tpu", "--launcher-args=--zone z --type v4-8",
-                          "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "clipjax.launch.sweep",
+                          "experiments/sweeps/b16_loss.py", "--launcher", "tpu",
+                          "--launcher-args=--zone z --type v4-8", "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 4 and all("--zone z --type v4-8" in line for line in lines)
     assert "--config.loss.name=sigmoid" in lines[2]
     bad = tmp_path / "bad.py"
     bad.write_text("CONFIG = 'experiments/demo.py'\ndef get_sweep():\n    return {}\n")
-    r = subprocess.run([sys.executable, "-m", "launch.sweep", str(bad), "--launcher", "local"],
+    r = subprocess.run([sys.executable, "-m", "clipjax.launch.sweep", str(bad),
+                        "--launcher", "local"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "non-empty list of dicts" in r.stderr
 

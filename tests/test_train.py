@@ -255,6 +255,8 @@ def test_nonfinite_step_is_skipped_and_counted(single):
     ({"data.train": "/nonexistent/shards-*.tfrecord"}, "config.data.train"),
     ({"data.train": ""}, "config.data.train"),
     ({"model.remat": "sometimes"}, "config.model"),
+    ({"model.overrides.dtype": "bfloat16"},
+     "config.model.dtype='float32' and config.model.overrides.dtype='bfloat16' disagree"),
 ])
 def test_config_errors_name_the_key(changes, key, tmp_path):
     shard = tmp_path / "a.tfrecord"
@@ -371,3 +373,17 @@ def test_false_negative_rules_through_the_step():
     scale = max(np.abs(v).max() for v in flat1.values())
     for k in flat1:
         np.testing.assert_allclose(flat2[k], flat1[k], atol=1e-5 * scale, err_msg=str(k))
+
+
+def test_parse_config_arg_converts_and_names_bad_keys():
+    from clipjax.train.config import parse_config_arg
+
+    got = parse_config_arg("quick,steps=5,data=a=b", "exp.py", quick=False, steps=10, data="x")
+    assert got == {"quick": True, "steps": 5, "data": "a=b"}
+    assert parse_config_arg(None, "exp.py", steps=10) == {"steps": 10}
+    with pytest.raises(ValueError, match=r"exp.py: unknown arg 'nope'.*\['steps'\]"):
+        parse_config_arg("nope=1", "exp.py", steps=10)
+    with pytest.raises(ValueError, match="steps='x': expected a value of type int"):
+        parse_config_arg("steps=x", "exp.py", steps=10)
+    with pytest.raises(ValueError, match="expected steps=VALUE"):
+        parse_config_arg("steps", "exp.py", steps=10)

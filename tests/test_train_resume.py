@@ -27,22 +27,27 @@ def env(tmp_path_factory):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    e.pop(FAULT, None)
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, e.get("PYTHONPATH")]))
     return e
 
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("demo_data"))
+    from clipjax.demo import make_demo_data
+
+    path = str(tmp_path_factory.mktemp("demo_data"))
+    make_demo_data(path, "quick")
+    return path
 
 
-FAULT = "CLIPJAX_FAULT"
-
-
-def train_cmd(workdir, demo_data, *extra, steps=STEPS):
-    return [sys.executable, "-m", "clipjax.train", "--config",
-            os.path.join(REPO, "experiments", "demo.py:quick"), "--workdir", str(workdir),
-            f"--config.data.demo_dir={demo_data}", f"--config.num_steps={steps}",
+def train_cmd(workdir, demo_data, *extra, steps=STEPS, fault=None):
+    """The training CLI on the demo's quick variant; with `fault`, through the test runner that
+    installs that fault-injection hook (tests/train_with_faults.py)."""
+    start = (["-m", "clipjax.train"] if fault is None
+             else [os.path.join(REPO, "tests", "train_with_faults.py"), fault])
+    return [sys.executable, *start, "--config",
+            os.path.join(REPO, "experiments", f"demo.py:quick,data={demo_data}"),
+            "--workdir", str(workdir), f"--config.num_steps={steps}",
             "--config.eval.at_end=False", "--config.tensorboard=False", *extra]
 
 
@@ -90,7 +95,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(tmp_path, en
     assert killed_at < STEPS
 
     # 2. Resume, and die by SIGKILL in the middle of writing the checkpoint of step 6.
-    r = run(train_cmd(work, demo_data), dict(env, **{FAULT: "kill_in_save:6"}))
+    r = run(train_cmd(work, demo_data, fault="kill_in_save:6"), env)
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
     names = os.listdir(work / "checkpoints")
     assert any(n.startswith("6.") and "tmp" in n for n in names), names  # half-written
@@ -98,7 +103,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(tmp_path, en
 
     # 3. Resume again: the half-written checkpoint is not picked. A preemption notice (SIGTERM)
     #    after step 7 saves that step and stops cleanly.
-    r = run(train_cmd(work, demo_data), dict(env, **{FAULT: "sigterm_at:7"}))
+    r = run(train_cmd(work, demo_data, fault="sigterm_at:7"), env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from the checkpoint of step 4" in r.stderr
     assert "preempted at step 7" in r.stdout
@@ -124,7 +129,7 @@ def test_two_processes_match_one_process(tmp_path, env, demo_data):
     One shard and no shuffling/cropping make both runs see the same examples in each global
     batch (per host: records i::2), in a different row order, so results agree to float
     rounding, not bitwise."""
-    same_data = ["--config.data.shuffle_buffer=1", "--config.data.augment_scale=(1.0, 1.0)",
+    same_data = ["--config.data.shuffle_buffer=1", "--config.data.crop_scale=(1.0, 1.0)",
                  "--config.checkpoint.every_steps=0"]
     # Few steps: on CPU, gloo makes the token-embedding gradient's all-reduce slow (seconds).
     steps = 3
@@ -133,7 +138,7 @@ def test_two_processes_match_one_process(tmp_path, env, demo_data):
             dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
-    r = run([sys.executable, "-m", "launch.local", "-n", "2", "--devices-per-process", "2",
+    r = run([sys.executable, "-m", "clipjax.launch.local", "-n", "2", "--devices-per-process", "2",
              "--log-dir", str(two / "logs"), "--"]
             + train_cmd(two, demo_data, *same_data, steps=steps), env)
     assert r.returncode == 0, r.stdout[-3000:]

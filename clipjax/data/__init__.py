@@ -2,5 +2,5 @@
 data, tokenizer and image transforms. May import numpy/tensorflow/PIL/jax, never clipjax.train.
 
 Submodules import TensorFlow lazily, so image-encoding worker processes of the writer start fast:
-use `from clipjax.data.pipeline import TrainPipeline, EvalPipeline, to_global, ...` directly.
+import the submodules directly (`from clipjax.data.train_pipeline import TrainPipeline`).
 """

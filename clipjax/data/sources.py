@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import json
 import os
 import tarfile
@@ -23,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from clipjax.data.writer import SourceItem
+from clipjax.files import expand_globs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -141,19 +141,6 @@ def class_folder_source(root: str, template: str = "a photo of a {}.") -> Source
 
 # (c) webdataset tars (img2dataset's default output) ---------------------------------------------
 
-def expand_paths(patterns: str | Iterable[str], what: str) -> list[str]:
-    """Sorted files matching comma-separated globs; ValueError naming any that match nothing."""
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p]
-    out: list[str] = []
-    for p in patterns:
-        matches = sorted(glob.glob(p))
-        if not matches:
-            raise ValueError(f"{what} {p!r} matches no files")
-        out.extend(matches)
-    return out
-
-
 def _split_member(name: str) -> tuple[str, str]:
     directory, base = os.path.split(name)
     stem, _, ext = base.partition(".")
@@ -229,7 +216,8 @@ def webdataset_source(patterns: str | Iterable[str]) -> Source:
     can permute all of them; if any tar is compressed the source is `in_memory` and shuffled by
     tar order plus a bounded buffer.
     """
-    paths = expand_paths(patterns, "--webdataset")
+    paths = expand_globs(patterns, missing=lambda p: ValueError(
+        f"--webdataset {p!r} matches no files"))
     for p in paths:
         if not tarfile.is_tarfile(p):
             raise ValueError(f"{p}: not a tar file; expected webdataset shards")

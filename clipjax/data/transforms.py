@@ -1,10 +1,13 @@
 """Image decoding and CLIP's image transforms as TensorFlow ops for tf.data, plus a PIL eval path.
 
 `eval_transform` reproduces OpenAI's eval preprocessing (bicubic resize of the short side, center
-crop, CLIP mean/std); `train_transform` is a stateless random resized crop, deterministic given its
-seed. `preprocess` is the same eval transform on a single PIL image (numpy out), for search/eval.
+crop, CLIP mean/std); `train_transform` is the training pipeline's stateless random resized crop,
+deterministic given its seed. `preprocess` is the same eval transform on a single PIL image (numpy
+out), for search/eval.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -92,41 +95,66 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def random_resized_crop_box(image_shape: tf.Tensor, seed: tf.Tensor,
-                            scale: tuple[float, float] = (0.9, 1.0),
+                            crop_scale: tuple[float, float] = (0.9, 1.0),
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple:
-    """A crop window (begin [3], size [3] for tf.slice) covering `scale` of the image area with
+    """A crop window (begin [3], size [3] for tf.slice) covering `crop_scale` of the image area with
     width/height in `ratio`; up to 10 tries, else the whole image. Deterministic given `seed`."""
     seed = tf.convert_to_tensor(seed)
     if seed.dtype not in (tf.int32, tf.int64) or seed.shape.as_list() != [2]:
         raise ValueError(f"seed must be an int32/int64 tensor of shape [2], got {seed.dtype.name} "
                          f"{seed.shape}")
-    if not 0.0 < scale[0] <= scale[1] <= 1.0 or not 0.0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got "
-                         f"scale={scale}, ratio={ratio}")
+    if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0 or not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"need 0 < crop_scale[0] <= crop_scale[1] <= 1 and 0 < ratio[0] <= "
+                         f"ratio[1], got "
+                         f"crop_scale={crop_scale}, ratio={ratio}")
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         image_shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-        aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+        aspect_ratio_range=ratio, area_range=crop_scale, max_attempts=10,
         use_image_if_no_bounding_boxes=True)
     return begin, crop_size
 
 
 def train_transform(image: tf.Tensor, size: int, seed: tf.Tensor,
-                    scale: tuple[float, float] = (0.9, 1.0),
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                    method: str = "bicubic") -> tf.Tensor:
+                    crop_scale: tuple[float, float] = (0.9, 1.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
     """Random resized crop: uint8 [H, W, 3] -> float32 [size, size, 3], CLIP-normalised.
 
-    The window comes from `random_resized_crop_box(seed)`; it is resized to size x size with
-    `method` (default bicubic, antialiased, as the eval transform; "bilinear" is cheaper).
+    The window comes from `random_resized_crop_box(seed)`. A window more than twice the output is
+    first shrunk by the integer factor k = floor(short side / size) with a k x k mean filter (the
+    < k trailing rows/columns that do not fill a block are dropped: a marginally smaller crop),
+    then resized with plain bicubic, whose scale is then in (0.5, 1] or an upscale, where aliasing
+    is negligible. This is within ~1 grey level of an antialiased bicubic resize of the window at
+    a fraction of its cost (see benchmarks/RESULTS.md, "Input pipeline").
     """
     image = _check_image(image)
     size = _check_size(size)
-    begin, crop_size = random_resized_crop_box(tf.shape(image), seed, scale, ratio)
-    crop = tf.slice(image, begin, crop_size)
-    resized = tf.image.resize(crop, [size, size], method=method, antialias=True)
-    resized = tf.clip_by_value(resized, 0.0, 255.0)
-    resized.set_shape([size, size, image.shape[-1]])
-    return normalize(resized)
+    begin, crop_size = random_resized_crop_box(tf.shape(image), seed, crop_scale, ratio)
+    crop = tf.cast(tf.slice(image, begin, crop_size), tf.float32)
+    k = tf.maximum(tf.minimum(crop_size[0], crop_size[1]) // size, 1)
+    crop = tf.cond(k > 1, lambda: area_shrink(crop, k), lambda: crop)
+    resized = tf.image.resize(crop, [size, size], method="bicubic", antialias=False)
+    # One multiply-add over full-shape constants: TF's CPU kernels broadcast a trailing 3 slowly.
+    mul, add = _normalize_constants(size)
+    out = tf.clip_by_value(resized, 0.0, 255.0) * mul + add
+    out.set_shape([size, size, 3])
+    return out
+
+
+def area_shrink(image: tf.Tensor, k) -> tf.Tensor:
+    """Mean over k x k blocks (trailing rows/columns that do not fill a block are dropped)."""
+    h, w = tf.shape(image)[0] // k * k, tf.shape(image)[1] // k * k
+    blocks = tf.reshape(image[:h, :w], [h // k, k, w // k, k, 3])
+    return tf.reduce_mean(blocks, axis=[1, 3])
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_constants(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(1 / (255 std), -mean / std) broadcast to [size, size, 3] float32."""
+    mean = np.asarray(CLIP_MEAN, np.float32)
+    std = np.asarray(CLIP_STD, np.float32)
+    shape = (size, size, 3)
+    return (np.broadcast_to(1.0 / (255.0 * std), shape).copy(),
+            np.broadcast_to(-mean / std, shape).copy())
 
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:

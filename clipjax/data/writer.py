@@ -20,10 +20,10 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 from clipjax.data import order as order_lib
 from clipjax.data import schema
+from clipjax.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,6 @@ def read_manifest(out_dir: str) -> dict | None:
         raise ValueError(f"{path}: unreadable manifest ({e}); remove it or use a fresh --out") from e
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
@@ -186,6 +178,42 @@ def _summarise(manifest: dict) -> None:
     manifest["num_skipped"] = sum(len(s["skipped"]) for s in shards)
 
 
+def _read_chunk(chunk: list[SourceItem]) -> tuple[list[tuple[SourceItem, str]], list[bytes],
+                                                  list[dict]]:
+    """(item, cleaned caption) pairs and raw image bytes of the usable items; skip records."""
+    good, raw, skipped = [], [], []
+    for item in chunk:
+        try:
+            caption = clean_caption(item.caption)
+            data = item.read()
+        except ValueError as e:
+            skipped.append({"key": item.key, "origin": item.origin, "reason": str(e)})
+            continue
+        except OSError as e:
+            skipped.append({"key": item.key, "origin": item.origin,
+                            "reason": f"unreadable ({e})"})
+            continue
+        good.append((item, caption))
+        raw.append(data)
+    return good, raw, skipped
+
+
+def _write_shard(path: str, good: list[tuple[SourceItem, str]], encoded: Iterable,
+                 skipped: list[dict]) -> int:
+    """Write one shard atomically; images that failed to encode are added to `skipped`."""
+    import tensorflow as tf
+
+    count = 0
+    with atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp) as w:
+        for (item, caption), (image, reason) in zip(good, encoded):
+            if image is None:
+                skipped.append({"key": item.key, "origin": item.origin, "reason": reason})
+                continue
+            w.write(schema.make_example(image, caption, item.key, item.label))
+            count += 1
+    return count
+
+
 def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
                  shard_size: int = 1000, max_side: int | None = None, workers: int = 1,
                  prefix: str = "shard", classnames: list[str] | None = None,
@@ -208,7 +236,6 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
         raise ValueError(f"max_side must be >= 1, got {max_side}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    import tensorflow as tf
     from tqdm.auto import tqdm
 
     items, order, count = order_lib.order_items(items, shuffle_seed, shuffle_buffer)
@@ -217,8 +244,8 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
     manifest = _start_manifest(out_dir, prefix, shard_size, max_side, source, classnames, order)
     done = {s["index"] for s in manifest["shards"]}
     manifest_path = os.path.join(out_dir, schema.MANIFEST)
-    for name in os.listdir(out_dir):  # leftovers of an interrupted run
-        if name.startswith(prefix + "-") and ".tmp-" in name:
+    for name in os.listdir(out_dir):  # leftovers of a killed run (temporary names)
+        if name.startswith("." + prefix + "-") and name.endswith(".tmp"):
             os.remove(os.path.join(out_dir, name))
 
     pool = None
@@ -231,48 +258,17 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
             if index in done:
                 bar.update(len(chunk))
                 continue
-            skipped: list[dict] = []
-            good: list[tuple[SourceItem, str]] = []
-            raw: list[bytes] = []
-            for item in chunk:
-                try:
-                    caption = clean_caption(item.caption)
-                    data = item.read()
-                except ValueError as e:
-                    skipped.append({"key": item.key, "origin": item.origin, "reason": str(e)})
-                    continue
-                except OSError as e:
-                    skipped.append({"key": item.key, "origin": item.origin,
-                                    "reason": f"unreadable ({e})"})
-                    continue
-                good.append((item, caption))
-                raw.append(data)
+            good, raw, skipped = _read_chunk(chunk)
             encoded = pool.map(encode, raw, chunksize=8) if pool else map(encode, raw)
             name = shard_name(prefix, index)
-            final = os.path.join(out_dir, name)
-            tmp = f"{final}.tmp-{os.getpid()}"
-            count = 0
-            try:
-                with tf.io.TFRecordWriter(tmp) as w:
-                    for (item, caption), (image, reason) in zip(good, encoded):
-                        if image is None:
-                            skipped.append({"key": item.key, "origin": item.origin,
-                                            "reason": reason})
-                            continue
-                        w.write(schema.make_example(image, caption, item.key, item.label))
-                        count += 1
-                os.replace(tmp, final)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
+            count = _write_shard(os.path.join(out_dir, name), good, encoded, skipped)
             for s in skipped:
                 log.warning("skipped %s: %s", s["origin"], s["reason"])
             manifest["shards"] = [s for s in manifest["shards"] if s["index"] != index]
             manifest["shards"].append({"index": index, "file": name, "count": count,
                                        "skipped": skipped})
             _summarise(manifest)
-            _write_json_atomic(manifest_path, manifest)
+            write_json(manifest_path, manifest)
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -280,5 +276,5 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
             pool.shutdown(cancel_futures=True)
     manifest["complete"] = True
     _summarise(manifest)
-    _write_json_atomic(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return manifest

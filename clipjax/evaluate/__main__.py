@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 
 from clipjax.export.__main__ import add_trust_flag
-from clipjax.export.serialization import write_text
+from clipjax.files import write_text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Evaluation inputs from a spec string: TFRecord shards, an image folder by class, or tfds.
 
-  GLOB or DIR of *.tfrecord   labelled / captioned shards (clipjax.data.pipeline.EvalPipeline)
+  GLOB or DIR of *.tfrecord   labelled / captioned shards (clipjax.data.eval_pipeline.EvalPipeline)
   DIR of class sub-folders    root/<class>/<image>: labels by sorted folder name
   tfds:NAME[:SPLIT]           a prepared tfds dataset (default split: test)
 
@@ -11,7 +11,6 @@ counted in `skipped`.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from clipjax.files import expand_globs
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,8 @@ def _as_str(caption: str | bytes) -> str:
 
 def _shard_files(spec: str) -> list[str]:
     if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "*.tfrecord")))
-    return sorted(glob.glob(spec))
+        spec = os.path.join(spec, "*.tfrecord")
+    return expand_globs([spec])
 
 
 def open_eval_data(spec: str, *, image_size: int, context_length: int, batch_size: int,
@@ -135,12 +136,13 @@ def open_eval_data(spec: str, *, image_size: int, context_length: int, batch_siz
                         lambda: batches.skipped)
     files = _shard_files(spec)
     if files:
-        from clipjax.data.pipeline import EvalPipeline
+        from clipjax.data.eval_pipeline import EvalPipeline
+        from clipjax.data.shards import dataset_classnames
 
         pipeline = EvalPipeline(files, global_batch=batch_size, image_size=image_size,
                                 context_length=context_length)
         batches = pipeline if limit is None else _limited(pipeline, limit)
-        return EvalData(batches, _manifest_classnames(files), f"{len(files)} TFRecord shards",
+        return EvalData(batches, dataset_classnames(files), f"{len(files)} TFRecord shards",
                         lambda: pipeline.skipped)
     if os.path.isdir(spec):
         from clipjax.data.sources import class_folder_source
@@ -171,20 +173,3 @@ class _limited:
             mask[real[self.limit - seen:]] = False
             seen += int(mask.sum())
             yield {**batch, "mask": mask}
-
-
-def _manifest_classnames(files: list[str]) -> list[str] | None:
-    """Class names the shard writer recorded in the manifest next to the shards, if any."""
-    import json
-
-    from clipjax.data import schema
-
-    path = os.path.join(os.path.dirname(files[0]), schema.MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f).get("classnames")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return list(names) if names else None

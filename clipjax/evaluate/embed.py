@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipjax.export.modeldir import variables_of
 from clipjax.parallel.mesh import BATCH_AXES
+from clipjax.parallel.placement import fetch_local, to_global
 
 
 def batch_divisor(mesh: Mesh | None) -> int:
@@ -47,30 +48,6 @@ def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
     sharding = NamedSharding(mesh, P())
     return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, sharding),
                         tree)
-
-
-def put_batch(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
-    """A host-local batch -> a global array split over the mesh's batch axes."""
-    if mesh is None:
-        return jnp.asarray(x)
-    sharding = NamedSharding(mesh, P(BATCH_AXES))
-    return jax.make_array_from_process_local_data(sharding, x)
-
-
-def fetch_local(x: jax.Array) -> np.ndarray:
-    """This host's rows of a batch-sharded global array (all rows on a single host).
-
-    Pairs with `put_batch`: the rows come back in the order this host fed them in.
-    """
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    seen, parts = set(), []
-    for shard in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
-        start = shard.index[0].start or 0
-        if start not in seen:  # replicas of the same rows on other local devices
-            seen.add(start)
-            parts.append(np.asarray(shard.data))
-    return np.concatenate(parts)
 
 
 class Encoder:
@@ -108,7 +85,7 @@ class Encoder:
         out = []
         for start in range(0, x.shape[0], self.batch_size):
             part = x[start:start + self.batch_size]
-            emb = fn(self.params, put_batch(pad_rows(part, self.batch_size), self.mesh))
+            emb = fn(self.params, to_global(pad_rows(part, self.batch_size), self.mesh))
             out.append(fetch_local(emb)[:part.shape[0]])
         if not out:
             return np.zeros((0, self.embed_dim), np.float32)

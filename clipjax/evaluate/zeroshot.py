@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from clipjax.evaluate.embed import Encoder, batch_divisor, pad_rows, put_batch, put_replicated
+from clipjax.evaluate.embed import Encoder, batch_divisor, pad_rows, put_replicated
 from clipjax.export.modeldir import variables_of
+from clipjax.parallel.placement import to_global
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ def zeroshot_accuracy(model: Any, params: Mapping[str, Any],
                              f"names; check --classnames matches the dataset")
         labels = np.where(mask, labels, 0)
         rows = -(-b // divisor) * divisor  # pad so the batch splits over the mesh
-        h, c = step(params, weights_dev, put_batch(pad_rows(images, rows), mesh),
-                    put_batch(pad_rows(labels, rows), mesh), put_batch(pad_rows(mask, rows), mesh))
+        h, c = step(params, weights_dev, to_global(pad_rows(images, rows), mesh),
+                    to_global(pad_rows(labels, rows), mesh), to_global(pad_rows(mask, rows), mesh))
         hits += np.asarray(h)
         counts += np.asarray(c)
     total = int(counts.sum())

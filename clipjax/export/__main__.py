@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+from clipjax.files import write_dir_atomically
 
 EXPORT_FORMATS = ("safetensors", "msgpack", "hf", "openai")
 IMPORT_SOURCES = ("hf", "openai", "open_clip")
@@ -69,23 +69,6 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise SystemExit(f"error: --out {out} already exists; pass --overwrite to replace it")
 
 
-def write_dir_atomically(out: str, write: Callable[[str], None]) -> None:
-    """Run `write(tmp_dir)` and move the finished directory to `out` (replacing it)."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(out)) + ".", dir=parent)
-    try:
-        write(tmp)
-        if os.path.isdir(out) and not os.path.islink(out):
-            shutil.rmtree(out)
-        elif os.path.exists(out):
-            os.remove(out)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
 def write_model(out: str, fmt: str, config, params, drop_logit_bias: bool = False) -> None:
     """Write (config, params) to `out` in `fmt` (one of EXPORT_FORMATS)."""
     if fmt in ("safetensors", "msgpack"):
@@ -101,7 +84,7 @@ def write_model(out: str, fmt: str, config, params, drop_logit_bias: bool = Fals
         from safetensors.numpy import save
 
         from clipjax.export.openai import to_openai_state_dict
-        from clipjax.export.serialization import write_bytes
+        from clipjax.files import write_bytes
 
         if not out.endswith(".safetensors"):
             raise SystemExit(f"error: --format openai writes one file; --out must end in "

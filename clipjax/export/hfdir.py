@@ -17,6 +17,7 @@ import numpy as np
 
 from clipjax.export import hf
 from clipjax.export import serialization as ser
+from clipjax.files import write_bytes, write_text
 from clipjax.models import CLIPConfig
 
 FLAX_WEIGHTS = "flax_model.msgpack"
@@ -114,8 +115,8 @@ def write_hf_dir(out_dir: str, config: CLIPConfig, params: Mapping[str, Any],
     ser.save_msgpack(hf_params, os.path.join(out_dir, FLAX_WEIGHTS))
     from safetensors.numpy import save
 
-    ser.write_bytes(os.path.join(out_dir, TORCH_WEIGHTS),
+    write_bytes(os.path.join(out_dir, TORCH_WEIGHTS),
                     save(flax_to_torch_names(hf_params), metadata={"format": "pt"}))
     d = hf_cfg.to_dict()
     d["architectures"] = ["CLIPModel"]
-    ser.write_text(os.path.join(out_dir, CONFIG_FILE), json.dumps(d, indent=2, sort_keys=True))
+    write_text(os.path.join(out_dir, CONFIG_FILE), json.dumps(d, indent=2, sort_keys=True))

@@ -22,7 +22,8 @@ import numpy as np
 
 from clipjax.export import modeldir
 from clipjax.export.serialization import flatten_params
-from clipjax.models import CLIP, CLIPConfig, abstract_variables, get_preset, unstack_layer_params
+from clipjax.models import (CLIP, CLIPConfig, abstract_variables, config_from_spec,
+                            unstack_layer_params)
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +104,13 @@ def load(path: str, *, step: int | None = None, dtype: str | None = None,
 
 # --------------------------------------------------------------------------- training workdirs
 def model_config_from_train_config(train_config: Mapping[str, Any], where: str) -> CLIPConfig:
-    """The CLIPConfig a resolved train config describes: model.preset + dtype/scan/remat +
-    model.overrides (the trainer's rule, restated here so export does not import train)."""
+    """The CLIPConfig a resolved train config describes (its `model` section, read by
+    `clipjax.models.config_from_spec` as the trainer does)."""
     model = train_config.get("model")
     if not isinstance(model, Mapping) or "preset" not in model:
         raise ValueError(f"{where}: train config has no model.preset")
-    fields = {k: model[k] for k in ("dtype", "scan_layers", "remat") if k in model}
-    if "scan_layers" in fields:
-        fields["scan_layers"] = bool(fields["scan_layers"])
-    for k, v in dict(model.get("overrides") or {}).items():
-        fields[k] = tuple(v) if isinstance(v, list) else v
     try:
-        return dataclasses.replace(get_preset(model["preset"]), **fields)
+        return config_from_spec(model)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: invalid model config: {e}") from e
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from clipjax.export import serialization as ser
+from clipjax.files import write_text
 from clipjax.models import CLIPConfig, stack_layer_params, unstack_layer_params
 
 MODEL_FORMAT = "clipjax-model"
@@ -89,7 +90,7 @@ def save_model_dir(out_dir: str, config: CLIPConfig, params: Mapping[str, Any],
         else:
             ser.save_msgpack(tree, path)
     # config.json last: a directory is only recognised as a model once its weights are complete.
-    ser.write_text(os.path.join(out_dir, CONFIG_FILE), config_to_json(config))
+    write_text(os.path.join(out_dir, CONFIG_FILE), config_to_json(config))
 
 
 def read_model_dir(path: str) -> tuple[CLIPConfig, dict[str, Any]]:

@@ -1,45 +1,19 @@
 """Parameter pytrees <-> files: safetensors (flat '/'-joined names) and flax msgpack.
 
-Every writer goes through `atomic_path`, so a crash never leaves a half-written file behind.
+Every writer goes through `clipjax.files.write_bytes`, so a crash never leaves a half-written file behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from clipjax.files import write_bytes
+
 SEP = "/"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
 
 
 def _unbox(tree: Any) -> Any:
@@ -137,10 +111,6 @@ def load_msgpack(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{os.fspath(path)}: expected a nested dict of arrays, got "
                          f"{type(tree).__name__}")
     return tree
-
-
-def param_count(params: Mapping[str, Any]) -> int:
-    return int(sum(v.size for v in flatten_params(params).values()))
 
 
 def json_field(path: str | os.PathLike, key: str) -> Any:

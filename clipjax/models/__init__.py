@@ -5,17 +5,21 @@ are listed in `clipjax.models.layers.LOGICAL_AXES`.
 """
 from clipjax.models.clip import CLIP, CLIPConfig, abstract_variables, dummy_inputs, l2_normalize, num_params
 from clipjax.models.layers import LOGICAL_AXES, count_params, stack_layer_params, unstack_layer_params
-from clipjax.models.presets import PRESETS, create_model, get_preset
+from clipjax.models.presets import (PRESETS, SPEC_FIELDS, build_config, config_from_spec,
+                                    create_model, get_preset)
 
 __all__ = [
     "CLIP",
     "CLIPConfig",
     "LOGICAL_AXES",
     "PRESETS",
+    "SPEC_FIELDS",
     "abstract_variables",
     "count_params",
     "create_model",
     "dummy_inputs",
+    "build_config",
+    "config_from_spec",
     "get_preset",
     "l2_normalize",
     "num_params",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from clipjax.models.clip import CLIPConfig
@@ -41,17 +42,45 @@ def get_preset(name: str) -> CLIPConfig:
         raise ValueError(f"unknown model preset {name!r}; known presets: {list(PRESETS)}") from None
 
 
+# The fields a model spec (a train config's `model` section) sets besides `overrides`.
+SPEC_FIELDS = ("dtype", "scan_layers", "remat")
+
+
+def build_config(preset_or_config: str | CLIPConfig,
+                 overrides: Mapping[str, Any] | None = None) -> CLIPConfig:
+    """A preset name (or a CLIPConfig) with field overrides applied (lists become tuples).
+
+    The one place a preset plus overrides becomes a CLIPConfig: `create_model`, the trainer and
+    the export of a training workdir all go through it.
+    """
+    cfg = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    if not isinstance(cfg, CLIPConfig):
+        raise TypeError(f"expected a preset name or CLIPConfig, got "
+                        f"{type(preset_or_config).__name__}")
+    if not overrides:
+        return cfg
+    known = {f.name for f in dataclasses.fields(CLIPConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown CLIPConfig override(s) {unknown}; known keys: {sorted(known)}")
+    return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in overrides.items()})
+
+
+def config_from_spec(spec: Mapping[str, Any]) -> CLIPConfig:
+    """The CLIPConfig of a model spec: {'preset', and optionally 'dtype', 'scan_layers', 'remat',
+    'overrides': {CLIPConfig field: value}} (the shape of a train config's `model` section)."""
+    if "preset" not in spec:
+        raise ValueError(f"model spec has no 'preset'; got keys {sorted(spec)}")
+    fields = {k: spec[k] for k in SPEC_FIELDS if k in spec}
+    if "scan_layers" in fields:
+        fields["scan_layers"] = bool(fields["scan_layers"])
+    fields.update(dict(spec.get("overrides") or {}))
+    return build_config(spec["preset"], fields)
+
+
 def create_model(preset_or_config: str | CLIPConfig, **overrides: Any):
     """A CLIP module from a preset name or config, with field overrides (e.g. dtype='bfloat16')."""
     from clipjax.models.clip import CLIP
 
-    cfg = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
-    if not isinstance(cfg, CLIPConfig):
-        raise TypeError(f"expected a preset name or CLIPConfig, got {type(preset_or_config).__name__}")
-    if overrides:
-        known = {f.name for f in dataclasses.fields(CLIPConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown CLIPConfig override(s) {unknown}; known keys: {sorted(known)}")
-        cfg = dataclasses.replace(cfg, **overrides)
-    return CLIP(cfg)
+    return CLIP(build_config(preset_or_config, overrides))

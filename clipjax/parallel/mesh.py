@@ -64,10 +64,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, batch_spec())
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def batch_axis_size(mesh: Mesh) -> int:
     """How many ways a global batch is split."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -140,7 +140,7 @@ def run_query(args: argparse.Namespace) -> None:
     for rank, (s, i) in enumerate(zip(scores, ids), start=1):
         print(f"{rank:4d}  {s:.4f}  {index.paths[i]}")
     if args.html:
-        from clipjax.export.serialization import write_text
+        from clipjax.files import write_text
         from clipjax.search.html import results_page
 
         results = [(float(s), index.paths[i]) for s, i in zip(scores, ids)]

@@ -7,7 +7,6 @@ Unreadable images are skipped, recorded in the index, and not retried.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from clipjax.files import expand_globs
 from clipjax.search.index import IndexWriter, iter_chunks
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,8 @@ def list_images(spec: str) -> list[str]:
             raise ValueError(f"--images {spec}: directory holds no images "
                              f"({', '.join(IMAGE_EXTENSIONS)})")
     else:
-        found = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
-        if not found:
-            raise ValueError(f"--images {spec!r}: matches no files; expected a directory or a "
-                             f"glob of images")
+        found = expand_globs([spec], files_only=True, recursive=True, missing=lambda p: ValueError(
+            f"--images {p!r}: matches no files; expected a directory or a glob of images"))
     return sorted(os.path.abspath(p) for p in found)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from clipjax.export.serialization import atomic_path, write_text
+from clipjax.files import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 from ml_collections import config_flags
+
+if TYPE_CHECKING:
+    from clipjax.train.hooks import Hook
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/demo.py or experiments/x.py:arg",
@@ -36,7 +41,8 @@ def _setup_logging() -> None:
     progress_to_stdout()
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], hooks: Sequence[Hook] = ()) -> int:
+    """The CLI; `hooks` are passed to `train` (tests run the CLI with fault-injection hooks)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,7 +59,7 @@ def main(argv: list[str]) -> int:
     from clipjax.train.loop import TrainingDiverged, train
 
     try:
-        result = train(_CONFIG.value, _WORKDIR.value)
+        result = train(_CONFIG.value, _WORKDIR.value, hooks=hooks)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import time
 from typing import Any
 
 import jax
@@ -22,12 +20,6 @@ from etils import epath
 from clipjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-# Fault injection for the exact-resume tests: "kill_in_save:STEP" sends SIGKILL to this process
-# once the (async) save of STEP has started writing, i.e. with a half-written checkpoint;
-# "sigterm_at:STEP" (handled by the loop) sends SIGTERM, as a preemption notice, after STEP.
-FAULT_ENV = "CLIPJAX_FAULT"
-
 
 def checkpoint_dir(workdir: str) -> epath.Path:
     """`<workdir>/checkpoints`; a local workdir is made absolute, as orbax requires."""
@@ -57,10 +49,6 @@ class Checkpointer:
         self.manager.reload()
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        self.manager.reload()
-        return list(self.manager.all_steps())
-
     def should_save(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
 
@@ -71,18 +59,6 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state.to_dict()),
             meta=ocp.args.JsonSave(meta)), force=True)
-        if os.environ.get(FAULT_ENV) == f"kill_in_save:{step}":
-            self._kill_mid_save(step)
-
-    def _kill_mid_save(self, step: int) -> None:
-        """Fault injection: SIGKILL once the step's temporary directory exists (mid-save)."""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if any(p.name.startswith(f"{step}.") for p in self.directory.iterdir()):
-                break
-            time.sleep(0.001)
-        log.warning("fault injection: SIGKILL during the save of step %d", step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Restore step `step` onto the shardings/dtypes of `target` (an abstract or real state)."""

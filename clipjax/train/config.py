@@ -7,13 +7,12 @@ config against the devices and files at hand and raises `ConfigError` naming the
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 from typing import Any
 
 import ml_collections
 
+from clipjax.files import expand_globs
 from clipjax.parallel.mesh import BATCH_AXES, MESH_AXES, resolve_axis_sizes
 from clipjax.train.optimizer import SCHEDULES
 
@@ -48,10 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # glob (or comma-separated globs) of TFRecord shards
     c.data.shuffle_buffer = 10_000
-    c.data.augment_scale = (0.9, 1.0)  # random-resized-crop area range
-    c.data.demo_dir = ""  # if set: generate the demo dataset there first (train/ and test/)
-    c.data.demo_n_train = 4000
-    c.data.demo_n_test = 600
+    c.data.crop_scale = (0.9, 1.0)  # random-resized-crop area range (fractions of the image)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axis overrides
@@ -110,6 +106,40 @@ def _loss_defaults() -> ml_collections.ConfigDict:
         for k, v in LOSS_DEFAULTS.items()})
 
 
+def parse_config_arg(arg: str | None, where: str, **defaults: Any) -> dict[str, Any]:
+    """An experiment's `:ARG` as a dict: comma-separated `key=value` items over `defaults`.
+
+    Each value is converted to its default's type (bool: true/false/1/0); a bare `key` sets a
+    bool key to True, so `experiments/demo.py:quick,data=DIR` gives quick=True, data='DIR'.
+    Unknown keys and unconvertible values are errors naming `where` and the known keys.
+    """
+    out = dict(defaults)
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if key not in defaults:
+            raise ValueError(f"{where}: unknown arg {key!r}; expected key=value with a key in "
+                             f"{sorted(defaults)}")
+        kind = type(defaults[key])
+        if not eq:
+            if kind is not bool:
+                raise ValueError(f"{where}: expected {key}=VALUE, got {part!r}")
+            out[key] = True
+        elif kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{where}: {key}={value!r}: expected true or false")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value) if defaults[key] is not None else value
+            except ValueError:
+                raise ValueError(f"{where}: {key}={value!r}: expected a value of type "
+                                 f"{kind.__name__}") from None
+    return out
+
+
 def _fail(key: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(f"config.{key}={value!r} is invalid: {expected}")
 
@@ -123,21 +153,6 @@ def _positive_int(c: ml_collections.ConfigDict, key: str, allow_zero: bool = Fal
     return value
 
 
-def expand_globs(spec: str | Any) -> list[str]:
-    """Files matched by a glob, or by comma-separated globs / a list of globs, sorted."""
-    patterns = ([p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str)
-                else [str(p) for p in spec])
-    files: list[str] = []
-    for pattern in patterns:
-        if "://" in pattern:  # remote (gs://, ...): let tf.io.gfile list it
-            import tensorflow as tf
-
-            files += sorted(tf.io.gfile.glob(pattern))
-        else:
-            files += sorted(glob.glob(os.path.expanduser(pattern)))
-    return files
-
-
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     try:
         sizes = resolve_axis_sizes(dict(config.mesh), num_devices)
@@ -149,8 +164,6 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1,
              check_files: bool = True) -> dict[str, int]:
     """Check a resolved config before any compilation; returns the mesh shape it implies."""
-    from clipjax.models import PRESETS, CLIPConfig
-
     for key in ("num_steps", "batch_size", "microbatches", "log_every", "max_nonfinite",
                 "checkpoint.keep", "eval.batch_size"):
         _positive_int(config, key)
@@ -158,19 +171,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         _positive_int(config, key, allow_zero=True)
     if not isinstance(config.seed, int):
         raise _fail("seed", config.seed, "expected an int")
-
-    # Model.
-    if config.model.preset not in PRESETS:
-        raise _fail("model.preset", config.model.preset, f"expected one of {list(PRESETS)}")
-    known = {f for f in CLIPConfig.__dataclass_fields__}
-    for key in config.model.overrides:
-        if key not in known:
-            raise _fail(f"model.overrides.{key}", config.model.overrides[key],
-                        f"not a CLIPConfig field; known fields: {sorted(known)}")
-    try:
-        model_config(config)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model is invalid: {e}") from None
+    _validate_model(config)
 
     # Mesh and batch divisibility.
     shape = mesh_shape(config, num_devices)
@@ -203,8 +204,33 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         make_rules(dict(config.sharding_rules))
     except ValueError as e:
         raise ConfigError(f"config.sharding_rules: {e}") from None
+    _validate_optimizer(config)
+    _validate_data_and_eval(config, check_files)
+    return shape
 
-    # Optimizer.
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+    from clipjax.models import PRESETS, SPEC_FIELDS, CLIPConfig
+
+    if config.model.preset not in PRESETS:
+        raise _fail("model.preset", config.model.preset, f"expected one of {list(PRESETS)}")
+    known = {f for f in CLIPConfig.__dataclass_fields__}
+    for key in config.model.overrides:
+        if key not in known:
+            raise _fail(f"model.overrides.{key}", config.model.overrides[key],
+                        f"not a CLIPConfig field; known fields: {sorted(known)}")
+    for key in SPEC_FIELDS:
+        if key in config.model.overrides and config.model.overrides[key] != config.model[key]:
+            raise ConfigError(
+                f"config.model.{key}={config.model[key]!r} and config.model.overrides.{key}="
+                f"{config.model.overrides[key]!r} disagree; set config.model.{key} only")
+    try:
+        model_config(config)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model is invalid: {e}") from None
+
+
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
     o = config.optimizer
     if not float(o.lr) > 0:
         raise _fail("optimizer.lr", o.lr, "expected a learning rate > 0")
@@ -225,34 +251,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     if o.lock_image and "image" not in o.towers:
         raise _fail("optimizer.lock_image", True, "needs optimizer.towers.image (a path regex)")
 
-    # Data.
+
+def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool) -> None:
     if check_files:
-        if not config.data.demo_dir:
-            if not config.data.train:
-                raise _fail("data.train", config.data.train,
-                            "give a glob of TFRecord shards (or data.demo_dir for the demo data)")
-            if not expand_globs(config.data.train):
-                raise _fail("data.train", config.data.train,
-                            "matches no files; expected a glob of TFRecord shards")
+        if not config.data.train:
+            raise _fail("data.train", config.data.train, "give a glob of TFRecord shards")
+        if not expand_globs(config.data.train):
+            raise _fail("data.train", config.data.train,
+                        "matches no files; expected a glob of TFRecord shards")
         for key in ("eval.zeroshot.shards", "eval.retrieval.shards"):
             spec = config.eval.zeroshot.shards if "zeroshot" in key else config.eval.retrieval.shards
-            if spec and not config.data.demo_dir and not expand_globs(spec):
+            if spec and not expand_globs(spec):
                 raise _fail(key, spec, "matches no files; expected a glob of TFRecord shards")
     if config.eval.zeroshot.shards and not config.eval.zeroshot.classnames:
         raise _fail("eval.zeroshot.classnames", "", "needed when eval.zeroshot.shards is set")
     if config.export.format not in ("safetensors", "msgpack"):
         raise _fail("export.format", config.export.format, "expected 'safetensors' or 'msgpack'")
-    return shape
 
 
 def model_config(config: ml_collections.ConfigDict):
     """The CLIPConfig a train config describes (preset + dtype/scan/remat + overrides)."""
-    import dataclasses
+    from clipjax.models import config_from_spec
 
-    from clipjax.models import get_preset
-
-    fields = dict(dtype=config.model.dtype, scan_layers=bool(config.model.scan_layers),
-                  remat=config.model.remat)
-    fields.update({k: (tuple(v) if isinstance(v, list) else v)
-                   for k, v in config.model.overrides.items()})
-    return dataclasses.replace(get_preset(config.model.preset), **fields)
+    return config_from_spec(config.model.to_dict())

@@ -1,10 +1,10 @@
 """B/16 on LAION-style shards: softmax InfoNCE (ring) vs SigLIP, each at two learning rates.
 
-  python -m launch.sweep experiments/sweeps/b16_loss.py --launcher tpu \
+  python -m clipjax.launch.sweep experiments/sweeps/b16_loss.py --launcher tpu \
       --launcher-args "--zone us-central2-b --type v4-64" --dry-run
 """
 
-from launch.sweep import grid, zipped
+from clipjax.launch.sweep import grid, zipped
 
 CONFIG = "experiments/b16_laion.py"
 

@@ -1,9 +1,9 @@
 """Learning rate x weight decay on the demo (6 runs, each a few minutes on a CPU).
 
-  python -m launch.sweep experiments/sweeps/demo_lr.py --launcher local [--dry-run]
+  python -m clipjax.launch.sweep experiments/sweeps/demo_lr.py --launcher local [--dry-run]
 """
 
-from launch.sweep import grid
+from clipjax.launch.sweep import grid
 
 CONFIG = "experiments/demo.py"
 

@@ -1,6 +1,6 @@
 """Start N processes of a multi-host JAX program on this machine (multi-host without the hosts).
 
-  python -m launch.local -n 2 --devices-per-process 2 -- \
+  python -m clipjax.launch.local -n 2 --devices-per-process 2 -- \
       python -m clipjax.train --config experiments/demo.py --workdir workdirs/demo2
 
 Each process gets `--coordinator 127.0.0.1:PORT --num_processes N --process_id I` appended and,
@@ -47,6 +47,38 @@ def commands(argv: list[str], n: int, port: int) -> list[list[str]]:
                     f"--process_id={i}"] for i in range(n)]
 
 
+def supervise(procs: list[subprocess.Popen]) -> int:
+    """Wait for every process; on the first failure (or Ctrl-C) SIGTERM the others. Returns the
+    first failure's exit status (130 on Ctrl-C), 0 if all pass."""
+    status = 0
+    try:
+        remaining = set(range(len(procs)))
+        while remaining:
+            for i in sorted(remaining):
+                rc = procs[i].poll()
+                if rc is None:
+                    continue
+                remaining.discard(i)
+                if rc != 0 and status == 0:
+                    status = rc
+                    print(f"clipjax.launch.local: process {i} exited with {rc}; stopping the "
+                          "others", file=sys.stderr)
+                    for j in remaining:
+                        procs[j].send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        status = 130
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return status
+
+
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,32 +112,9 @@ def main(args: list[str] | None = None) -> int:
             logs.append(out)
         procs.append(subprocess.Popen(c, env=env, stdout=out, stderr=subprocess.STDOUT if out
                                       else None))
-    status = 0
     try:
-        remaining = set(range(len(procs)))
-        while remaining:
-            for i in sorted(remaining):
-                rc = procs[i].poll()
-                if rc is None:
-                    continue
-                remaining.discard(i)
-                if rc != 0 and status == 0:
-                    status = rc
-                    print(f"launch.local: process {i} exited with {rc}; stopping the others",
-                          file=sys.stderr)
-                    for j in remaining:
-                        procs[j].send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        status = 130
+        status = supervise(procs)
     finally:
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
         for f in logs:
             f.close()
     if ns.log_dir and procs:

@@ -1,7 +1,7 @@
 """Expand a sweep file into training runs with distinct workdirs, and launch them.
 
-  python -m launch.sweep experiments/sweeps/demo_lr.py --launcher local|slurm|tpu [--dry-run]
-      [--root workdirs/sweeps] [--launcher-args "--zone us-central2-b --type v4-8"]
+  python -m clipjax.launch.sweep experiments/sweeps/demo_lr.py --launcher local|slurm|tpu
+      [--dry-run] [--root workdirs/sweeps] [--launcher-args "--zone us-central2-b --type v4-8"]
 
 A sweep file defines CONFIG (the experiment, 'experiments/NAME.py[:ARG]') and `get_sweep()`
 returning a list of override dicts {'optimizer.lr': 1e-3, ...}; `grid(...)` and `zipped(...)`
@@ -126,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rc = subprocess.call(cmd)
         if rc != 0:
-            print(f"launch.sweep: run {workdir} failed with exit status {rc}", file=sys.stderr)
+            print(f"clipjax.launch.sweep: run {workdir} failed with exit status {rc}",
+                  file=sys.stderr)
             failed.append(workdir)
     if failed:
-        print(f"launch.sweep: {len(failed)} of {len(runs)} runs failed", file=sys.stderr)
+        print(f"clipjax.launch.sweep: {len(failed)} of {len(runs)} runs failed", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,104 @@
+"""Deterministic evaluation batches over TFRecord shards: every record once, no augmentation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from clipjax.data import records, schema
+from clipjax.data.shards import (count_records, host_batch_size, list_shards, process_info,
+                                 validate_shards)
+
+log = logging.getLogger(__name__)
+
+
+class EvalPipeline:
+    """Deterministic evaluation batches: every record exactly once, no augmentation.
+
+    Yields dicts of numpy arrays of a fixed host batch b = global_batch / process_count:
+    'image' float32 [b,S,S,3] (resize + centre crop), 'text' int32 [b,L], 'mask' bool [b]
+    (False on padding), 'key' and 'caption' (str object arrays), and 'label' int32 [b] when the
+    shards carry labels. Records are split i::n across hosts; every host yields `num_batches`
+    batches (padding with masked rows) so global arrays line up. Several captions of one image
+    are records sharing a `key` (group by key for retrieval). Unusable records are dropped and
+    counted in `skipped` once iteration finishes.
+    """
+
+    def __init__(self, shards: str | Sequence[str], *, global_batch: int, image_size: int,
+                 context_length: int = 77, threads: int | None = None,
+                 process_index: int | None = None, process_count: int | None = None):
+        self.process_index, self.process_count = process_info(process_index, process_count)
+        self.batch_size = host_batch_size(global_batch, self.process_count)
+        self.files = list_shards(shards)
+        self.info = validate_shards(self.files)
+        self.image_size, self.context_length, self.threads = image_size, context_length, threads
+        self.num_records = count_records(self.files)
+        per_host = math.ceil(self.num_records / self.process_count)
+        self.num_batches = max(1, math.ceil(per_host / self.batch_size))
+        self.skipped = 0
+
+    def dataset(self):
+        import tensorflow as tf
+        from clipjax.data import transforms
+
+        info, size = self.info, self.image_size
+        ds = tf.data.TFRecordDataset(list(self.files))
+        ds = ds.shard(self.process_count, self.process_index)
+        ds = ds.map(lambda rec: records.parse_record(rec, info))
+        ds = ds.filter(lambda ex: records.usable(ex, info))
+
+        def decode(ex):
+            out = {"image": transforms.eval_transform(transforms.decode_image(ex[schema.IMAGE]),
+                                                      size),
+                   "caption": ex[schema.TEXT], "key": ex[schema.KEY]}
+            return out | records.optional_fields(ex, info, self.context_length)
+
+        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.ignore_errors().batch(self.batch_size)
+
+        def tokenize(b):
+            b[schema.TEXT] = b["caption"]
+            b = records.tokenize_batch(b, self.context_length, info)
+            b.pop(schema.TEXT, None)
+            return b
+
+        ds = ds.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(2).with_options(records.dataset_options(self.threads))
+
+    def _pad(self, batch: dict[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
+        b = self.batch_size
+        if batch is None:  # an all-padding batch
+            batch = {"image": np.zeros((0, self.image_size, self.image_size, 3), np.float32),
+                     "text": np.zeros((0, self.context_length), np.int32),
+                     "caption": np.zeros((0,), object), "key": np.zeros((0,), object)}
+            if self.info.has_label:
+                batch["label"] = np.zeros((0,), np.int32)
+        out = {}
+        for k, v in batch.items():
+            if v.dtype.kind in "SO":
+                v = np.array([x.decode("utf-8") for x in v] + [""] * (b - len(v)), dtype=object)
+            else:
+                v = np.concatenate([v, np.zeros((b - len(v),) + v.shape[1:], v.dtype)])
+            out[k] = v
+        out["mask"] = np.arange(b) < n
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        yielded = real = 0
+        for batch in self.dataset().as_numpy_iterator():
+            n = len(batch["image"])
+            real += n
+            yielded += 1
+            if yielded > self.num_batches:
+                raise RuntimeError(f"eval shards hold more records than counted "
+                                   f"({self.num_records}); did a manifest go stale?")
+            yield self._pad(batch, n)
+        for _ in range(self.num_batches - yielded):
+            yield self._pad(None, 0)
+        mine = len(range(self.process_index, self.num_records, self.process_count))
+        self.skipped = mine - real
+        if self.skipped:
+            log.warning("eval: skipped %d unusable records on this host", self.skipped)
