@@ -6,6 +6,12 @@ Images stay put; text blocks rotate one shard per step with `ppermute`. Each sha
 yields both directions. A custom VJP stores only embeddings and the two [B] log-sum-exps, and the
 backward pass recomputes each block in a second ring pass (dtext accumulators travel with the
 block). Communication per shard: forward (n-1)·b·D + n·3b floats, backward (2n-1)·b·D + n·b.
+
+With false-negative rules (clipjax.losses.pairs) a second, masked path runs: the block's pair info
+(groups, EMA embeddings) and its queue shard's groups travel with it, each block's positive and
+kept masks are built in forward and rebuilt in backward, and both directions also accumulate
+positive counts and positive logit sums (rows at home, columns travelling). Plain rules take the
+unmasked path above, unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from clipjax.losses.common import (BATCH_AXES, as_axes, batch_axis_size, block_lse,
                                    check_divisible, check_pair, from_tiles, lse_combine,
                                    queue_mask, ring_perm, tile_size, to_tiles)
+from clipjax.losses.pairs import (PairInfo, PairRules, batch_masks, check_pair_info,
+                                  queue_keep)
 from clipjax.losses.queue import QueueState
 
 
@@ -175,16 +183,243 @@ def _ring_bwd_body(x, y, logit_scale, lse_r, lse_c, g, *queue, axes, n, tile, b_
     return dx, dy, dls[None]
 
 
+# ------------------------------------------------------------ masked path (false-negative rules)
+# pair info tuples are (group, ema_image, ema_text), entries None when the rules do not read them;
+# a travelling queue shard is (q_text, q_group, mask), the resident one (q_image, q_group, mask).
+
+
+def _block_masks(diag, rules, rp, cp):
+    """(pos, keep_i2t, keep_t2i) [t, b] for image rows (pair info rp) vs text columns (cp).
+
+    Positives are symmetric; near-duplicates are judged on the texts for image anchors and on
+    the images for text anchors, so the two directions keep different sets.
+    """
+    pos, keep_r = batch_masks(diag, rules, rp[0], cp[0], rp[2], cp[2])
+    if rules.duplicate_threshold is None:
+        return pos, keep_r, keep_r
+    neg = ~pos if rules.batch_negatives else jnp.zeros_like(pos)
+    keep_c = pos | (neg & (rp[1] @ cp[1].T <= rules.duplicate_threshold))
+    return pos, keep_r, keep_c
+
+
+def _acc_init(b):
+    """Online state of b anchors: (lse max, lse sum, max logit, max positive logit, positive
+    count, positive logit sum); the two maxima are in-batch only (top-1 accuracy)."""
+    ninf = jnp.full((b,), -jnp.inf)
+    return ninf, jnp.zeros((b,)), ninf, ninf, jnp.zeros((b,)), jnp.zeros((b,))
+
+
+def _acc_update(acc, sim, pos, keep, axis, extra=None):
+    """Fold a [t, b] block (anchors along 1 - axis) into `acc`; `extra` = queue logits already
+    masked to -inf, concatenated along the candidate axis."""
+    m, l, mb, mp, npos, psum = acc
+    kept = jnp.where(keep, sim, -jnp.inf)
+    if extra is not None:
+        kept = jnp.concatenate([kept, extra], axis=axis)
+    m, l = lse_combine(m, l, *block_lse(kept, axis))
+    return (m, l, jnp.maximum(mb, sim.max(axis)),
+            jnp.maximum(mp, jnp.where(pos, sim, -jnp.inf).max(axis)),
+            npos + pos.sum(axis), psum + jnp.where(pos, sim, 0.0).sum(axis))
+
+
+def _queue_rows(anchors, emb, grp, mask, rules, a_group, a_dup, s):
+    """Queue logits of `anchors` [n, D] vs queue entries `emb` [k, D], non-kept ones -inf."""
+    keep = queue_keep(mask, anchors.shape[0], rules, a_group, grp, a_dup, emb)
+    return jnp.where(keep, s * anchors @ emb.T, -jnp.inf)
+
+
+def _rules_fwd_block(x, pr, row, blk, col, q_res, home, s, t, rules):
+    """One text block against this shard's images with the rules; returns (row, col) states."""
+    y, pc, q_trav = blk
+    b = y.shape[0]
+
+    def row_tile(col, inp):
+        x_t, idx_t, pr_t, acc = inp
+        sim = s * x_t @ y.T  # [t, b]
+        diag = home & (idx_t[:, None] == jnp.arange(b)[None, :])
+        pos, keep_r, keep_c = _block_masks(diag, rules, pr_t, pc)
+        extra = None
+        if q_trav is not None:
+            extra = _queue_rows(x_t, q_trav[0], q_trav[1], q_trav[2], rules, pr_t[0], pr_t[2], s)
+        acc = _acc_update(acc, sim, pos, keep_r, 1, extra)
+        return _acc_update(col, sim, pos, keep_c, 0), acc
+
+    tiles = jax.tree.map(lambda a: to_tiles(a, t), (x, jnp.arange(x.shape[0]), pr, row))
+    col, row_t = lax.scan(row_tile, col, tiles)
+    row = jax.tree.map(from_tiles, row_t)
+    if q_res is not None:  # my queue images are extra candidates for the visiting text anchors
+        qi, qg, qm = q_res
+
+        def q_tile(col, inp):
+            qi_t, qg_t, qm_t = inp
+            lg = _queue_rows(y, qi_t, qg_t, qm_t, rules, pc[0], pc[1], s)  # [b, tq]
+            m, l = lse_combine(col[0], col[1], *block_lse(lg, 1))
+            return (m, l) + col[2:], None
+
+        tq = tile_size(qi.shape[0], t)
+        col, _ = lax.scan(q_tile, col, jax.tree.map(lambda a: to_tiles(a, tq), q_res))
+    return row, col
+
+
+def _softmax_kept(sim, lse, keep):
+    return jnp.exp(jnp.where(keep, sim - lse, -jnp.inf))
+
+
+def _rules_bwd_block(x, pr, lse_r, npos_r, dx, blk, lse_c, npos_c, dy, q_res, home, s, t,
+                     rules):
+    """Gradient contributions of one block with the rules: (dx, dls, dy), unscaled. A row's
+    d loss / d logits is softmax over its kept entries minus positive / |positives|."""
+    y, pc, q_trav = blk
+    b = y.shape[0]
+
+    def row_tile(carry, inp):
+        dy, dls = carry
+        x_t, idx_t, pr_t, lse_t, npos_t, dx_t = inp
+        sim = s * x_t @ y.T  # [t, b], recomputed
+        diag = home & (idx_t[:, None] == jnp.arange(b)[None, :])
+        pos, keep_r, keep_c = _block_masks(diag, rules, pr_t, pc)
+        g = (_softmax_kept(sim, lse_t[:, None], keep_r) + _softmax_kept(sim, lse_c[None], keep_c)
+             - pos * (1.0 / npos_t[:, None] + 1.0 / npos_c[None, :]))
+        dx_t = dx_t + g @ y
+        dy = dy + g.T @ x_t
+        dls = dls + jnp.sum(g * sim)
+        if q_trav is not None:
+            lg = _queue_rows(x_t, q_trav[0], q_trav[1], q_trav[2], rules, pr_t[0], pr_t[2], s)
+            p_q = jnp.exp(lg - lse_t[:, None])  # -inf (not kept) -> 0
+            dx_t = dx_t + p_q @ q_trav[0]
+            dls = dls + jnp.sum(jnp.where(p_q > 0, p_q * lg, 0.0))
+        return (dy, dls), dx_t
+
+    tiles = jax.tree.map(lambda a: to_tiles(a, t),
+                         (x, jnp.arange(x.shape[0]), pr, lse_r, npos_r, dx))
+    (dy, dls), dx_t = lax.scan(row_tile, (dy, jnp.zeros((), jnp.float32)), tiles)
+    dx = from_tiles(dx_t)
+    if q_res is not None:
+        def q_tile(carry, inp):
+            dy, dls = carry
+            qi_t, qg_t, qm_t = inp
+            lg = _queue_rows(y, qi_t, qg_t, qm_t, rules, pc[0], pc[1], s)  # [b, tq]
+            p_q = jnp.exp(lg - lse_c[:, None])
+            return (dy + p_q @ qi_t, dls + jnp.sum(jnp.where(p_q > 0, p_q * lg, 0.0))), None
+
+        tq = tile_size(q_res[0].shape[0], t)
+        (dy, dls), _ = lax.scan(q_tile, (dy, dls), jax.tree.map(lambda a: to_tiles(a, tq), q_res))
+    return dx, dls, dy
+
+
+def _split_rules_queue(q):
+    """(travelling, resident) queue shards of (q_image, q_text, q_group, mask), or Nones."""
+    if q is None:
+        return None, None
+    q_img, q_txt, q_grp, mask = q
+    return (q_txt, q_grp, mask), (q_img, q_grp, mask)
+
+
+def _rules_fwd_body(x, y, logit_scale, pr, q, *, axes, n, tile, rules):
+    b = x.shape[0]
+    s = jnp.exp(logit_scale)
+    t = tile_size(b, tile)
+    q_trav, q_res = _split_rules_queue(q)
+
+    def step(carry, rot):
+        row, k = carry
+        blk, col = rot
+        # After k shifts this shard holds the block of shard me - k (mod n): only step 0's
+        # block is its own, the one that holds its diagonal pairs.
+        row, col = _rules_fwd_block(x, pr, row, blk, col, q_res, k == 0, s, t, rules)
+        return (row, k + 1), col
+
+    (row, _), col = _rotate(n, step, (_acc_init(b), 0), ((y, pr, q_trav), _acc_init(b)), axes)
+    lse_r = row[0] + jnp.log(row[1])
+    lse_c = col[0] + jnp.log(col[1])
+    part = jnp.sum(lse_r - row[5] / row[4]) + jnp.sum(lse_c - col[5] / col[4])
+    # mp and mb are maxima of the same logits: the top-1 is a positive iff they are equal.
+    c_i2t = jnp.sum(row[3] >= row[2])
+    c_t2i = jnp.sum(col[3] >= col[2])
+    return part[None], lse_r, lse_c, row[4], col[4], c_i2t[None], c_t2i[None]
+
+
+def _rules_bwd_body(x, y, logit_scale, pr, q, lse_r, lse_c, npos_r, npos_c, g, *, axes, n,
+                    tile, rules, b_global):
+    s = jnp.exp(logit_scale)
+    t = tile_size(x.shape[0], tile)
+    q_trav, q_res = _split_rules_queue(q)
+
+    def step(carry, rot):
+        (dx, dls), k = carry
+        (blk, lse_c_blk, npos_c_blk), dy = rot
+        dx, dls_blk, dy = _rules_bwd_block(x, pr, lse_r, npos_r, dx, blk, lse_c_blk, npos_c_blk,
+                                           dy, q_res, k == 0, s, t, rules)
+        return ((dx, dls + dls_blk), k + 1), dy
+
+    init = ((jnp.zeros_like(x), jnp.zeros((), jnp.float32)), 0)
+    ((dx, dls), _), dy = _rotate(n, step, init, (((y, pr, q_trav), lse_c, npos_c),
+                                                 jnp.zeros_like(y)), axes)
+    scale = g / (2 * b_global)
+    return scale * s * dx, scale * s * dy, (scale * dls)[None]
+
+
+def _infonce_ring_rules(img, txt, logit_scale, mesh, axes, n, queue, tile, rules, pairs):
+    """The masked ring (see the module docstring), with its own custom VJP."""
+    b_global = img.shape[0]
+    pairs = pairs or PairInfo()
+    # Only what the rules read is sent around the ring.
+    pr = (pairs.group if rules.group_positives else None,
+          pairs.ema_image if rules.duplicate_threshold is not None else None,
+          pairs.ema_text if rules.duplicate_threshold is not None else None)
+    pr = tuple(None if a is None else lax.stop_gradient(a) for a in pr)
+    q = None
+    if queue is not None and queue.image.shape[0] > 0:
+        check_divisible(queue.image.shape[0], n, "queue size")
+        q = (lax.stop_gradient(queue.image).astype(jnp.float32),
+             lax.stop_gradient(queue.text).astype(jnp.float32),
+             queue.group if rules.group_positives else None, queue_mask(queue))
+    aux, aux_tree = jax.tree.flatten((pr, q))
+    spec = P(axes)
+    aux_specs = jax.tree.unflatten(aux_tree, [spec] * len(aux))
+    fwd_map = jax.shard_map(partial(_rules_fwd_body, axes=axes, n=n, tile=tile, rules=rules),
+                            mesh=mesh, in_specs=(spec, spec, P()) + aux_specs,
+                            out_specs=(spec,) * 7, check_vma=False)
+    bwd_map = jax.shard_map(
+        partial(_rules_bwd_body, axes=axes, n=n, tile=tile, rules=rules, b_global=b_global),
+        mesh=mesh, in_specs=(spec, spec, P()) + aux_specs + (spec,) * 4 + (P(),),
+        out_specs=(spec, spec, spec), check_vma=False)
+
+    def forward(x, y, ls, *aux):
+        part, lse_r, lse_c, np_r, np_c, c_i2t, c_t2i = fwd_map(
+            x, y, ls, *jax.tree.unflatten(aux_tree, aux))
+        out = (part.sum() / (2 * b_global), c_i2t.sum() / b_global, c_t2i.sum() / b_global)
+        return out, (x, y, ls, aux, lse_r, lse_c, np_r, np_c)
+
+    def backward(res, cts):
+        x, y, ls, aux, lse_r, lse_c, np_r, np_c = res
+        dx, dy, dls = bwd_map(x, y, ls, *jax.tree.unflatten(aux_tree, aux), lse_r, lse_c, np_r,
+                              np_c, cts[0])
+        return (dx, dy, dls.sum()) + (None,) * len(aux)
+
+    ring = jax.custom_vjp(lambda x, y, ls, *aux: forward(x, y, ls, *aux)[0])
+    ring.defvjp(forward, backward)
+    loss, acc_i2t, acc_t2i = ring(img.astype(jnp.float32), txt.astype(jnp.float32),
+                                  jnp.asarray(logit_scale, jnp.float32), *aux)
+    return loss, {"i2t_acc": acc_i2t, "t2i_acc": acc_t2i}
+
+
 def infonce_ring(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, mesh: Mesh,
                  batch_axes: str | Sequence[str] = BATCH_AXES, queue: QueueState | None = None,
-                 tile: int | None = None) -> tuple[jax.Array, dict]:
-    """Ring InfoNCE; equals `infonce_reference` in value and gradient. `tile` bounds the image
-    rows per logit block inside a shard (the largest divisor of b not above it is used)."""
+                 tile: int | None = None, rules: PairRules = PairRules(),
+                 pairs: PairInfo | None = None) -> tuple[jax.Array, dict]:
+    """Ring InfoNCE; equals `infonce_reference` in value and gradient, with the same `rules` and
+    `pairs`. `tile` bounds the image rows per logit block inside a shard (the largest divisor
+    of b not above it is used)."""
     check_pair(img, txt)
+    check_pair_info(rules, pairs, img.shape[0], queue)
     axes = as_axes(batch_axes)
     n = batch_axis_size(mesh, axes)
     b_global = img.shape[0]
     check_divisible(b_global, n, "global batch size")
+    if not rules.plain:
+        return _infonce_ring_rules(img, txt, logit_scale, mesh, axes, n, queue, tile, rules,
+                                   pairs)
     qargs = ()
     if queue is not None and queue.image.shape[0] > 0:
         check_divisible(queue.image.shape[0], n, "queue size")
