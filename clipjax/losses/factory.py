@@ -109,9 +109,6 @@ def validate_loss_config(loss_config) -> dict:
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
                           or not -1.0 < t <= 1.0):
         raise ValueError(f"loss.duplicate_threshold must be None or a cosine in (-1, 1], got {t!r}")
-    if rules_on and impl == "ring":
-        raise ValueError("loss.positives / in_batch_negatives / duplicate_threshold are not "
-                         "available with loss.impl='ring' yet; use loss.impl='gathered'")
     if rules_on and name != "softmax":
         raise ValueError(f"loss.positives / in_batch_negatives / duplicate_threshold apply to "
                          f"loss.name='softmax'; got loss.name={name!r}")
@@ -229,8 +226,7 @@ class Loss:
             elif impl == "gathered":
                 loss, aux = infonce_gathered(img, txt, ls, mesh, BATCH_AXES, **kw)
             else:
-                loss, aux = infonce_ring(img, txt, ls, mesh, BATCH_AXES, tile=cfg["tile"],
-                                         queue=queue)
+                loss, aux = infonce_ring(img, txt, ls, mesh, BATCH_AXES, tile=cfg["tile"], **kw)
         elif name == "sigmoid":
             img, txt, bias = outputs["image_embeds"], outputs["text_embeds"], outputs["logit_bias"]
             if impl == "reference":
