@@ -200,3 +200,30 @@ def test_pretokenized_ids_are_used_padded_and_truncated(tmp_path):
     np.testing.assert_array_equal(batch["text"][1], long[:15] + [49407])
     train_batch, _ = next(iter(_train(path, batch=2)))
     assert sorted(map(tuple, train_batch["text"])) == sorted(map(tuple, batch["text"]))
+
+
+def test_read_windows_mix_a_class_sorted_shard(tmp_path):
+    """One shard written in class order (4 classes x 30): with a shuffle buffer smaller than a
+    class, plain reading gives batches of one class; 6 read windows give mixed batches, every
+    record still once per epoch, and resuming mid-epoch is exact."""
+    path = str(tmp_path / "sorted.tfrecord")
+    with tf.io.TFRecordWriter(path) as w:
+        for i in range(120):
+            w.write(schema.make_example(_jpeg(i), f"class {i // 30}", f"k{i}", label=i))
+
+    def pipe(windows, state=None):
+        return TrainPipeline(path, global_batch=8, image_size=8, context_length=16, seed=1,
+                             shuffle_buffer=8, read_windows=windows, state=state,
+                             process_index=0, process_count=1)
+
+    def classes_per_batch(run):
+        return np.mean([len(set(b["label"] // 30)) for b, _ in run])
+
+    plain, windowed = _take(pipe(1), 15), _take(pipe(6), 15)
+    assert classes_per_batch(plain) < 2 and classes_per_batch(windowed) >= 3
+    labels = np.concatenate([b["label"] for b, _ in windowed])
+    assert sorted(labels) == list(range(120))
+    resumed = _take(pipe(6, state=gather_state(windowed[6][1])), 3)
+    for (b, s), (rb, rs) in zip(windowed[7:10], resumed):
+        assert rs == s
+        np.testing.assert_array_equal(rb["label"], b["label"])

@@ -131,11 +131,17 @@ def process_info(process_index: int | None, process_count: int | None) -> tuple[
 
 
 def count_records(files: Sequence[str], manifest_only: bool = False) -> int | None:
-    """Records in `files`: from a writer's manifest.json next to them when it lists the file,
+    """Records in `files` (see `record_counts`); None when `manifest_only` and one is unknown."""
+    counts = record_counts(files, manifest_only)
+    return None if None in counts else sum(counts)
+
+
+def record_counts(files: Sequence[str], manifest_only: bool = False) -> list[int | None]:
+    """Records of each file: from a writer's manifest.json next to it when it lists the file,
     otherwise by reading the file (no decoding) or, with `manifest_only`, None."""
     import tensorflow as tf
 
-    total, manifests = 0, {}
+    counts, manifests = [], {}
     for path in files:
         directory, name = os.path.split(path)
         if directory not in manifests:
@@ -149,9 +155,7 @@ def count_records(files: Sequence[str], manifest_only: bool = False) -> int | No
                 except (ValueError, KeyError, TypeError):
                     log.warning("ignoring unparsable %s", mpath)
         count = manifests[directory].get(name)
-        if count is None and manifest_only:
-            return None
-        if count is None:
+        if count is None and not manifest_only:
             count = int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
-        total += count
-    return total
+        counts.append(count)
+    return counts

@@ -9,6 +9,13 @@ skips `offset` records *before* decoding. Batches never straddle epochs (the rem
 epoch is dropped); a record that cannot be used (corrupt image, missing image, empty or non-UTF-8
 caption) is dropped deterministically and counted in `skipped`.
 
+Class-sorted shards (records written in category order) make batches of one category. Without
+re-writing them, `read_windows=W` reads every shard as W windows of consecutive records, starting at
+evenly spaced record positions, and interleaves the windows of the epoch's files (in a seeded
+order) record by record, so consecutive records come from W places in each shard before the
+shuffle buffer mixes them. The price is I/O: window k skips k/W of its shard by reading it, so an
+epoch reads each shard about (W + 1) / 2 times (bytes only; images are decoded once).
+
 Multi-host: host i reads shards[i::n]; with fewer shards than hosts every host reads all shards
 and keeps records i::n (a record-level split). Each host has its own state; `gather_state` collects
 them into one JSON-able dict for the checkpoint and `TrainPipeline(..., state=...)` picks its own.
@@ -30,7 +37,7 @@ import numpy as np
 
 from clipjax.data import records, schema
 from clipjax.data.shards import (count_records, host_batch_size, list_shards, process_info,
-                                 validate_shards)
+                                 record_counts, validate_shards)
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +80,15 @@ class TrainPipeline:
     def __init__(self, shards: str | Sequence[str], *, global_batch: int, image_size: int,
                  context_length: int = 77, seed: int = 0,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, crop_scale=(0.9, 1.0),
-                 cycle_length: int = 16, prefetch: int = 2, threads: int | None = None,
-                 state: dict | None = None, process_index: int | None = None,
-                 process_count: int | None = None):
+                 cycle_length: int = 16, read_windows: int = 1, prefetch: int = 2,
+                 threads: int | None = None, state: dict | None = None,
+                 process_index: int | None = None, process_count: int | None = None):
         self.process_index, self.process_count = process_info(process_index, process_count)
         self.batch_size = host_batch_size(global_batch, self.process_count)
-        if image_size < 1 or context_length < 2 or shuffle_buffer < 1:
+        if image_size < 1 or context_length < 2 or shuffle_buffer < 1 or read_windows < 1:
             raise ValueError(f"bad pipeline sizes: image_size={image_size}, "
-                             f"context_length={context_length}, shuffle_buffer={shuffle_buffer}")
+                             f"context_length={context_length}, shuffle_buffer={shuffle_buffer}, "
+                             f"read_windows={read_windows}")
         all_files = list_shards(shards)
         self.record_split = len(all_files) < self.process_count
         if self.record_split:
@@ -95,6 +103,8 @@ class TrainPipeline:
         self.crop_scale = tuple(crop_scale)
         self.cycle_length = max(1, min(cycle_length, len(self.files)))
         self.prefetch, self.threads = prefetch, threads
+        self.read_windows = int(read_windows)
+        self._windows = self._window_table() if self.read_windows > 1 else None
         # An epoch without one full batch would make the endless stream spin: refuse it when
         # the writer's manifests tell the counts (counting img2dataset shards means reading them).
         known = count_records(self.files, manifest_only=True)
@@ -135,23 +145,52 @@ class TrainPipeline:
                              f"({e})") from None
 
     # -- tf.data graph --------------------------------------------------------------------
+    def _window_table(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(file, first record, record count) of every non-empty read window."""
+        paths, firsts, sizes = [], [], []
+        for path, count in zip(self.files, record_counts(self.files)):
+            bounds = np.linspace(0, count, self.read_windows + 1).astype(np.int64)
+            keep = bounds[1:] > bounds[:-1]
+            paths += [path] * int(keep.sum())
+            firsts.append(bounds[:-1][keep])
+            sizes.append((bounds[1:] - bounds[:-1])[keep])
+        return paths, np.concatenate(firsts), np.concatenate(sizes)
+
+    def _records(self, epoch):
+        """The epoch's serialized records: shards (or read windows) in a (seed, epoch) order,
+        interleaved record by record."""
+        import tensorflow as tf
+
+        def permuted(*columns):
+            order = tf.argsort(tf.random.stateless_uniform(
+                [len(columns[0])], seed=tf.stack([tf.constant(self.seed, tf.int64), epoch])))
+            return tuple(tf.gather(tf.constant(c), order) for c in columns)
+
+        if self._windows is None:
+            sources = tf.data.Dataset.from_tensor_slices(permuted(self.files)[0])
+            read, cycle = tf.data.TFRecordDataset, self.cycle_length
+        else:
+            sources = tf.data.Dataset.from_tensor_slices(permuted(*self._windows))
+
+            def read(path, first, count):
+                return tf.data.TFRecordDataset(path).skip(first).take(count)
+
+            cycle = min(self.cycle_length * self.read_windows, len(self._windows[0]))
+        return sources.interleave(read, cycle_length=cycle, block_length=1,
+                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
     def _epoch_dataset(self, epoch, start_epoch: int, start_offset: int):
         import tensorflow as tf
 
         from clipjax.data.transforms import decode_image, train_transform
 
-        info, n = self.info, len(self.files)
+        info = self.info
         host = 0 if self.record_split else self.process_index
         keys = tf.random.stateless_uniform(
             [3], seed=tf.stack([tf.constant(self.seed, tf.int64), epoch * _HOST_STRIDE + host]),
             dtype=tf.int64, minval=None, maxval=None)
-        # The file order depends on (seed, epoch) only, so a record-level split sees one stream.
-        order = tf.argsort(tf.random.stateless_uniform(
-            [n], seed=tf.stack([tf.constant(self.seed, tf.int64), epoch])))
-        files = tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(self.files), order))
-        ds = files.interleave(tf.data.TFRecordDataset, cycle_length=self.cycle_length,
-                              block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=True)
+        # The read order depends on (seed, epoch) only, so a record-level split sees one stream.
+        ds = self._records(epoch)
         if self.record_split:
             ds = ds.shard(self.process_count, self.process_index)
         ds = ds.shuffle(self.shuffle_buffer, seed=tf.math.floormod(keys[0], 1 << 62),

@@ -120,6 +120,7 @@ def train_batches(trainer: Trainer, data_state: dict | None,
     pipeline = TrainPipeline(config.data.train, global_batch=config.batch_size,
                              image_size=mcfg.image_size, context_length=mcfg.context_length,
                              seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
+                             read_windows=config.data.read_windows,
                              crop_scale=tuple(config.data.crop_scale), state=data_state)
 
     def step_batches():
