@@ -9,7 +9,7 @@ ifeq ($(findstring glibc.malloc.hugetlb,$(GLIBC_TUNABLES)),)
 export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
 endif
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ install: $(STAMP)
 demo: install
 	$(PY) -m clipjax.demo
 
-test: install
+# ruff's settings are in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 clean:

@@ -1,4 +1,5 @@
 """clipjax: CLIP-style contrastive image-text pretraining in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -31,6 +32,7 @@ setup(
             "pytest>=8.0",
             "pytest-xdist>=3.5",
             "transformers==4.57.6",
+            "ruff==0.17.6",  # `make lint`; formatting differs between ruff versions
         ],
         # benchmarks/train_step.py --compare open_clip (not installed by `make test`).
         "bench": [

@@ -8,6 +8,7 @@ times each, and prints per round the median step, page faults per step and kerne
 step. Alternating pairs keep a drifting machine speed from favouring either side. `--quick` (B/32,
 batch 4, 2 steps, one round) ends with one JSON line like the full run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"--preset: {e}") from None
 
-    spec = {"preset": args.preset, "dtype": "float32", "batch": args.batch, "steps": args.steps,
-            "scan": True, "remat": "dots", "peak_seconds": 0.2, "profile": ""}
+    spec = {
+        "preset": args.preset,
+        "dtype": "float32",
+        "batch": args.batch,
+        "steps": args.steps,
+        "scan": True,
+        "remat": "dots",
+        "peak_seconds": 0.2,
+        "profile": "",
+    }
     worker = [sys.executable, os.path.join(HERE, "train_step.py"), "--worker"]
     print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}")
     print(f"{args.preset} f32, batch {args.batch}, {args.steps} timed steps per process")
@@ -49,20 +58,38 @@ def main(argv: list[str] | None = None) -> None:
         row = {}
         for name, huge in (("default", False), ("hugepages", True)):
             w = run_sub(worker + [json.dumps(spec)], args.timeout, hugepages=huge)
-            row[name] = {"step_s": median(w["step_s"]), "page_faults": w["page_faults_per_step"],
-                         "sys_s": w["sys_s_per_step"], "rss_gib": w["rss_gib"]}
+            row[name] = {
+                "step_s": median(w["step_s"]),
+                "page_faults": w["page_faults_per_step"],
+                "sys_s": w["sys_s_per_step"],
+                "rss_gib": w["rss_gib"],
+            }
         rounds.append(row)
         d, h = row["default"], row["hugepages"]
-        print(f"round {r + 1}: step {d['step_s']:.2f} -> {h['step_s']:.2f} s "
-              f"({d['step_s'] / h['step_s']:.2f}x)  page faults/step {d['page_faults']:.0f} -> "
-              f"{h['page_faults']:.0f}  kernel CPU/step {d['sys_s']:.2f} -> {h['sys_s']:.2f} s  "
-              f"peak RSS {d['rss_gib']:.2f} -> {h['rss_gib']:.2f} GiB", flush=True)
+        print(
+            f"round {r + 1}: step {d['step_s']:.2f} -> {h['step_s']:.2f} s "
+            f"({d['step_s'] / h['step_s']:.2f}x)  page faults/step {d['page_faults']:.0f} -> "
+            f"{h['page_faults']:.0f}  kernel CPU/step {d['sys_s']:.2f} -> {h['sys_s']:.2f} s  "
+            f"peak RSS {d['rss_gib']:.2f} -> {h['rss_gib']:.2f} GiB",
+            flush=True,
+        )
     speedups = [row["default"]["step_s"] / row["hugepages"]["step_s"] for row in rounds]
-    print(f"speed-up with huge pages: median {median(speedups):.2f}x, "
-          f"range {min(speedups):.2f}-{max(speedups):.2f}x over {len(rounds)} pairs")
-    print(json.dumps({"benchmark": "host_malloc", "quick": args.quick, "preset": args.preset,
-                      "batch": args.batch, "rounds": rounds,
-                      "median_speedup": median(speedups)}))
+    print(
+        f"speed-up with huge pages: median {median(speedups):.2f}x, "
+        f"range {min(speedups):.2f}-{max(speedups):.2f}x over {len(rounds)} pairs"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "host_malloc",
+                "quick": args.quick,
+                "preset": args.preset,
+                "batch": args.batch,
+                "rounds": rounds,
+                "median_speedup": median(speedups),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ resized crop, resize, CLIP normalisation, tokenization, batching) with the proce
 to 2 CPU cores (tf.data private thread pool of that size). The baseline does the same work per
 image with PIL in a Python loop (records pre-parsed, so it is *not* charged for TFRecord parsing;
 PIL's bicubic resize of the crop box), in one process, and in a 2-process pool for 2 cores.
-Each figure is the best of several alternating repeats (other load only ever slows a run down). For scale it also estimates the most images/s
-a ViT-B/16 CLIP train step could consume on this CPU: measured f32 matmul GFLOP/s divided by the
-model's training FLOPs per image (an upper bound, as real steps run below peak matmul speed).
+Each figure is the best of several alternating repeats (other load only ever slows a run down).
+For scale it also estimates the most images/s a ViT-B/16 CLIP train step could consume on this
+CPU: measured f32 matmul GFLOP/s divided by the model's training FLOPs per image (an upper bound,
+as real steps run below peak matmul speed).
 `--quick` (< 1 min) ends with one JSON line.
 """
+
 import argparse
 import datetime
 import io
@@ -30,8 +32,10 @@ import numpy as np
 SIZE = 224
 MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
-WORDS = ("a photo of the small red dog cat car house tree on in at near big old new "
-         "blue green street beach city field man woman child sitting running with").split()
+WORDS = (
+    "a photo of the small red dog cat car house tree on in at near big old new "
+    "blue green street beach city field man woman child sitting running with"
+).split()
 
 
 def pin(cores: int) -> None:
@@ -64,12 +68,20 @@ def synthetic_images(n: int, unique: int, seed: int = 0):
 
 
 def write_shards(out_dir: str, n: int, unique: int) -> str:
-    from clipjax.data.writer import SourceItem, write_shards as write
+    from clipjax.data.writer import SourceItem
+    from clipjax.data.writer import write_shards as write
 
-    items = (SourceItem(key=f"{i:06d}", origin=str(i), caption=c, read=lambda d=d: d)
-             for i, d, c in synthetic_images(n, unique))
-    write(items, out_dir, source={"kind": "benchmark", "n": n}, shard_size=max(1, n // 4),
-          progress=False)
+    items = (
+        SourceItem(key=f"{i:06d}", origin=str(i), caption=c, read=lambda d=d: d)
+        for i, d, c in synthetic_images(n, unique)
+    )
+    write(
+        items,
+        out_dir,
+        source={"kind": "benchmark", "n": n},
+        shard_size=max(1, n // 4),
+        progress=False,
+    )
     return os.path.join(out_dir, "*.tfrecord")
 
 
@@ -77,8 +89,16 @@ def time_pipeline(pattern: str, cores: int, batch: int, steps: int) -> float:
     from clipjax.data.train_pipeline import TrainPipeline
 
     pin(cores)
-    pipe = TrainPipeline(pattern, global_batch=batch, image_size=SIZE, seed=0,
-                         shuffle_buffer=1000, threads=cores, process_index=0, process_count=1)
+    pipe = TrainPipeline(
+        pattern,
+        global_batch=batch,
+        image_size=SIZE,
+        seed=0,
+        shuffle_buffer=1000,
+        threads=cores,
+        process_index=0,
+        process_count=1,
+    )
     it = iter(pipe)
     for _ in range(2):  # warm-up: graph building, tokenizer load, autotuning
         next(it)
@@ -89,6 +109,7 @@ def time_pipeline(pattern: str, cores: int, batch: int, steps: int) -> float:
 
 
 # -- the PIL baseline ------------------------------------------------------------------------------
+
 
 def _crop_box(rng, w, h, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision RandomResizedCrop.get_params."""
@@ -106,6 +127,7 @@ def _crop_box(rng, w, h, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
 def pil_batch(args):
     """Decode, random-resized-crop (bicubic), normalise and tokenize one batch with PIL."""
     from PIL import Image
+
     from clipjax.data.tokenizer import tokenize
 
     records, seed = args
@@ -131,8 +153,9 @@ def read_records(pattern: str):
 
 
 def _batches(records, batch, steps):
-    return [([records[(s * batch + j) % len(records)] for j in range(batch)], s)
-            for s in range(steps)]
+    return [
+        ([records[(s * batch + j) % len(records)] for j in range(batch)], s) for s in range(steps)
+    ]
 
 
 def time_pil(records, cores: int, batch: int, steps: int) -> float:
@@ -155,8 +178,10 @@ def time_pil(records, cores: int, batch: int, steps: int) -> float:
 
 # -- what a ViT-B/16 CLIP train step consumes ------------------------------------------------------
 
+
 def vit_b16_train_flops_per_image() -> float:
     """Forward+backward (3x forward) matmul FLOPs of CLIP ViT-B/16 at 224px + its text tower."""
+
     def transformer(tokens, width, layers):
         per_layer = 2 * tokens * (4 * width * width + 2 * width * 4 * width)  # qkv, out, mlp
         per_layer += 2 * 2 * tokens * tokens * width  # scores and weighted sum
@@ -178,7 +203,7 @@ def matmul_gflops(cores: int) -> float:
     reps, start = 5, time.perf_counter()
     for _ in range(reps):
         f(a).block_until_ready()
-    return reps * 2 * 2 * 1024 ** 3 / (time.perf_counter() - start) / 1e9
+    return reps * 2 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
@@ -192,8 +217,10 @@ def main() -> None:
     n = args.images or (128 if args.quick else 512)
     steps = 4 if args.quick else 16
     cores = len(os.sched_getaffinity(0))
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {cores} usable cores "
-          f"(os.cpu_count={os.cpu_count()}), python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {cores} usable cores "
+        f"(os.cpu_count={os.cpu_count()}), python {platform.python_version()}"
+    )
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date: {datetime.date.today()}")
     results = {}
@@ -201,32 +228,49 @@ def main() -> None:
         start = time.perf_counter()
         unique = 32 if args.quick else n
         pattern = write_shards(tmp, n, unique)
-        print(f"wrote {n} records of synthetic 384x288 JPEGs ({unique} distinct) in "
-              f"{time.perf_counter() - start:.1f}s")
+        print(
+            f"wrote {n} records of synthetic 384x288 JPEGs ({unique} distinct) in "
+            f"{time.perf_counter() - start:.1f}s"
+        )
         records = read_records(pattern)
         for c in (1, 2):
             if c > cores:
                 continue
             for _ in range(args.repeats):
-                for name, fn, data in (("pil", time_pil, records),
-                                       ("pipeline", time_pipeline, pattern)):
+                for name, fn, data in (
+                    ("pil", time_pil, records),
+                    ("pipeline", time_pipeline, pattern),
+                ):
                     key = f"{name}_{c}core"
                     results[key] = max(results.get(key, 0.0), fn(data, c, args.batch, steps))
-            print(f"{c} core(s): tf.data pipeline {results[f'pipeline_{c}core']:.1f} img/s, "
-                  f"PIL loop baseline {results[f'pil_{c}core']:.1f} img/s "
-                  f"({results[f'pipeline_{c}core'] / results[f'pil_{c}core']:.2f}x)")
+            print(
+                f"{c} core(s): tf.data pipeline {results[f'pipeline_{c}core']:.1f} img/s, "
+                f"PIL loop baseline {results[f'pil_{c}core']:.1f} img/s "
+                f"({results[f'pipeline_{c}core'] / results[f'pil_{c}core']:.2f}x)"
+            )
     gflops = matmul_gflops(min(2, cores))
     flops = vit_b16_train_flops_per_image()
     consume = gflops * 1e9 / flops
     best = max(v for k, v in results.items() if k.startswith("pipeline"))
-    print(f"ViT-B/16 CLIP train step: {flops / 1e9:.1f} GFLOP/image; this CPU's f32 matmul peak "
-          f"{gflops:.0f} GFLOP/s -> consumes at most {consume:.2f} img/s; the pipeline delivers "
-          f"{best / consume:.0f}x that")
-    print(json.dumps({"benchmark": "input_pipeline", "image_size": SIZE, "batch": args.batch,
-                      "images": n, **{k: round(v, 1) for k, v in results.items()},
-                      "speedup_1core": round(results["pipeline_1core"] / results["pil_1core"], 2),
-                      "vit_b16_max_consumption_img_s": round(consume, 2),
-                      "pipeline_over_vit_b16": round(best / consume, 1)}))
+    print(
+        f"ViT-B/16 CLIP train step: {flops / 1e9:.1f} GFLOP/image; this CPU's f32 matmul peak "
+        f"{gflops:.0f} GFLOP/s -> consumes at most {consume:.2f} img/s; the pipeline delivers "
+        f"{best / consume:.0f}x that"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "input_pipeline",
+                "image_size": SIZE,
+                "batch": args.batch,
+                "images": n,
+                **{k: round(v, 1) for k, v in results.items()},
+                "speedup_1core": round(results["pipeline_1core"] / results["pil_1core"], 2),
+                "vit_b16_max_consumption_img_s": round(consume, 2),
+                "pipeline_over_vit_b16": round(best / consume, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

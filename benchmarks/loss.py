@@ -10,6 +10,7 @@ its own subprocess, so peaks do not mix). Bytes communicated per device are comp
 collectives each implementation issues (reference: XLA chooses, not counted). Configs that would
 not fit are reported as 'does not fit' without running. `--quick` (< 1 min) ends with one JSON line.
 """
+
 import argparse
 import datetime
 import json
@@ -20,12 +21,24 @@ import sys
 import time
 
 N_DEVICES = 8
-FULL = [("reference", 4096, 512), ("gathered", 4096, 512), ("ring", 4096, 512),
-        ("gathered", 16384, 512), ("ring", 16384, 512),
-        ("gathered", 65536, 128), ("ring", 65536, 128),
-        ("gathered", 131072, 128), ("ring", 131072, 128)]
-QUICK = [("reference", 2048, 128), ("gathered", 2048, 128), ("ring", 2048, 128),
-         ("gathered", 4096, 128), ("ring", 4096, 128)]
+FULL = [
+    ("reference", 4096, 512),
+    ("gathered", 4096, 512),
+    ("ring", 4096, 512),
+    ("gathered", 16384, 512),
+    ("ring", 16384, 512),
+    ("gathered", 65536, 128),
+    ("ring", 65536, 128),
+    ("gathered", 131072, 128),
+    ("ring", 131072, 128),
+]
+QUICK = [
+    ("reference", 2048, 128),
+    ("gathered", 2048, 128),
+    ("ring", 2048, 128),
+    ("gathered", 4096, 128),
+    ("ring", 4096, 128),
+]
 SLOW_STEP_S = 20.0  # a warm-up call slower than this is itself the timing (saves minutes)
 
 
@@ -52,21 +65,25 @@ def mem_available() -> int:
 
 def run_one(impl: str, b_global: int, d: int, steps: int, tile: int) -> dict:
     """Compile, check the fit, time; runs inside a fresh subprocess."""
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={N_DEVICES}")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
+    )
     import resource
 
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from clipjax.losses import infonce_gathered, infonce_reference, infonce_ring
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
-    fns = {"reference": lambda x, y, s: infonce_reference(x, y, s)[0],
-           "gathered": lambda x, y, s: infonce_gathered(x, y, s, mesh)[0],
-           "ring": lambda x, y, s: infonce_ring(x, y, s, mesh, tile=tile)[0]}
+    fns = {
+        "reference": lambda x, y, s: infonce_reference(x, y, s)[0],
+        "gathered": lambda x, y, s: infonce_gathered(x, y, s, mesh)[0],
+        "ring": lambda x, y, s: infonce_ring(x, y, s, mesh, tile=tile)[0],
+    }
     step = jax.jit(jax.value_and_grad(fns[impl], argnums=(0, 1, 2)))
     batch = NamedSharding(mesh, P(("data", "fsdp")))
     shape = jax.ShapeDtypeStruct((b_global, d), jnp.float32, sharding=batch)
@@ -77,13 +94,21 @@ def run_one(impl: str, b_global: int, d: int, steps: int, tile: int) -> dict:
     mem = compiled.memory_analysis()
     per_device = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
     need = N_DEVICES * per_device + (1 << 30)  # + ~1 GiB for the runtime itself
-    row = {"impl": impl, "B": b_global, "D": d, "tile": tile if impl == "ring" else None,
-           "temp_bytes_per_device": int(mem.temp_size_in_bytes),
-           "comm_bytes_per_device": comm_bytes(impl, b_global, d), "compile_s": compile_s}
+    row = {
+        "impl": impl,
+        "B": b_global,
+        "D": d,
+        "tile": tile if impl == "ring" else None,
+        "temp_bytes_per_device": int(mem.temp_size_in_bytes),
+        "comm_bytes_per_device": comm_bytes(impl, b_global, d),
+        "compile_s": compile_s,
+    }
     avail = mem_available()
     if need > 0.9 * avail:
-        row.update(fits=False, note=f"does not fit: needs ~{need / 2**30:.1f} GiB, "
-                                    f"{avail / 2**30:.1f} GiB available")
+        row.update(
+            fits=False,
+            note=f"does not fit: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available",
+        )
         return row
 
     def sharded(seed):
@@ -104,21 +129,38 @@ def run_one(impl: str, b_global: int, d: int, steps: int, tile: int) -> dict:
         t0 = time.perf_counter()
         loss, _ = jax.block_until_ready(compiled(x, y, s))
         times.append(time.perf_counter() - t0)
-    row.update(fits=True, step_s=float(np.median(times)), loss=float(loss),
-               peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    row.update(
+        fits=True,
+        step_s=float(np.median(times)),
+        loss=float(loss),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
     return row
 
 
 def spawn(impl, b_global, d, steps, tile, timeout) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{impl},{b_global},{d}",
-           "--steps", str(steps), "--tile", str(tile)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--one",
+        f"{impl},{b_global},{d}",
+        "--steps",
+        str(steps),
+        "--tile",
+        str(tile),
+    ]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "B": b_global, "D": d, "fits": None, "note": f"timeout {timeout}s"}
     if out.returncode != 0:
-        return {"impl": impl, "B": b_global, "D": d, "fits": None,
-                "note": f"failed (rc {out.returncode}): {out.stderr.strip().splitlines()[-1:]}"}
+        return {
+            "impl": impl,
+            "B": b_global,
+            "D": d,
+            "fits": None,
+            "note": f"failed (rc {out.returncode}): {out.stderr.strip().splitlines()[-1:]}",
+        }
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,15 +169,19 @@ def fmt_bytes(v):
 
 
 def print_header():
-    print(f"{'impl':<10}{'B':>8}{'D':>5}  {'temp/device':>14}  {'peak RSS':>13}  "
-          f"{'step s':>8}  {'comm/device':>12}  note")
+    print(
+        f"{'impl':<10}{'B':>8}{'D':>5}  {'temp/device':>14}  {'peak RSS':>13}  "
+        f"{'step s':>8}  {'comm/device':>12}  note"
+    )
 
 
 def print_row(r):
     step = f"{r['step_s']:.3f}" if r.get("step_s") is not None else "-"
-    print(f"{r['impl']:<10}{r['B']:>8}{r['D']:>5}  {fmt_bytes(r.get('temp_bytes_per_device')):>14}"
-          f"  {fmt_bytes(r.get('peak_rss_bytes')):>13}  {step:>8}  "
-          f"{fmt_bytes(r.get('comm_bytes_per_device')):>12}  {r.get('note', '')}")
+    print(
+        f"{r['impl']:<10}{r['B']:>8}{r['D']:>5}  {fmt_bytes(r.get('temp_bytes_per_device')):>14}"
+        f"  {fmt_bytes(r.get('peak_rss_bytes')):>13}  {step:>8}  "
+        f"{fmt_bytes(r.get('comm_bytes_per_device')):>12}  {r.get('note', '')}"
+    )
 
 
 def compare(rows, b_global):
@@ -144,8 +190,10 @@ def compare(rows, b_global):
     g, r = by.get("gathered"), by.get("ring")
     if not g or not r or not g.get("temp_bytes_per_device") or not r.get("temp_bytes_per_device"):
         return None
-    out = {"B": b_global, "ring_over_gathered_temp": r["temp_bytes_per_device"]
-           / g["temp_bytes_per_device"]}
+    out = {
+        "B": b_global,
+        "ring_over_gathered_temp": r["temp_bytes_per_device"] / g["temp_bytes_per_device"],
+    }
     if g.get("step_s") and r.get("step_s"):
         out["ring_over_gathered_time"] = r["step_s"] / g["step_s"]
     return out
@@ -167,9 +215,11 @@ def main():
         return
     configs = QUICK if args.quick else FULL
     steps = args.steps or (3 if args.quick else 2)
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, "
-          f"{mem_available() / 2**30:.1f} GiB available; {N_DEVICES} fake CPU devices, "
-          f"mesh (data=2, fsdp=4); python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, "
+        f"{mem_available() / 2**30:.1f} GiB available; {N_DEVICES} fake CPU devices, "
+        f"mesh (data=2, fsdp=4); python {platform.python_version()}"
+    )
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date: {datetime.date.today()}; fwd+bwd, f32, median of {steps} steps after warm-up")
     print_header()

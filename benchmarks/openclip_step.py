@@ -9,6 +9,7 @@ forward under bf16 autocast when dtype is bfloat16 (float32 otherwise), its Clip
 gradient clipping at 1.0, AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2 on matrices), and the
 logit-scale clamp. Prints one line 'RESULT {json}'. Needs the `bench` extra.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,22 @@ def open_clip_configs(cfg: dict) -> tuple[int, dict, dict]:
     """(embed_dim, vision_cfg, text_cfg) for open_clip from a clipjax CLIPConfig dict."""
     if cfg["vision_type"] != "vit" or cfg["act"] != "quick_gelu":
         raise ValueError("the open_clip comparison supports ViT towers with quick_gelu only")
-    vision = {"image_size": cfg["image_size"], "layers": cfg["vision_layers"],
-              "width": cfg["vision_width"], "patch_size": cfg["patch_size"],
-              "head_width": cfg["vision_width"] // cfg["vision_heads"],
-              "mlp_ratio": cfg["mlp_ratio"]}
-    text = {"context_length": cfg["context_length"], "vocab_size": cfg["vocab_size"],
-            "width": cfg["text_width"], "heads": cfg["text_heads"], "layers": cfg["text_layers"],
-            "mlp_ratio": cfg["mlp_ratio"]}
+    vision = {
+        "image_size": cfg["image_size"],
+        "layers": cfg["vision_layers"],
+        "width": cfg["vision_width"],
+        "patch_size": cfg["patch_size"],
+        "head_width": cfg["vision_width"] // cfg["vision_heads"],
+        "mlp_ratio": cfg["mlp_ratio"],
+    }
+    text = {
+        "context_length": cfg["context_length"],
+        "vocab_size": cfg["vocab_size"],
+        "width": cfg["text_width"],
+        "heads": cfg["text_heads"],
+        "layers": cfg["text_layers"],
+        "mlp_ratio": cfg["mlp_ratio"],
+    }
     return cfg["embed_dim"], vision, text
 
 
@@ -52,8 +62,11 @@ def matching_named_config(embed_dim: int, vision: dict, text: dict) -> str | Non
         named = open_clip.get_model_config(name)
         if named is None or not named.get("quick_gelu"):
             continue
-        theirs = (named["embed_dim"], CLIPVisionCfg(**named["vision_cfg"]),
-                  CLIPTextCfg(**named["text_cfg"]))
+        theirs = (
+            named["embed_dim"],
+            CLIPVisionCfg(**named["vision_cfg"]),
+            CLIPTextCfg(**named["text_cfg"]),
+        )
         if theirs == ours:
             return name
     return None
@@ -69,14 +82,24 @@ def main() -> None:
     torch.manual_seed(0)
     cfg, b = spec["config"], int(spec["batch"])
     embed_dim, vision, text = open_clip_configs(cfg)
-    model = CLIP(embed_dim, CLIPVisionCfg(**vision), CLIPTextCfg(**text), quick_gelu=True,
-                 init_logit_scale=cfg["logit_scale_init"])
+    model = CLIP(
+        embed_dim,
+        CLIPVisionCfg(**vision),
+        CLIPTextCfg(**text),
+        quick_gelu=True,
+        init_logit_scale=cfg["logit_scale_init"],
+    )
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
+    ]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.2}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=5e-4,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     loss_fn = ClipLoss()
     host = synthetic_batch(cfg, b)
     images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2)))
@@ -105,13 +128,24 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite open_clip loss: {losses}")
-    print(RESULT_TAG + json.dumps({
-        "framework": "open_clip", "version": open_clip.__version__, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "step_s": times, "first_step_s": first,
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "named_config": matching_named_config(embed_dim, vision, text),
-        "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-        "loss": [losses[0], losses[-1]]}), flush=True)
+    print(
+        RESULT_TAG
+        + json.dumps(
+            {
+                "framework": "open_clip",
+                "version": open_clip.__version__,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "step_s": times,
+                "first_step_s": first,
+                "num_params": sum(p.numel() for p in model.parameters()),
+                "named_config": matching_named_config(embed_dim, vision, text),
+                "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "loss": [losses[0], losses[-1]],
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ All methods are checked to return the same top-k scores. Each latency is the med
 `queries` repeats; wall time and the process CPU time per query are both reported, since the
 machine may be shared. `--quick` (< 1 min) ends with one JSON line.
 """
+
 import argparse
 import datetime
 import json
@@ -51,8 +52,11 @@ def time_fn(fn, queries: np.ndarray) -> dict:
         fn(q)
         walls.append(1000 * (time.perf_counter() - t0))
     cpu = 1000 * (time.process_time() - cpu0) / len(queries)
-    return {"median_ms": float(np.median(walls)), "p95_ms": float(np.percentile(walls, 95)),
-            "cpu_ms": cpu}
+    return {
+        "median_ms": float(np.median(walls)),
+        "p95_ms": float(np.percentile(walls, 95)),
+        "cpu_ms": cpu,
+    }
 
 
 def full_sort_topk(emb: np.ndarray, q: np.ndarray, k: int):
@@ -70,12 +74,16 @@ def main() -> None:
     p.add_argument("-k", type=int, default=10)
     args = p.parse_args()
     n_queries = 30 if args.quick else args.queries
-    print(f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}, numpy {np.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}, numpy {np.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"command: python benchmarks/search.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"date: {datetime.date.today().isoformat()}; index: {args.rows} x {args.dim}, "
-          f"float16 storage; k={args.k}; {n_queries} single queries")
+    print(
+        f"date: {datetime.date.today().isoformat()}; index: {args.rows} x {args.dim}, "
+        f"float16 storage; k={args.k}; {n_queries} single queries"
+    )
 
     rng = np.random.default_rng(0)
     tmp = tempfile.mkdtemp(prefix="search-bench-")
@@ -105,8 +113,9 @@ def main() -> None:
 
     results = {
         "clipjax": time_fn(lambda q: index.search(q, args.k), queries),
-        "f16-native": time_fn(lambda q: exact_topk(emb16, q, args.k),
-                              queries[: max(5, n_queries // 10)]),
+        "f16-native": time_fn(
+            lambda q: exact_topk(emb16, q, args.k), queries[: max(5, n_queries // 10)]
+        ),
         "full-sort": time_fn(lambda q: full_sort_topk(index.embeddings, q, args.k), queries),
     }
     batch = queries[:64] if len(queries) >= 64 else np.resize(queries, (64, args.dim))
@@ -122,16 +131,26 @@ def main() -> None:
         print(f"{name:<12} {r['median_ms']:10.2f} {r['p95_ms']:8.2f} {r['cpu_ms']:8.2f}")
     print(f"{'batched x64':<12} {batched_ms:10.2f}  (per query)")
     speedup = results["full-sort"]["median_ms"] / results["clipjax"]["median_ms"]
-    print(f"\nclipjax vs full sort: {speedup:.1f}x; target < 50 ms per query: "
-          f"{'met' if results['clipjax']['p95_ms'] < 50 else 'NOT met'} "
-          f"(p95 {results['clipjax']['p95_ms']:.1f} ms)")
+    print(
+        f"\nclipjax vs full sort: {speedup:.1f}x; target < 50 ms per query: "
+        f"{'met' if results['clipjax']['p95_ms'] < 50 else 'NOT met'} "
+        f"(p95 {results['clipjax']['p95_ms']:.1f} ms)"
+    )
     if args.quick:
-        print(json.dumps({"bench": "search", "rows": args.rows, "dim": args.dim, "k": args.k,
-                          "load_s": round(load_s, 3),
-                          **{f"{n}_median_ms": round(r["median_ms"], 3)
-                             for n, r in results.items()},
-                          "clipjax_p95_ms": round(results["clipjax"]["p95_ms"], 3),
-                          "batched_per_query_ms": round(batched_ms, 3)}))
+        print(
+            json.dumps(
+                {
+                    "bench": "search",
+                    "rows": args.rows,
+                    "dim": args.dim,
+                    "k": args.k,
+                    "load_s": round(load_s, 3),
+                    **{f"{n}_median_ms": round(r["median_ms"], 3) for n, r in results.items()},
+                    "clipjax_p95_ms": round(results["clipjax"]["p95_ms"], 3),
+                    "batched_per_query_ms": round(batched_ms, 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

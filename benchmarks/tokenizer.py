@@ -6,6 +6,7 @@ Captions are ~10 words drawn with a Zipf law from the English words of the CLIP 
 (capitalised, with punctuation), plus a non-ASCII set that takes the full-cleaning path. The
 process is pinned to one CPU core. `--quick` (< 1 min) ends with one JSON line.
 """
+
 import argparse
 import datetime
 import importlib.util
@@ -45,8 +46,11 @@ def reference_tokenize(reference, texts, context_length=77):
 
 
 def make_captions(n, seed, non_ascii=False):
-    words = sorted(w[:-4] for w in tok.default_tokenizer().encoder
-                   if w.endswith("</w>") and w[:-4].isalpha() and w[:-4].isascii() and len(w) > 5)
+    words = sorted(
+        w[:-4]
+        for w in tok.default_tokenizer().encoder
+        if w.endswith("</w>") and w[:-4].isalpha() and w[:-4].isascii() and len(w) > 5
+    )
     rng = random.Random(seed)
     cum_weights = np.cumsum([1.0 / (rank + 10) for rank in range(len(words))]).tolist()  # Zipf
     extras = ["café", "naïve", "日本", "😀", "über", "señor", "Ελλάδα", "москва"]
@@ -100,8 +104,10 @@ def main():
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
-    print(f"machine: {platform.machine()} {cpu_name()}, "
-          f"{os.cpu_count()} cores (pinned to 1), python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()} {cpu_name()}, "
+        f"{os.cpu_count()} cores (pinned to 1), python {platform.python_version()}"
+    )
     print(f"command: python {' '.join(sys.argv)}")
     print(f"date: {datetime.date.today()}")
 
@@ -122,8 +128,9 @@ def main():
         "clipjax_ascii_cold_cache": rate(cold, plain, 1),
         "clipjax_non_ascii": rate(tok.tokenize, mixed, repeats),
         "reference_ascii": rate(lambda t: reference_tokenize(reference, t), plain[:n_ref], repeats),
-        "reference_non_ascii": rate(lambda t: reference_tokenize(reference, t), mixed[:n_ref],
-                                    repeats),
+        "reference_non_ascii": rate(
+            lambda t: reference_tokenize(reference, t), mixed[:n_ref], repeats
+        ),
     }
     try:
         import tensorflow as tf
@@ -139,8 +146,10 @@ def main():
         print(f"{key:45s} {wall:10,.0f} {cpu:10,.0f}")
     for kind in ("ascii", "non_ascii"):
         ours, theirs = results[f"clipjax_{kind}"], results[f"reference_{kind}"]
-        print(f"speed-up over the reference, {kind}: {ours[0] / theirs[0]:.1f}x wall, "
-              f"{ours[1] / theirs[1]:.1f}x cpu")
+        print(
+            f"speed-up over the reference, {kind}: {ours[0] / theirs[0]:.1f}x wall, "
+            f"{ours[1] / theirs[1]:.1f}x cpu"
+        )
     if args.quick:
         summary = {"benchmark": "tokenizer", "num_captions": n}
         for key, (wall, cpu) in results.items():

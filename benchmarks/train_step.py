@@ -15,10 +15,11 @@ matmul FLOPs of both towers (patch embedding, q/k/v/out projections, attention s
 MLP, pooled projections) plus the logits matmul of the loss. XLA's own cost_analysis count of the
 compiled step is printed alongside as a cross-check.
 
-`--compare open_clip` then runs `benchmarks/openclip_step.py` in a subprocess: open_clip's CLIP built
-with the same architecture (random init, same batch, same precision via bf16 autocast, same thread
-count as XLA's CPU pool, AdamW with the same hyper-parameters and clipping, its ClipLoss), and prints
-the images/s ratio clipjax / open_clip. Needs the `bench` extra (pip install -e '.[bench]').
+`--compare open_clip` then runs `benchmarks/openclip_step.py` in a subprocess: open_clip's CLIP
+built with the same architecture (random init, same batch, same precision via bf16 autocast, same
+thread count as XLA's CPU pool, AdamW with the same hyper-parameters and clipping, its ClipLoss),
+and prints the images/s ratio clipjax / open_clip. Needs the `bench` extra
+(pip install -e '.[bench]').
 `--rounds N` measures both sides N times, alternating who goes first, and pools the steps (median
 and best step both reported): on a shared machine whose speed drifts, one back-to-back pair can be
 off by 30%.
@@ -26,6 +27,7 @@ Both subprocesses run with glibc's huge-page malloc tunable (`clipjax.hostmem`; 
 uses) unless `--no-hugepages` is given.
 `--quick` (about a minute) runs the tiny preset only and ends with one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,26 +50,34 @@ RESULT_TAG = "RESULT "
 # ------------------------------------------------------------------------------------------------
 # Analytic FLOPs (shared with openclip_step.py).
 
+
 def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
     """Forward matmul FLOPs of one sequence through a pre-LN transformer stack."""
     mlp = int(round(width * mlp_ratio))
-    per_layer = (2 * tokens * width * 4 * width  # q, k, v, out projections
-                 + 2 * 2 * tokens * tokens * width  # scores q.k and mixing p.v
-                 + 2 * 2 * tokens * width * mlp)  # fc and proj
+    per_layer = (
+        2 * tokens * width * 4 * width  # q, k, v, out projections
+        + 2 * 2 * tokens * tokens * width  # scores q.k and mixing p.v
+        + 2 * 2 * tokens * width * mlp
+    )  # fc and proj
     return float(layers * per_layer)
 
 
 def forward_flops_per_example(cfg: dict) -> dict[str, float]:
-    """Forward matmul FLOPs per example of each tower (a ViT image tower), pooled projections only."""
+    """Forward matmul FLOPs per example of each tower (a ViT image tower), pooled projections
+    only."""
     if cfg["vision_type"] != "vit":
         raise ValueError(f"FLOP count supports ViT image towers only, got {cfg['vision_type']!r}")
     patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
     vw, tw, d = cfg["vision_width"], cfg["text_width"], cfg["embed_dim"]
-    image = (2 * patches * cfg["patch_size"] ** 2 * 3 * vw
-             + transformer_flops(patches + 1, vw, cfg["vision_layers"], cfg["mlp_ratio"])
-             + 2 * vw * d)
-    text = (transformer_flops(cfg["context_length"], tw, cfg["text_layers"], cfg["mlp_ratio"])
-            + 2 * tw * d)
+    image = (
+        2 * patches * cfg["patch_size"] ** 2 * 3 * vw
+        + transformer_flops(patches + 1, vw, cfg["vision_layers"], cfg["mlp_ratio"])
+        + 2 * vw * d
+    )
+    text = (
+        transformer_flops(cfg["context_length"], tw, cfg["text_layers"], cfg["mlp_ratio"])
+        + 2 * tw * d
+    )
     return {"image": float(image), "text": float(text)}
 
 
@@ -79,6 +89,7 @@ def train_step_flops(cfg: dict, batch: int) -> float:
 
 # ------------------------------------------------------------------------------------------------
 # Worker: one clipjax configuration, in its own process.
+
 
 def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
     """FLOP/s of a jitted [n,n]x[n,n] matmul in `dtype` (bf16 accumulates in float32)."""
@@ -97,7 +108,7 @@ def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
         f(a, b).block_until_ready()
         dt_s = time.perf_counter() - t0
         best, spent = min(best, dt_s), spent + dt_s
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 def synthetic_batch(cfg: dict, batch: int, seed: int = 0) -> dict:
@@ -111,7 +122,7 @@ def synthetic_batch(cfg: dict, batch: int, seed: int = 0) -> dict:
     lengths = rng.integers(3, ctx + 1, size=batch)
     for i, n in enumerate(lengths):
         text[i, 0] = 49406
-        text[i, 1:n - 1] = rng.integers(1, 49405, size=n - 2)
+        text[i, 1 : n - 1] = rng.integers(1, 49405, size=n - 2)
         text[i, n - 1] = cfg["vocab_size"] - 1
     return {"image": images, "text": text}
 
@@ -176,21 +187,30 @@ def run_worker(spec: dict) -> dict:
     loss = float(metrics["loss"])
     if not (np.isfinite(loss0) and np.isfinite(loss)):
         raise RuntimeError(f"non-finite loss {loss0} -> {loss}")
-    return {"framework": "clipjax", "step_s": times, "compile_s": compile_s,
-            "compile_cpu_s": compile_cpu_s,
-            "first_step_s": first_step_s, "xla_flops": xla_flops, "peak_flops": peak,
-            "rss_gib": usage1.ru_maxrss / 2 ** 20,
-            "page_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / spec["steps"],
-            "sys_s_per_step": (usage1.ru_stime - usage0.ru_stime) / spec["steps"],
-            "loss": [loss0, loss], "config": cfg, "devices": jax.device_count(),
-            "num_params": count_params(state.params)}
+    return {
+        "framework": "clipjax",
+        "step_s": times,
+        "compile_s": compile_s,
+        "compile_cpu_s": compile_cpu_s,
+        "first_step_s": first_step_s,
+        "xla_flops": xla_flops,
+        "peak_flops": peak,
+        "rss_gib": usage1.ru_maxrss / 2**20,
+        "page_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / spec["steps"],
+        "sys_s_per_step": (usage1.ru_stime - usage0.ru_stime) / spec["steps"],
+        "loss": [loss0, loss],
+        "config": cfg,
+        "devices": jax.device_count(),
+        "num_params": count_params(state.params),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # Driver.
 
+
 def machine() -> str:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -206,7 +226,7 @@ def run_sub(cmd: list[str], timeout: float, hugepages: bool) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     tail = (proc.stderr or proc.stdout)[-3000:]
     raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{tail}")
 
@@ -230,11 +250,17 @@ def median(xs: list[float]) -> float:
 def summarise(r: dict, batch: int, flops: float, peak: float) -> dict:
     step = median(r["step_s"])
     achieved = flops / step
-    return {"images_per_s": batch / step, "step_s": step, "step_min_s": min(r["step_s"]),
-            "tflops": achieved / 1e12,
-            "mfu": achieved / peak, "compile_s": r.get("compile_s"),
-            "compile_cpu_s": r.get("compile_cpu_s"),
-            "first_step_s": r.get("first_step_s"), "rss_gib": r["rss_gib"]}
+    return {
+        "images_per_s": batch / step,
+        "step_s": step,
+        "step_min_s": min(r["step_s"]),
+        "tflops": achieved / 1e12,
+        "mfu": achieved / peak,
+        "compile_s": r.get("compile_s"),
+        "compile_cpu_s": r.get("compile_cpu_s"),
+        "first_step_s": r.get("first_step_s"),
+        "rss_gib": r["rss_gib"],
+    }
 
 
 def parse_batches(spec: str) -> dict[str, int]:
@@ -254,19 +280,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--batch", default="", help="per-preset batch, e.g. B/32=32,B/16=8")
     p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
-    p.add_argument("--no-scan", dest="scan", action="store_false",
-                   help="unrolled layers instead of a layer scan")
-    p.add_argument("--remat", default="dots",
-                   help="remat policy of the transformer blocks (the trainer's default: dots)")
+    p.add_argument(
+        "--no-scan",
+        dest="scan",
+        action="store_false",
+        help="unrolled layers instead of a layer scan",
+    )
+    p.add_argument(
+        "--remat",
+        default="dots",
+        help="remat policy of the transformer blocks (the trainer's default: dots)",
+    )
     p.add_argument("--compare", choices=["open_clip"], default=None)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch threads (XLA's CPU pool uses every core the process may run on)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="measure each side this many times, alternating who goes first")
-    p.add_argument("--profile", default="", help="write a jax profiler trace of the timed steps here")
-    p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
-                   help="run both sides without glibc's huge-page malloc tunable "
-                        "(clipjax.hostmem), even if GLIBC_TUNABLES sets it")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads (XLA's CPU pool uses every core the process may run on)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each side this many times, alternating who goes first",
+    )
+    p.add_argument(
+        "--profile", default="", help="write a jax profiler trace of the timed steps here"
+    )
+    p.add_argument(
+        "--no-hugepages",
+        dest="hugepages",
+        action="store_false",
+        help="run both sides without glibc's huge-page malloc tunable "
+        "(clipjax.hostmem), even if GLIBC_TUNABLES sets it",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -288,8 +335,10 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise SystemExit(f"--presets: {e}") from None
         if vision_type != "vit":
-            raise SystemExit(f"--presets: {name!r} has a {vision_type} image tower; the FLOP "
-                             "count and the open_clip comparison support ViT presets only")
+            raise SystemExit(
+                f"--presets: {name!r} has a {vision_type} image tower; the FLOP "
+                "count and the open_clip comparison support ViT presets only"
+            )
     if args.steps < 1:
         raise SystemExit("--steps: expected >= 1")
     if args.rounds < 1:
@@ -300,24 +349,36 @@ def main(argv: list[str] | None = None) -> None:
         try:
             import open_clip  # noqa: F401
         except ImportError:
-            raise SystemExit("--compare open_clip needs the bench extra: "
-                             "pip install -e '.[bench]'") from None
+            raise SystemExit(
+                "--compare open_clip needs the bench extra: pip install -e '.[bench]'"
+            ) from None
 
     load = os.getloadavg()
     print(f"machine: {machine()}; load average at start {load[0]:.1f}")
-    print(f"command: python benchmarks/train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"date: {datetime.date.today()}; single CPU device, layer scan={args.scan}, "
-          f"remat={args.remat}; huge-page malloc (both sides)={args.hugepages}; "
-          f"FLOPs: analytic (3x forward matmuls); in brackets XLA's cost_analysis count "
-          f"(it counts a scanned layer body once)")
+    cmd_args = sys.argv[1:] if argv is None else argv
+    print(f"command: python benchmarks/train_step.py {' '.join(cmd_args)}")
+    print(
+        f"date: {datetime.date.today()}; single CPU device, layer scan={args.scan}, "
+        f"remat={args.remat}; huge-page malloc (both sides)={args.hugepages}; "
+        f"FLOPs: analytic (3x forward matmuls); in brackets XLA's cost_analysis count "
+        f"(it counts a scanned layer body once)"
+    )
     rows = []
     for name in presets:
         b = batches.get(name, 8)
         for dtype in dtypes:
-            spec = {"preset": name, "dtype": dtype, "batch": b, "steps": steps, "scan": args.scan,
-                    "remat": args.remat, "peak_seconds": 1.5 if args.quick else 3.0,
-                    "profile": os.path.join(args.profile, f"{name.replace('/', '')}-{dtype}")
-                    if args.profile else ""}
+            spec = {
+                "preset": name,
+                "dtype": dtype,
+                "batch": b,
+                "steps": steps,
+                "scan": args.scan,
+                "remat": args.remat,
+                "peak_seconds": 1.5 if args.quick else 3.0,
+                "profile": os.path.join(args.profile, f"{name.replace('/', '')}-{dtype}")
+                if args.profile
+                else "",
+            }
             ours = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
             theirs = None
             results: dict[str, list[dict]] = {"clipjax": [], "open_clip": []}
@@ -330,52 +391,88 @@ def main(argv: list[str] | None = None) -> None:
                         results[who].append(run_sub(ours, args.timeout, args.hugepages))
                     elif args.compare == "open_clip":
                         if theirs is None:  # round 0 ran clipjax first: its model config
-                            theirs = [sys.executable, os.path.join(HERE, "openclip_step.py"),
-                                      json.dumps({"config": results["clipjax"][0]["config"],
-                                                  "batch": b, "dtype": dtype, "steps": steps,
-                                                  "threads": args.threads})]
+                            theirs = [
+                                sys.executable,
+                                os.path.join(HERE, "openclip_step.py"),
+                                json.dumps(
+                                    {
+                                        "config": results["clipjax"][0]["config"],
+                                        "batch": b,
+                                        "dtype": dtype,
+                                        "steps": steps,
+                                        "threads": args.threads,
+                                    }
+                                ),
+                            ]
                         results[who].append(run_sub(theirs, args.timeout, args.hugepages))
             r = merge_rounds(results["clipjax"])
             flops = train_step_flops(r["config"], b)
             peak = r["peak_flops"]
-            row = {"preset": name, "dtype": dtype, "batch": b, "flops": flops,
-                   "xla_flops": r["xla_flops"], "peak_tflops": peak / 1e12,
-                   "rounds": args.rounds, "clipjax": summarise(r, b, flops, peak)}
+            row = {
+                "preset": name,
+                "dtype": dtype,
+                "batch": b,
+                "flops": flops,
+                "xla_flops": r["xla_flops"],
+                "peak_tflops": peak / 1e12,
+                "rounds": args.rounds,
+                "clipjax": summarise(r, b, flops, peak),
+            }
             j = row["clipjax"]
             xla = f" [{r['xla_flops'] / 1e9:.0f}]" if r["xla_flops"] else ""
-            print(f"{name:5s} {dtype:8s} B={b:3d} clipjax: {j['images_per_s']:7.2f} img/s  "
-                  f"step {j['step_s']:.3f}s (min {j['step_min_s']:.3f}s)  "
-                  f"{j['tflops'] * 1e3:6.1f} GFLOP/s "
-                  f"(step {flops / 1e9:.0f}{xla} GFLOP)  MFU {100 * j['mfu']:.0f}% of "
-                  f"{peak / 1e9:.0f} GFLOP/s matmul peak  compile {j['compile_s']:.1f}s "
-                  f"(CPU {j['compile_cpu_s']:.1f}s)  "
-                  f"RSS {j['rss_gib']:.2f} GiB", flush=True)
+            print(
+                f"{name:5s} {dtype:8s} B={b:3d} clipjax: {j['images_per_s']:7.2f} img/s  "
+                f"step {j['step_s']:.3f}s (min {j['step_min_s']:.3f}s)  "
+                f"{j['tflops'] * 1e3:6.1f} GFLOP/s "
+                f"(step {flops / 1e9:.0f}{xla} GFLOP)  MFU {100 * j['mfu']:.0f}% of "
+                f"{peak / 1e9:.0f} GFLOP/s matmul peak  compile {j['compile_s']:.1f}s "
+                f"(CPU {j['compile_cpu_s']:.1f}s)  "
+                f"RSS {j['rss_gib']:.2f} GiB",
+                flush=True,
+            )
             if args.compare == "open_clip":
                 o = merge_rounds(results["open_clip"])
                 row["open_clip"] = summarise(o, b, flops, peak)
                 if o["num_params"] != r["num_params"]:
-                    raise RuntimeError(f"{name}: open_clip model has {o['num_params']} params, "
-                                       f"clipjax {r['num_params']}: not the same architecture")
-                row["open_clip"].update(num_params=o["num_params"], named=o["named_config"],
-                                        version=o["version"], torch=o["torch"],
-                                        threads=o["threads"])
+                    raise RuntimeError(
+                        f"{name}: open_clip model has {o['num_params']} params, "
+                        f"clipjax {r['num_params']}: not the same architecture"
+                    )
+                row["open_clip"].update(
+                    num_params=o["num_params"],
+                    named=o["named_config"],
+                    version=o["version"],
+                    torch=o["torch"],
+                    threads=o["threads"],
+                )
                 oc = row["open_clip"]
                 row["ratio"] = j["images_per_s"] / oc["images_per_s"]
                 row["ratio_best_steps"] = oc["step_min_s"] / j["step_min_s"]
-                print(f"{'':5s} {'':8s} {'':5s} open_clip: {oc['images_per_s']:5.2f} img/s  "
-                      f"step {oc['step_s']:.3f}s (min {oc['step_min_s']:.3f}s)  "
-                      f"{oc['tflops'] * 1e3:6.1f} GFLOP/s  MFU "
-                      f"{100 * oc['mfu']:.0f}%  first step {oc['first_step_s']:.1f}s  RSS "
-                      f"{oc['rss_gib']:.2f} GiB  ->  clipjax/open_clip = {row['ratio']:.2f}x "
-                      f"median step, {row['ratio_best_steps']:.2f}x best step  "
-                      f"({o['num_params'] / 1e6:.1f}M params in both; open_clip "
-                      f"{o['version']} {o['named_config'] or 'custom config'}, "
-                      f"{o['threads']} threads)",
-                      flush=True)
+                print(
+                    f"{'':5s} {'':8s} {'':5s} open_clip: {oc['images_per_s']:5.2f} img/s  "
+                    f"step {oc['step_s']:.3f}s (min {oc['step_min_s']:.3f}s)  "
+                    f"{oc['tflops'] * 1e3:6.1f} GFLOP/s  MFU "
+                    f"{100 * oc['mfu']:.0f}%  first step {oc['first_step_s']:.1f}s  RSS "
+                    f"{oc['rss_gib']:.2f} GiB  ->  clipjax/open_clip = {row['ratio']:.2f}x "
+                    f"median step, {row['ratio_best_steps']:.2f}x best step  "
+                    f"({o['num_params'] / 1e6:.1f}M params in both; open_clip "
+                    f"{o['version']} {o['named_config'] or 'custom config'}, "
+                    f"{o['threads']} threads)",
+                    flush=True,
+                )
             rows.append(row)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
-    print(json.dumps({"benchmark": "train_step", "quick": args.quick, "machine": machine(),
-                      "load_avg": [load[0], os.getloadavg()[0]], "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_step",
+                "quick": args.quick,
+                "machine": machine(),
+                "load_avg": [load[0], os.getloadavg()[0]],
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ fc: x [2464, 512], dy [2464, 2048]): XLA's Eigen dot with a transposed operand, 
 followed by the YNNPACK dot. `--option KEY=VALUE` (repeatable) passes an XLA compiler option to
 every jitted function. `--quick` (5 repeats) ends with one JSON line like the full run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="XLA compiler option, e.g. xla_cpu_enable_fast_math=true")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="XLA compiler option, e.g. xla_cpu_enable_fast_math=true",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.repeats = 5
@@ -66,18 +72,24 @@ def main(argv: list[str] | None = None) -> None:
 
     [x], [dy] = arrays(1, (2464, 512)), arrays(1, (2464, 2048))
     cases = {
-        name: {"natural": (fn, xs),
-               "transposed (fused)": (lambda *a, fn=fn: fn(*a).T, xs),
-               "plain transpose of the result": (lambda y: y.T, [jax.jit(fn)(*xs)])}
+        name: {
+            "natural": (fn, xs),
+            "transposed (fused)": (lambda *a, fn=fn: fn(*a).T, xs),
+            "plain transpose of the result": (lambda y: y.T, [jax.jit(fn)(*xs)]),
+        }
         for name, (fn, xs) in {
             "quick_gelu_grad [2464,2048]": (quick_gelu_grad, arrays(2, (2464, 2048))),
             "layer_norm_grad_like [1600,768]": (layer_norm_grad_like, arrays(6, (1600, 768))),
-        }.items()}
+        }.items()
+    }
     cases["weight gradient x^T dy [512,2048]"] = {
         "Eigen dot, transposed operand": (
-            lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ()))), [x, dy]),
+            lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ()))),
+            [x, dy],
+        ),
         "YNNPACK dot on x^T": (lambda a, b: a @ b, [x.T.copy(), dy]),
-        "transpose of x": (lambda a: a.T, [x])}
+        "transpose of x": (lambda a: a.T, [x]),
+    }
     results = {}
     for name, variants in cases.items():
         calls = {v: (compiled(f, *a), a) for v, (f, a) in variants.items()}
@@ -92,12 +104,26 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = {v: round(1e3 * min(ts), 2) for v, ts in times.items()}
         # Which calls XLA handed to YNNPACK (its fusions are named ynn_fusion).
         uses_ynn = {v: "ynn_fusion" in f.as_text() for v, (f, _) in calls.items()}
-        print(f"{name}: " + ", ".join(
-            f"{v} {ms:.2f} ms" + (" [YNNPACK fusion]" if uses_ynn[v] else "")
-            for v, ms in results[name].items()), flush=True)
-    print(json.dumps({"benchmark": "xla_cpu_transpose", "machine": machine(),
-                      "jax": jax.__version__, "repeats": args.repeats, "options": options,
-                      "best_ms": results}))
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{v} {ms:.2f} ms" + (" [YNNPACK fusion]" if uses_ynn[v] else "")
+                for v, ms in results[name].items()
+            ),
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "xla_cpu_transpose",
+                "machine": machine(),
+                "jax": jax.__version__,
+                "repeats": args.repeats,
+                "options": options,
+                "best_ms": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

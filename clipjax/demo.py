@@ -38,8 +38,9 @@ def get_config(arg: str | None = None):
     # tower's work.
     c.model.overrides.context_length = 16
     # Narrower than the 'tiny' preset: compute-bound on 2 CPU cores, and the shapes need little.
-    c.model.overrides.update(dict(vision_width=64, vision_heads=2, text_width=64, text_heads=2,
-                                  embed_dim=64))
+    c.model.overrides.update(
+        dict(vision_width=64, vision_heads=2, text_width=64, text_heads=2, embed_dim=64)
+    )
     c.data.train = os.path.join(a["data"], "train", "*.tfrecord")
     c.data.shuffle_buffer = 4000
     c.data.crop_scale = (0.8, 1.0)
@@ -72,10 +73,20 @@ def _quick(c) -> None:
     c.checkpoint.every_steps = 2
     c.eval.batch_size = 32
     c.compiler_options = {"xla_backend_optimization_level": 0}  # compiling dominates here
-    c.model.overrides.update(dict(image_size=16, patch_size=8, vision_width=32,
-                                  vision_layers=1, vision_heads=2, text_width=32,
-                                  text_layers=1, text_heads=2, embed_dim=32,
-                                  context_length=16))
+    c.model.overrides.update(
+        dict(
+            image_size=16,
+            patch_size=8,
+            vision_width=32,
+            vision_layers=1,
+            vision_heads=2,
+            text_width=32,
+            text_layers=1,
+            text_heads=2,
+            embed_dim=32,
+            context_length=16,
+        )
+    )
 
 
 def make_demo_data(data_dir: str, variant: str = "", progress: bool = False):
@@ -101,32 +112,48 @@ def _report(result, workdir: str, model_dir: str, t0: float, train_s: float) -> 
     classes = int(ev.get("zeroshot/num_classes", 12))
     n_test = int(ev.get("retrieval/num_images", 1))
     print(f"[3/4] held-out evaluation ({int(ev.get('zeroshot/num_examples', 0))} images)")
-    print(f"      zero-shot top-1 {ev['zeroshot/top1']:.1%}  top-5 {ev['zeroshot/top5']:.1%}  "
-          f"(chance {1 / classes:.1%} / {min(5, classes) / classes:.1%})")
+    print(
+        f"      zero-shot top-1 {ev['zeroshot/top1']:.1%}  top-5 {ev['zeroshot/top5']:.1%}  "
+        f"(chance {1 / classes:.1%} / {min(5, classes) / classes:.1%})"
+    )
     for direction in ("image_to_text", "text_to_image"):
         recalls = "  ".join(f"R@{k} {ev[f'retrieval/{direction}/R@{k}']:.1%}" for k in (1, 5, 10))
-        print(f"      {direction.replace('_', ' '):13s} {recalls}  (chance R@1 {1 / n_test:.1%}, "
-              f"R@10 {min(10, n_test) / n_test:.1%})")
+        print(
+            f"      {direction.replace('_', ' '):13s} {recalls}  (chance R@1 {1 / n_test:.1%}, "
+            f"R@10 {min(10, n_test) / n_test:.1%})"
+        )
 
     print(f"[4/4] exported model -> {model_dir}")
     import clipjax
 
     model, params, preprocess = clipjax.load(model_dir)
-    print(f"      clipjax.load('{model_dir}') -> {type(model).__name__}, image size "
-          f"{model.config.image_size}")
+    print(
+        f"      clipjax.load('{model_dir}') -> {type(model).__name__}, image size "
+        f"{model.config.image_size}"
+    )
     total = time.perf_counter() - t0
-    print(f"done in {total:.0f}s (training + evaluation {train_s:.0f}s); metrics in "
-          f"{workdir}/metrics.jsonl, TensorBoard in {workdir}/tensorboard")
+    print(
+        f"done in {total:.0f}s (training + evaluation {train_s:.0f}s); metrics in "
+        f"{workdir}/metrics.jsonl, TensorBoard in {workdir}/tensorboard"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipjax.demo",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m clipjax.demo", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    parser.add_argument("--variant", default=None, choices=["quick"],
-                        help="'quick' for a smoke run (a few steps on tiny images)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in OUT/workdir instead of starting fresh")
+    parser.add_argument(
+        "--variant",
+        default=None,
+        choices=["quick"],
+        help="'quick' for a smoke run (a few steps on tiny images)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT/workdir instead of starting fresh",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _setup_logging()
@@ -144,16 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     make_demo_data(data_dir, variant)
     config = get_config(",".join(filter(None, [variant, f"data={data_dir}"])))
     config.export.dir = model_dir
-    print(f"      train {config.data.train}, held-out {config.eval.zeroshot.shards} "
-          f"({time.perf_counter() - t:.1f}s)")
+    print(
+        f"      train {config.data.train}, held-out {config.eval.zeroshot.shards} "
+        f"({time.perf_counter() - t:.1f}s)"
+    )
 
     import jax
 
     from clipjax.train.loop import train
 
-    print(f"[2/4] training a '{config.model.preset}' CLIP for {config.num_steps} steps of "
-          f"{config.batch_size} on {jax.device_count()} {jax.devices()[0].platform} device(s) "
-          f"-> {workdir}")
+    print(
+        f"[2/4] training a '{config.model.preset}' CLIP for {config.num_steps} steps of "
+        f"{config.batch_size} on {jax.device_count()} {jax.devices()[0].platform} device(s) "
+        f"-> {workdir}"
+    )
     t = time.perf_counter()
     result = train(config, workdir)
     train_s = time.perf_counter() - t

@@ -23,9 +23,13 @@ def split_patterns(spec: str | Iterable[str]) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def expand_globs(spec: str | Iterable[str], *, files_only: bool = False,
-                 recursive: bool = False,
-                 missing: Callable[[str], Exception] | None = None) -> list[str]:
+def expand_globs(
+    spec: str | Iterable[str],
+    *,
+    files_only: bool = False,
+    recursive: bool = False,
+    missing: Callable[[str], Exception] | None = None,
+) -> list[str]:
     """Paths matching a glob or several (comma-separated string or iterable).
 
     Each pattern's matches are sorted; patterns keep their order and a path matched twice is
@@ -57,8 +61,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
+    fd, tmp = tempfile.mkstemp(
+        prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+    )
     os.close(fd)
     try:
         yield tmp

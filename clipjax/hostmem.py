@@ -3,8 +3,9 @@
 On the CPU backend, XLA allocates each train step's large temporary buffer with malloc, which
 maps fresh memory for it every step and then faults it in page by page. glibc's
 `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35) asks the kernel for transparent huge pages on
-those mappings instead (measurements: benchmarks/RESULTS.md, host malloc). The tunable is read once at process start, so it has to be in the environment of the process that
-runs JAX; older glibc versions ignore it. GPU and TPU device memory is not affected.
+those mappings instead (measurements: benchmarks/RESULTS.md, host malloc). The tunable is read
+once at process start, so it has to be in the environment of the process that runs JAX; older
+glibc versions ignore it. GPU and TPU device memory is not affected.
 """
 
 from __future__ import annotations

@@ -17,9 +17,14 @@ from clipjax.train.config import base_config, parse_config_arg
 
 
 def get_config(arg: str | None = None):
-    a = parse_config_arg(arg, "experiments/b16_laion.py",
-                         shards="gs://YOUR_BUCKET/laion400m/*.tfrecord", eval="", steps=100_000,
-                         batch=32768)
+    a = parse_config_arg(
+        arg,
+        "experiments/b16_laion.py",
+        shards="gs://YOUR_BUCKET/laion400m/*.tfrecord",
+        eval="",
+        steps=100_000,
+        batch=32768,
+    )
     c = base_config()
     c.model.preset = "B/16"
     c.model.dtype = "bfloat16"

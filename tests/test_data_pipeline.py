@@ -1,4 +1,5 @@
 """Train/eval pipelines: exact resume (across epochs), host splits, bad data, eval coverage."""
+
 import io
 
 import jax
@@ -57,8 +58,16 @@ def shards(tmp_path_factory):
 def _train(shards, state=None, seed=3, batch=4, **kw):
     kw.setdefault("process_index", 0)
     kw.setdefault("process_count", 1)
-    return TrainPipeline(shards, global_batch=batch, image_size=8, context_length=16, seed=seed,
-                         shuffle_buffer=16, state=state, **kw)
+    return TrainPipeline(
+        shards,
+        global_batch=batch,
+        image_size=8,
+        context_length=16,
+        seed=seed,
+        shuffle_buffer=16,
+        state=state,
+        **kw,
+    )
 
 
 def _take(pipe, n):
@@ -85,7 +94,7 @@ def test_epochs_cover_good_records_once_and_count_skips(shards):
     assert 1 <= last_e0["skipped"] <= len(BAD)
     # epochs are shuffled differently; another seed gives another order
     l0 = np.concatenate([b["label"] for b, _ in run[:per_epoch]])
-    l1 = np.concatenate([b["label"] for b, _ in run[per_epoch:2 * per_epoch]])
+    l1 = np.concatenate([b["label"] for b, _ in run[per_epoch : 2 * per_epoch]])
     assert not np.array_equal(l0, l1)
     other = np.concatenate([b["label"] for b, _ in _take(_train(shards, seed=4), 2)])
     assert not np.array_equal(l0[:8], other)
@@ -95,9 +104,11 @@ def test_resume_yields_exactly_the_same_batches(shards):
     run = _take(_train(shards), 16)
     for k in (3, 5, 6, 11):  # mid-epoch, last batch of epoch 0, first of epoch 1, ...
         state = gather_state(run[k - 1][1])
-        assert state["process_count"] == 1 and state["hosts"][0]["offset"] == run[k - 1][1]["offset"]
+        assert (
+            state["process_count"] == 1 and state["hosts"][0]["offset"] == run[k - 1][1]["offset"]
+        )
         resumed = _take(_train(shards, state=state), 4)
-        for (b, s), (rb, rs) in zip(run[k:k + 4], resumed):
+        for (b, s), (rb, rs) in zip(run[k : k + 4], resumed):
             assert rs == s
             assert b.keys() == rb.keys()
             for key in b:
@@ -120,8 +131,10 @@ def _labels(pipe, n):
 
 @pytest.mark.parametrize("num_hosts", [2, 4])  # 4 hosts > 3 shards: record-level split
 def test_hosts_read_disjoint_data(shards, num_hosts):
-    per_host = [_labels(_train(shards, batch=2 * num_hosts, process_index=i,
-                               process_count=num_hosts), 2) for i in range(num_hosts)]
+    per_host = [
+        _labels(_train(shards, batch=2 * num_hosts, process_index=i, process_count=num_hosts), 2)
+        for i in range(num_hosts)
+    ]
     flat = np.concatenate(per_host)
     assert len(set(flat)) == len(flat)
     if num_hosts == 2:  # shard split: host 0 has shards 0 and 2, host 1 shard 1
@@ -137,8 +150,11 @@ def test_bad_shard_inputs_are_clear_errors(shards, tmp_path):
     with pytest.raises(ValueError, match="junk.tfrecord: unreadable"):
         validate_shards([str(junk)])
     nojpg = tmp_path / "nojpg.tfrecord"
-    ex = tf.train.Example(features=tf.train.Features(feature={
-        "txt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"hi"]))}))
+    ex = tf.train.Example(
+        features=tf.train.Features(
+            feature={"txt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"hi"]))}
+        )
+    )
     with tf.io.TFRecordWriter(str(nojpg)) as w:
         w.write(ex.SerializeToString())
     with pytest.raises(ValueError, match=r"nojpg.tfrecord: first record lacks 'jpg'"):
@@ -148,8 +164,17 @@ def test_bad_shard_inputs_are_clear_errors(shards, tmp_path):
 
 
 def test_eval_every_example_once_with_mask(shards):
-    hosts = [EvalPipeline(shards, global_batch=6, image_size=8, context_length=16,
-                          process_index=i, process_count=2) for i in range(2)]
+    hosts = [
+        EvalPipeline(
+            shards,
+            global_batch=6,
+            image_size=8,
+            context_length=16,
+            process_index=i,
+            process_count=2,
+        )
+        for i in range(2)
+    ]
     outs = [list(h) for h in hosts]
     assert len(outs[0]) == len(outs[1]) == hosts[0].num_batches == 6  # ceil(16 / 3)
     keys, labels = [], []
@@ -181,8 +206,18 @@ def test_to_global_and_prefetch(shards):
         assert g["image"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
         assert len(g["image"].addressable_shards) == 8
         np.testing.assert_array_equal(np.asarray(g["text"]), b["text"])
-    eval_batch = next(iter(EvalPipeline(shards, global_batch=8, image_size=8, context_length=16,
-                                        process_index=0, process_count=1)))
+    eval_batch = next(
+        iter(
+            EvalPipeline(
+                shards,
+                global_batch=8,
+                image_size=8,
+                context_length=16,
+                process_index=0,
+                process_count=1,
+            )
+        )
+    )
     g = to_global(eval_batch, mesh)
     assert "key" not in g and "caption" not in g and g["mask"].dtype == bool
 
@@ -194,8 +229,18 @@ def test_pretokenized_ids_are_used_padded_and_truncated(tmp_path):
     with tf.io.TFRecordWriter(path) as w:
         for i, ids in enumerate((short, long)):
             w.write(schema.make_example(_jpeg(i), "ignored caption", f"t{i}", tokens=ids))
-    batch = next(iter(EvalPipeline(path, global_batch=2, image_size=8, context_length=16,
-                                   process_index=0, process_count=1)))
+    batch = next(
+        iter(
+            EvalPipeline(
+                path,
+                global_batch=2,
+                image_size=8,
+                context_length=16,
+                process_index=0,
+                process_count=1,
+            )
+        )
+    )
     np.testing.assert_array_equal(batch["text"][0], short + [0] * 12)
     np.testing.assert_array_equal(batch["text"][1], long[:15] + [49407])
     train_batch, _ = next(iter(_train(path, batch=2)))
@@ -212,9 +257,18 @@ def test_read_windows_mix_a_class_sorted_shard(tmp_path):
             w.write(schema.make_example(_jpeg(i), f"class {i // 30}", f"k{i}", label=i))
 
     def pipe(windows, state=None):
-        return TrainPipeline(path, global_batch=8, image_size=8, context_length=16, seed=1,
-                             shuffle_buffer=8, read_windows=windows, state=state,
-                             process_index=0, process_count=1)
+        return TrainPipeline(
+            path,
+            global_batch=8,
+            image_size=8,
+            context_length=16,
+            seed=1,
+            shuffle_buffer=8,
+            read_windows=windows,
+            state=state,
+            process_index=0,
+            process_count=1,
+        )
 
     def classes_per_batch(run):
         return np.mean([len(set(b["label"] // 30)) for b, _ in run])

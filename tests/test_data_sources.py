@@ -1,4 +1,5 @@
 """Sources (captions file, class folders, webdataset tars, tfds) through the make_shards CLI."""
+
 import io
 import json
 import os
@@ -24,10 +25,14 @@ def _read_shards(out):
     for s in m["shards"]:
         for r in tf.data.TFRecordDataset(os.path.join(out, s["file"])).as_numpy_iterator():
             f = tf.train.Example.FromString(r).features.feature
-            recs.append({"key": f["key"].bytes_list.value[0].decode(),
-                         "txt": f["txt"].bytes_list.value[0].decode(),
-                         "label": list(f["label"].int64_list.value) if "label" in f else None,
-                         "jpg": f["jpg"].bytes_list.value[0]})
+            recs.append(
+                {
+                    "key": f["key"].bytes_list.value[0].decode(),
+                    "txt": f["txt"].bytes_list.value[0].decode(),
+                    "label": list(f["label"].int64_list.value) if "label" in f else None,
+                    "jpg": f["jpg"].bytes_list.value[0],
+                }
+            )
     return m, recs
 
 
@@ -36,41 +41,74 @@ def test_captions_jsonl_and_csv(tmp_path, capsys):
     _save(str(img / "a.jpg"), (255, 0, 0))
     _save(str(img / "sub" / "b.png"), (0, 255, 0), fmt="PNG")
     (img / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
-    rows = [{"image": "a.jpg", "caption": "red"}, {"image": "sub/b.png", "caption": "green"},
-            {"image": "a.jpg", "caption": "a second caption"},
-            {"image": "missing.jpg", "caption": "x"}, {"image": "broken.jpg", "caption": "y"}]
+    rows = [
+        {"image": "a.jpg", "caption": "red"},
+        {"image": "sub/b.png", "caption": "green"},
+        {"image": "a.jpg", "caption": "a second caption"},
+        {"image": "missing.jpg", "caption": "x"},
+        {"image": "broken.jpg", "caption": "y"},
+    ]
     caps = tmp_path / "caps.jsonl"
     caps.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = str(tmp_path / "out")
-    rc = make_shards.main(["--out", out, "--captions", str(caps), "--images", str(img),
-                           "--shard-size", "2", "--no-progress", "--keep-order"])
+    rc = make_shards.main(
+        [
+            "--out",
+            out,
+            "--captions",
+            str(caps),
+            "--images",
+            str(img),
+            "--shard-size",
+            "2",
+            "--no-progress",
+            "--keep-order",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "missing.jpg" in printed and "broken.jpg" in printed and "skipped 2" in printed
     m, recs = _read_shards(out)
     assert [(r["key"], r["txt"]) for r in recs] == [
-        ("a.jpg", "red"), ("sub/b.png", "green"), ("a.jpg", "a second caption")]
+        ("a.jpg", "red"),
+        ("sub/b.png", "green"),
+        ("a.jpg", "a second caption"),
+    ]
     assert m["num_skipped"] == 2 and m["source"]["kind"] == "captions"
     assert m["order"] == {"shuffled": False} and "in source order" in printed
 
     csv = tmp_path / "caps.csv"
     csv.write_text('image,caption\na.jpg,"red, with a comma"\n')
     out2 = str(tmp_path / "out2")
-    assert make_shards.main(["--out", out2, "--captions", str(csv), "--images", str(img),
-                             "--no-progress"]) == 0
+    assert (
+        make_shards.main(
+            ["--out", out2, "--captions", str(csv), "--images", str(img), "--no-progress"]
+        )
+        == 0
+    )
     assert [r["txt"] for r in _read_shards(out2)[1]] == ["red, with a comma"]
 
 
 def test_bad_captions_file_is_a_clear_error(tmp_path, capsys):
     caps = tmp_path / "caps.jsonl"
     caps.write_text('{"image": "a.jpg", "caption": "ok"}\n{"img": "b.jpg"}\n')
-    rc = make_shards.main(["--out", str(tmp_path / "o"), "--captions", str(caps), "--images",
-                           str(tmp_path), "--no-progress"])
+    rc = make_shards.main(
+        [
+            "--out",
+            str(tmp_path / "o"),
+            "--captions",
+            str(caps),
+            "--images",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert "caps.jsonl:2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs --images"):
-        make_shards.make_source(make_shards.build_parser().parse_args(
-            ["--out", "o", "--captions", str(caps)]))
+        make_shards.make_source(
+            make_shards.build_parser().parse_args(["--out", "o", "--captions", str(caps)])
+        )
     with pytest.raises(SystemExit):
         make_shards.main(["--out", "o", "--class-folders", "x", "--shard-size", "0"])
 
@@ -83,12 +121,24 @@ def test_class_folders(tmp_path):
     src = sources.class_folder_source(str(tmp_path / "root"), "a photo of a {}.")
     assert src.classnames == ["cat", "golden retriever"] and src.total == 4
     out = str(tmp_path / "out")
-    assert make_shards.main(["--out", out, "--class-folders", str(tmp_path / "root"),
-                             "--no-progress", "--keep-order"]) == 0
+    assert (
+        make_shards.main(
+            [
+                "--out",
+                out,
+                "--class-folders",
+                str(tmp_path / "root"),
+                "--no-progress",
+                "--keep-order",
+            ]
+        )
+        == 0
+    )
     m, recs = _read_shards(out)
     assert m["classnames"] == ["cat", "golden retriever"]
-    assert [(r["txt"], r["label"]) for r in recs] == [
-        ("a photo of a cat.", [0])] * 2 + [("a photo of a golden retriever.", [1])] * 2
+    assert [(r["txt"], r["label"]) for r in recs] == [("a photo of a cat.", [0])] * 2 + [
+        ("a photo of a golden retriever.", [1])
+    ] * 2
     with pytest.raises(ValueError, match="must contain"):
         sources.class_folder_source(str(tmp_path / "root"), "no placeholder")
 
@@ -99,30 +149,68 @@ def test_class_folders_are_shuffled_by_default(tmp_path, capsys):
         for i in range(10):
             _save(str(root / f"class{c}" / f"{i}.jpg"), (80 * c, 9 * i, 0))
     out = str(tmp_path / "out")
-    assert make_shards.main(["--out", out, "--class-folders", str(root), "--shard-size", "7",
-                             "--no-progress"]) == 0
+    assert (
+        make_shards.main(
+            ["--out", out, "--class-folders", str(root), "--shard-size", "7", "--no-progress"]
+        )
+        == 0
+    )
     assert "shuffled with seed 0" in capsys.readouterr().out
     m, recs = _read_shards(out)
     labels = [r["label"][0] for r in recs]
     assert labels != sorted(labels) and len(set(labels[:7])) > 1
-    assert sorted(r["key"] for r in recs) == sorted(f"class{c}/{i}.jpg" for c in range(3)
-                                                    for i in range(10))
+    assert sorted(r["key"] for r in recs) == sorted(
+        f"class{c}/{i}.jpg" for c in range(3) for i in range(10)
+    )
     assert m["order"]["shuffled"] and m["order"]["seed"] == 0
     out7 = str(tmp_path / "out7")
-    assert make_shards.main(["--out", out7, "--class-folders", str(root), "--shard-size", "7",
-                             "--seed", "7", "--no-progress"]) == 0
+    assert (
+        make_shards.main(
+            [
+                "--out",
+                out7,
+                "--class-folders",
+                str(root),
+                "--shard-size",
+                "7",
+                "--seed",
+                "7",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m7, recs7 = _read_shards(out7)
     assert m7["order"]["seed"] == 7 and [r["key"] for r in recs7] != [r["key"] for r in recs]
-    assert make_shards.main(["--out", out, "--class-folders", str(root), "--shard-size", "7",
-                             "--seed", "7", "--no-progress"]) == 2
+    assert (
+        make_shards.main(
+            [
+                "--out",
+                out,
+                "--class-folders",
+                str(root),
+                "--shard-size",
+                "7",
+                "--seed",
+                "7",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "shuffled with seed 0" in err and "shuffled with seed 7" in err
-    assert make_shards.main(["--out", out, "--class-folders", str(root), "--shard-size", "7",
-                             "--no-progress"]) == 0  # same arguments: resumes (nothing to do)
+    assert (
+        make_shards.main(
+            ["--out", out, "--class-folders", str(root), "--shard-size", "7", "--no-progress"]
+        )
+        == 0
+    )  # same arguments: resumes (nothing to do)
     assert _read_shards(out)[1] == recs
     with pytest.raises(SystemExit):
-        make_shards.main(["--out", out, "--class-folders", str(root), "--seed", "1",
-                          "--keep-order"])
+        make_shards.main(
+            ["--out", out, "--class-folders", str(root), "--seed", "1", "--keep-order"]
+        )
 
 
 def _add(tar, name, data: bytes):
@@ -151,8 +239,12 @@ def test_webdataset_tars(tmp_path):
     assert not src.in_memory  # uncompressed: images are read by offset when written
     assert [it.read() for it in src if it.key != "000000001"] == [jpg, jpg]
     out = str(tmp_path / "out")
-    assert make_shards.main(["--out", out, "--webdataset", str(tmp_path / "*.tar"),
-                             "--no-progress", "--keep-order"]) == 0
+    assert (
+        make_shards.main(
+            ["--out", out, "--webdataset", str(tmp_path / "*.tar"), "--no-progress", "--keep-order"]
+        )
+        == 0
+    )
     m, recs = _read_shards(out)
     assert [(r["key"], r["txt"]) for r in recs] == [("000000000", "first"), ("000000002", "third")]
     assert recs[1]["label"] == [7] and recs[0]["jpg"] == jpg
@@ -174,25 +266,55 @@ def test_webdataset_shuffle_lazy_and_compressed(tmp_path):
                 _add(tar, f"{t}{i:04d}.jpg", jpgs[t])
                 _add(tar, f"{t}{i:04d}.txt", f"tar {t}".encode())
     out = str(tmp_path / "out")
-    assert make_shards.main(["--out", out, "--webdataset", str(tmp_path / "plain" / "*.tar"),
-                             "--shard-size", "6", "--no-progress"]) == 0
+    assert (
+        make_shards.main(
+            [
+                "--out",
+                out,
+                "--webdataset",
+                str(tmp_path / "plain" / "*.tar"),
+                "--shard-size",
+                "6",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m, recs = _read_shards(out)
     assert m["order"]["method"] == "permutation" and m["order"]["items"] == 20
     keys = [r["key"] for r in recs]
     assert sorted(keys) == [f"{t}{i:04d}" for t in range(4) for i in range(5)]
     assert keys != sorted(keys)  # records of one tar are spread over the shards
-    assert all(r["jpg"] == jpgs[int(r["key"][0])] and r["txt"] == f"tar {r['key'][0]}"
-               for r in recs)
+    assert all(
+        r["jpg"] == jpgs[int(r["key"][0])] and r["txt"] == f"tar {r['key'][0]}" for r in recs
+    )
 
     _wds_tar(tmp_path / "a.tar.gz", jpgs[0], mode="w:gz")
     src = sources.webdataset_source(str(tmp_path / "a.tar.gz"))
     assert src.in_memory and src.shuffled_parts is not None
     out = str(tmp_path / "gz")
-    assert make_shards.main(["--out", out, "--webdataset", str(tmp_path / "a.tar.gz"),
-                             "--shuffle-buffer", "2", "--no-progress"]) == 0
+    assert (
+        make_shards.main(
+            [
+                "--out",
+                out,
+                "--webdataset",
+                str(tmp_path / "a.tar.gz"),
+                "--shuffle-buffer",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m, recs = _read_shards(out)
-    assert m["order"] == {"shuffled": True, "seed": 0, "method": "buffer", "buffer": 2,
-                          "files_shuffled": True}
+    assert m["order"] == {
+        "shuffled": True,
+        "seed": 0,
+        "method": "buffer",
+        "buffer": 2,
+        "files_shuffled": True,
+    }
     assert sorted(r["key"] for r in recs) == ["000000000", "000000002"]
 
 
@@ -202,10 +324,16 @@ class TinyShapes(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 3)),
-            "label": tfds.features.ClassLabel(names=["dark", "bright"]),
-            "caption": tfds.features.Text()}))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(8, 8, 3)),
+                    "label": tfds.features.ClassLabel(names=["dark", "bright"]),
+                    "caption": tfds.features.Text(),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
@@ -219,19 +347,41 @@ class TinyShapes(tfds.core.GeneratorBasedBuilder):
 def test_tfds_source(tmp_path):
     TinyShapes(data_dir=str(tmp_path / "tfds")).download_and_prepare()
     out = str(tmp_path / "out")
-    assert make_shards.main(["--out", out, "--tfds", "tiny_shapes", "--data-dir",
-                             str(tmp_path / "tfds"), "--label-field", "label",
-                             "--template", "a {} square", "--no-progress"]) == 0
+    assert (
+        make_shards.main(
+            [
+                "--out",
+                out,
+                "--tfds",
+                "tiny_shapes",
+                "--data-dir",
+                str(tmp_path / "tfds"),
+                "--label-field",
+                "label",
+                "--template",
+                "a {} square",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m, recs = _read_shards(out)
     assert m["order"]["method"] == "buffer" and m["order"]["seed"] == 0
     assert m["classnames"] == ["dark", "bright"] and m["shards"][0]["file"].startswith("train-")
-    got = sorted((r["txt"], r["label"][0], int(np.asarray(Image.open(io.BytesIO(r["jpg"])))[0, 0, 0]))
-                 for r in recs)
-    assert got == sorted([("a dark square", 0, 0), ("a dark square", 0, 40),
-                          ("a dark square", 0, 80), ("a bright square", 1, 120),
-                          ("a bright square", 1, 160)])
-    src = sources.tfds_source("tiny_shapes", "train", str(tmp_path / "tfds"),
-                              text_field="caption")
+    got = sorted(
+        (r["txt"], r["label"][0], int(np.asarray(Image.open(io.BytesIO(r["jpg"])))[0, 0, 0]))
+        for r in recs
+    )
+    assert got == sorted(
+        [
+            ("a dark square", 0, 0),
+            ("a dark square", 0, 40),
+            ("a dark square", 0, 80),
+            ("a bright square", 1, 120),
+            ("a bright square", 1, 160),
+        ]
+    )
+    src = sources.tfds_source("tiny_shapes", "train", str(tmp_path / "tfds"), text_field="caption")
     assert sorted(it.caption for it in src) == [f"shade {i}".encode() for i in range(5)]
     with pytest.raises(ValueError, match="no feature 'text'"):
         sources.tfds_source("tiny_shapes", "train", str(tmp_path / "tfds"), text_field="text")

@@ -1,5 +1,6 @@
 """Shard writer: schema round trip, manifest, skipping bad items, resume, settings guard,
 seeded shuffle (global permutation, bounded buffer, resumable, order guard)."""
+
 import io
 import json
 import os
@@ -26,24 +27,27 @@ def _items(n, bad=()):
     for i in range(n):
         kind = bad.get(i)
         data = _jpeg((i * 9 % 256, 10, 20))
-        read = (lambda d=data: d)
+        read = lambda d=data: d
         caption: str | bytes = f"caption {i}"
         if kind == "c":
-            read = (lambda d=data: d[: len(d) // 2])
+            read = lambda d=data: d[: len(d) // 2]
         elif kind == "u":
+
             def read():
                 raise OSError("permission denied")
         elif kind == "e":
             caption = "   "
         elif kind == "b":
             caption = b"\xff\xfe caption"
-        yield SourceItem(key=f"k{i}", origin=f"item{i}.jpg", caption=caption, read=read,
-                         label=i % 3)
+        yield SourceItem(
+            key=f"k{i}", origin=f"item{i}.jpg", caption=caption, read=read, label=i % 3
+        )
 
 
 def _records(path):
-    return [tf.train.Example.FromString(r) for r in
-            tf.data.TFRecordDataset(path).as_numpy_iterator()]
+    return [
+        tf.train.Example.FromString(r) for r in tf.data.TFRecordDataset(path).as_numpy_iterator()
+    ]
 
 
 def test_example_round_trip_matches_img2dataset_feature_names():
@@ -58,8 +62,15 @@ def test_example_round_trip_matches_img2dataset_feature_names():
 def test_write_shards_manifest_and_skips(tmp_path):
     out = str(tmp_path / "out")
     bad = {1: "c", 4: "u", 6: "e", 9: "b"}
-    m = writer.write_shards(_items(11, bad), out, source={"kind": "test"}, shard_size=4,
-                            progress=False, classnames=["a", "b", "c"], shuffle_seed=None)
+    m = writer.write_shards(
+        _items(11, bad),
+        out,
+        source={"kind": "test"},
+        shard_size=4,
+        progress=False,
+        classnames=["a", "b", "c"],
+        shuffle_seed=None,
+    )
     assert [s["file"] for s in m["shards"]] == [f"shard-0000{i}.tfrecord" for i in range(3)]
     assert [s["count"] for s in m["shards"]] == [3, 2, 2]
     assert m["num_examples"] == 7 and m["num_skipped"] == 4 and m["complete"]
@@ -80,23 +91,31 @@ def test_write_shards_manifest_and_skips(tmp_path):
 
 def test_rerun_skips_complete_shards_and_rewrites_missing(tmp_path):
     out = str(tmp_path)
-    writer.write_shards(_items(10), out, source={"kind": "t"}, shard_size=4, progress=False,
-                        shuffle_seed=None)
+    writer.write_shards(
+        _items(10), out, source={"kind": "t"}, shard_size=4, progress=False, shuffle_seed=None
+    )
     os.remove(os.path.join(out, "shard-00001.tfrecord"))
     reads = []
 
     def tracked():
         for it in _items(10):
-            yield SourceItem(it.key, it.origin, it.caption,
-                             (lambda it=it: reads.append(it.key) or it.read()), it.label)
+            yield SourceItem(
+                it.key,
+                it.origin,
+                it.caption,
+                (lambda it=it: reads.append(it.key) or it.read()),
+                it.label,
+            )
 
-    m = writer.write_shards(tracked(), out, source={"kind": "t"}, shard_size=4, progress=False,
-                            shuffle_seed=None)
+    m = writer.write_shards(
+        tracked(), out, source={"kind": "t"}, shard_size=4, progress=False, shuffle_seed=None
+    )
     assert reads == ["k4", "k5", "k6", "k7"]  # only the missing shard was read again
     assert [s["count"] for s in m["shards"]] == [4, 4, 2]
     with pytest.raises(ValueError, match="different settings.*shard_size"):
-        writer.write_shards(_items(10), out, source={"kind": "t"}, shard_size=5, progress=False,
-                            shuffle_seed=None)
+        writer.write_shards(
+            _items(10), out, source={"kind": "t"}, shard_size=5, progress=False, shuffle_seed=None
+        )
 
 
 def test_interrupted_run_leaves_no_partial_shard(tmp_path):
@@ -105,8 +124,14 @@ def test_interrupted_run_leaves_no_partial_shard(tmp_path):
         raise RuntimeError("source died")
 
     with pytest.raises(RuntimeError):
-        writer.write_shards(failing(), str(tmp_path), source={"kind": "t"}, shard_size=4,
-                            progress=False, shuffle_seed=None)
+        writer.write_shards(
+            failing(),
+            str(tmp_path),
+            source={"kind": "t"},
+            shard_size=4,
+            progress=False,
+            shuffle_seed=None,
+        )
     files = sorted(os.listdir(tmp_path))
     assert files == ["manifest.json", "shard-00000.tfrecord"]
     m = json.load(open(tmp_path / "manifest.json"))
@@ -128,10 +153,18 @@ def test_encode_image_keeps_or_converts_and_resizes():
 
 def test_parallel_workers_write_identical_shards(tmp_path):
     items = list(_items(6, {2: "c"}))
-    m1 = writer.write_shards(items, str(tmp_path / "a"), source={"kind": "t"}, shard_size=3,
-                             max_side=8, progress=False)
-    m2 = writer.write_shards(items, str(tmp_path / "b"), source={"kind": "t"}, shard_size=3,
-                             max_side=8, workers=2, progress=False)
+    m1 = writer.write_shards(
+        items, str(tmp_path / "a"), source={"kind": "t"}, shard_size=3, max_side=8, progress=False
+    )
+    m2 = writer.write_shards(
+        items,
+        str(tmp_path / "b"),
+        source={"kind": "t"},
+        shard_size=3,
+        max_side=8,
+        workers=2,
+        progress=False,
+    )
     assert [s["count"] for s in m1["shards"]] == [s["count"] for s in m2["shards"]] == [2, 3]
     for s in m1["shards"]:
         a = (tmp_path / "a" / s["file"]).read_bytes()
@@ -153,8 +186,7 @@ def _class_sorted(n_classes=4, per_class=15, reads=None, fail_key=None):
                     reads.append(key)
                 return data
 
-            yield SourceItem(key=key, origin=f"{key}.jpg", caption=f"class {c}", read=read,
-                             label=c)
+            yield SourceItem(key=key, origin=f"{key}.jpg", caption=f"class {c}", read=read, label=c)
 
 
 def _written(out):
@@ -166,14 +198,18 @@ def _written(out):
 
 
 def _shard_bytes(out):
-    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
-            if n.endswith(".tfrecord")}
+    return {
+        n: open(os.path.join(out, n), "rb").read()
+        for n in sorted(os.listdir(out))
+        if n.endswith(".tfrecord")
+    }
 
 
 def test_default_order_is_a_seeded_global_permutation(tmp_path):
     source_keys = [it.key for it in _class_sorted()]
-    m = writer.write_shards(_class_sorted(), str(tmp_path / "a"), source={"kind": "t"},
-                            shard_size=8, progress=False)
+    m = writer.write_shards(
+        _class_sorted(), str(tmp_path / "a"), source={"kind": "t"}, shard_size=8, progress=False
+    )
     _, keys, labels = _written(str(tmp_path / "a"))
     assert labels != sorted(labels)  # not class-sorted any more
     assert sorted(keys) == sorted(source_keys) and len(keys) == 60  # each record exactly once
@@ -182,43 +218,88 @@ def test_default_order_is_a_seeded_global_permutation(tmp_path):
     assert m["order"]["shuffled"] and m["order"]["seed"] == 0
     assert m["order"]["method"] == "permutation" and m["order"]["items"] == 60
 
-    writer.write_shards(_class_sorted(), str(tmp_path / "b"), source={"kind": "t"},
-                        shard_size=8, progress=False, shuffle_seed=0)
+    writer.write_shards(
+        _class_sorted(),
+        str(tmp_path / "b"),
+        source={"kind": "t"},
+        shard_size=8,
+        progress=False,
+        shuffle_seed=0,
+    )
     assert _shard_bytes(str(tmp_path / "a")) == _shard_bytes(str(tmp_path / "b"))
-    m3 = writer.write_shards(_class_sorted(), str(tmp_path / "c"), source={"kind": "t"},
-                             shard_size=8, progress=False, shuffle_seed=3)
+    m3 = writer.write_shards(
+        _class_sorted(),
+        str(tmp_path / "c"),
+        source={"kind": "t"},
+        shard_size=8,
+        progress=False,
+        shuffle_seed=3,
+    )
     _, keys3, _ = _written(str(tmp_path / "c"))
     assert m3["order"]["seed"] == 3 and keys3 != keys and sorted(keys3) == sorted(keys)
-    m4 = writer.write_shards(_class_sorted(), str(tmp_path / "d"), source={"kind": "t"},
-                             shard_size=8, progress=False, shuffle_seed=None)
+    m4 = writer.write_shards(
+        _class_sorted(),
+        str(tmp_path / "d"),
+        source={"kind": "t"},
+        shard_size=8,
+        progress=False,
+        shuffle_seed=None,
+    )
     _, keys4, _ = _written(str(tmp_path / "d"))
     assert keys4 == source_keys and m4["order"] == {"shuffled": False}
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
-        writer.write_shards(_class_sorted(), str(tmp_path / "e"), source={"kind": "t"},
-                            progress=False, shuffle_seed=-1)
+        writer.write_shards(
+            _class_sorted(),
+            str(tmp_path / "e"),
+            source={"kind": "t"},
+            progress=False,
+            shuffle_seed=-1,
+        )
 
 
 def test_killed_shuffled_run_resumes_to_the_uninterrupted_output(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    writer.write_shards(_class_sorted(), full, source={"kind": "t"}, shard_size=8,
-                        progress=False, shuffle_seed=5)
+    writer.write_shards(
+        _class_sorted(), full, source={"kind": "t"}, shard_size=8, progress=False, shuffle_seed=5
+    )
     _, keys, _ = _written(full)
     with pytest.raises(KeyboardInterrupt):  # killed while writing the third shard
-        writer.write_shards(_class_sorted(fail_key=keys[19]), part, source={"kind": "t"},
-                            shard_size=8, progress=False, shuffle_seed=5)
-    assert sorted(os.listdir(part)) == ["manifest.json", "shard-00000.tfrecord",
-                                        "shard-00001.tfrecord"]
+        writer.write_shards(
+            _class_sorted(fail_key=keys[19]),
+            part,
+            source={"kind": "t"},
+            shard_size=8,
+            progress=False,
+            shuffle_seed=5,
+        )
+    assert sorted(os.listdir(part)) == [
+        "manifest.json",
+        "shard-00000.tfrecord",
+        "shard-00001.tfrecord",
+    ]
     reads = []
-    m = writer.write_shards(_class_sorted(reads=reads), part, source={"kind": "t"},
-                            shard_size=8, progress=False, shuffle_seed=5)
+    m = writer.write_shards(
+        _class_sorted(reads=reads),
+        part,
+        source={"kind": "t"},
+        shard_size=8,
+        progress=False,
+        shuffle_seed=5,
+    )
     assert reads == keys[16:]  # the complete shards were not read again
     assert _shard_bytes(part) == _shard_bytes(full)
     assert m == json.load(open(os.path.join(full, "manifest.json")))
 
     os.remove(os.path.join(part, "shard-00003.tfrecord"))  # a lost shard is rewritten the same
     reads.clear()
-    writer.write_shards(_class_sorted(reads=reads), part, source={"kind": "t"}, shard_size=8,
-                        progress=False, shuffle_seed=5)
+    writer.write_shards(
+        _class_sorted(reads=reads),
+        part,
+        source={"kind": "t"},
+        shard_size=8,
+        progress=False,
+        shuffle_seed=5,
+    )
     assert reads == keys[24:32] and _shard_bytes(part) == _shard_bytes(full)
 
 
@@ -226,36 +307,51 @@ def test_other_order_over_existing_output_is_refused(tmp_path):
     out = str(tmp_path)
     keys = [it.key for it in order.permuted(_class_sorted(), 0)]
     with pytest.raises(KeyboardInterrupt):  # a partial output written with seed 0
-        writer.write_shards(_class_sorted(fail_key=keys[9]), out, source={"kind": "t"},
-                            shard_size=8, progress=False)
-    with pytest.raises(ValueError, match=r"shuffled with seed 0, this run would write them "
-                                         r"shuffled with seed 1.*--seed 0 to resume"):
-        writer.write_shards(_class_sorted(), out, source={"kind": "t"}, shard_size=8,
-                            progress=False, shuffle_seed=1)
+        writer.write_shards(
+            _class_sorted(fail_key=keys[9]), out, source={"kind": "t"}, shard_size=8, progress=False
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"shuffled with seed 0, this run would write them "
+        r"shuffled with seed 1.*--seed 0 to resume",
+    ):
+        writer.write_shards(
+            _class_sorted(), out, source={"kind": "t"}, shard_size=8, progress=False, shuffle_seed=1
+        )
     with pytest.raises(ValueError, match="seed 0, this run would write them in source order"):
-        writer.write_shards(_class_sorted(), out, source={"kind": "t"}, shard_size=8,
-                            progress=False, shuffle_seed=None)
+        writer.write_shards(
+            _class_sorted(),
+            out,
+            source={"kind": "t"},
+            shard_size=8,
+            progress=False,
+            shuffle_seed=None,
+        )
     with pytest.raises(ValueError, match="60 items.*source now lists 64"):
-        writer.write_shards(_class_sorted(per_class=16), out, source={"kind": "t"},
-                            shard_size=8, progress=False)
+        writer.write_shards(
+            _class_sorted(per_class=16), out, source={"kind": "t"}, shard_size=8, progress=False
+        )
     assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.tfrecord"]  # untouched
-    m = writer.write_shards(_class_sorted(), out, source={"kind": "t"}, shard_size=8,
-                            progress=False)
+    m = writer.write_shards(
+        _class_sorted(), out, source={"kind": "t"}, shard_size=8, progress=False
+    )
     assert m["complete"] and m["num_examples"] == 60
 
 
 def test_manifest_from_before_shuffling_resumes_in_source_order(tmp_path):
     out = str(tmp_path)
-    writer.write_shards(_items(10), out, source={"kind": "t"}, shard_size=4, progress=False,
-                        shuffle_seed=None)
+    writer.write_shards(
+        _items(10), out, source={"kind": "t"}, shard_size=4, progress=False, shuffle_seed=None
+    )
     path = os.path.join(out, "manifest.json")
     old = json.load(open(path))
     del old["order"]
     json.dump(old, open(path, "w"))
     with pytest.raises(ValueError, match="in source order.*--keep-order to resume"):
         writer.write_shards(_items(10), out, source={"kind": "t"}, shard_size=4, progress=False)
-    m = writer.write_shards(_items(10), out, source={"kind": "t"}, shard_size=4, progress=False,
-                            shuffle_seed=None)
+    m = writer.write_shards(
+        _items(10), out, source={"kind": "t"}, shard_size=4, progress=False, shuffle_seed=None
+    )
     assert m["order"] == {"shuffled": False} and m["num_examples"] == 10
 
 
@@ -284,11 +380,28 @@ def test_in_memory_source_gets_a_bounded_seeded_buffer_shuffle(tmp_path):
     assert keys != sorted(keys)
     assert keys == [it.key for it in order.buffer_shuffled(_StreamedSource(40), 0, 10)]
 
-    m = writer.write_shards(_StreamedSource(40), str(tmp_path / "a"), source={"kind": "t"},
-                            shard_size=8, progress=False, shuffle_buffer=10)
-    assert m["order"] == {"shuffled": True, "seed": 0, "method": "buffer", "buffer": 10,
-                          "files_shuffled": False}
+    m = writer.write_shards(
+        _StreamedSource(40),
+        str(tmp_path / "a"),
+        source={"kind": "t"},
+        shard_size=8,
+        progress=False,
+        shuffle_buffer=10,
+    )
+    assert m["order"] == {
+        "shuffled": True,
+        "seed": 0,
+        "method": "buffer",
+        "buffer": 10,
+        "files_shuffled": False,
+    }
     assert _written(str(tmp_path / "a"))[1] == keys
     with pytest.raises(ValueError, match="by a 10-item buffer.*--shuffle-buffer 10"):
-        writer.write_shards(_StreamedSource(40), str(tmp_path / "a"), source={"kind": "t"},
-                            shard_size=8, progress=False, shuffle_buffer=20)
+        writer.write_shards(
+            _StreamedSource(40),
+            str(tmp_path / "a"),
+            source={"kind": "t"},
+            shard_size=8,
+            progress=False,
+            shuffle_buffer=20,
+        )

@@ -16,16 +16,25 @@ from clipjax.models import CLIP, CLIPConfig, abstract_variables
 from clipjax.parallel.mesh import make_mesh
 
 # Real CLIP vocabulary so the real tokenizer's ids fit.
-TINY = CLIPConfig(embed_dim=16, image_size=32, patch_size=16, vision_width=64, vision_layers=1,
-                  vision_heads=2, context_length=16, text_width=64, text_layers=1, text_heads=2)
+TINY = CLIPConfig(
+    embed_dim=16,
+    image_size=32,
+    patch_size=16,
+    vision_width=64,
+    vision_layers=1,
+    vision_heads=2,
+    context_length=16,
+    text_width=64,
+    text_layers=1,
+    text_heads=2,
+)
 
 
 @pytest.fixture(scope="module")
 def model_params():
     rng = np.random.default_rng(0)
     shapes = flax.core.meta.unbox(abstract_variables(TINY))["params"]
-    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32),
-                          shapes)
+    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
     return CLIP(TINY), params
 
 
@@ -60,9 +69,11 @@ def brute_force_recall(img, txt, owner, ks):
     t2i_order = np.argsort(-sims.T, axis=1)
     for k in ks:
         out[f"image_to_text/R@{k}"] = np.mean(
-            [np.any(owner[i2t_order[i, :k]] == i) for i in range(len(img))])
+            [np.any(owner[i2t_order[i, :k]] == i) for i in range(len(img))]
+        )
         out[f"text_to_image/R@{k}"] = np.mean(
-            [owner[j] in t2i_order[j, :k] for j in range(len(txt))])
+            [owner[j] in t2i_order[j, :k] for j in range(len(txt))]
+        )
     return out
 
 
@@ -102,10 +113,18 @@ def test_retrieval_recall_groups_captions_by_key(model_params):
     keys = np.array([f"k{o}" for o in owner], dtype=object)
     pad = lambda a, n: np.concatenate([a, np.zeros((n,) + a.shape[1:], a.dtype)])  # noqa: E731
     batches = [
-        {"image": pad(images[owner[:4]], 2), "text": pad(ids[:4], 2),
-         "key": np.concatenate([keys[:4], ["", ""]]), "mask": np.arange(6) < 4},
-        {"image": pad(images[owner[4:]], 2), "text": pad(ids[4:], 2),
-         "key": np.concatenate([keys[4:], ["", ""]]), "mask": np.arange(6) < 4},
+        {
+            "image": pad(images[owner[:4]], 2),
+            "text": pad(ids[:4], 2),
+            "key": np.concatenate([keys[:4], ["", ""]]),
+            "mask": np.arange(6) < 4,
+        },
+        {
+            "image": pad(images[owner[4:]], 2),
+            "text": pad(ids[4:], 2),
+            "key": np.concatenate([keys[4:], ["", ""]]),
+            "mask": np.arange(6) < 4,
+        },
     ]
     got = retrieval_recall(model, params, batches, mesh=make_mesh(), batch_size=8)
     img_emb = np.asarray(model.apply({"params": params}, images, method="encode_image"))
@@ -143,8 +162,8 @@ def test_zeroshot_on_mesh_matches_numpy_reference_and_ignores_padding(model_para
     batches = []
     for start in range(0, 14, 6):
         n = min(6, 14 - start)
-        img = np.concatenate([images[start:start + n], np.ones((6 - n, 32, 32, 3), np.float32)])
-        lab = np.concatenate([labels[start:start + n], np.full(6 - n, 999)])
+        img = np.concatenate([images[start : start + n], np.ones((6 - n, 32, 32, 3), np.float32)])
+        lab = np.concatenate([labels[start : start + n], np.full(6 - n, 999)])
         batches.append({"image": img, "label": lab, "mask": np.arange(6) < n})
     for m in (mesh, None):
         got = zeroshot_accuracy(model, params, batches, classnames, templates, mesh=m)
@@ -153,8 +172,14 @@ def test_zeroshot_on_mesh_matches_numpy_reference_and_ignores_padding(model_para
     per_class = [np.mean(order[labels == c, 0] == c) for c in np.unique(labels)]
     assert got["mean_per_class_top1"] == pytest.approx(np.mean(per_class))
     with pytest.raises(ValueError, match="outside the 6 class names"):
-        zeroshot_accuracy(model, params, [{"image": images[:2], "label": np.array([0, 6])}],
-                          classnames, templates, weights=w)
+        zeroshot_accuracy(
+            model,
+            params,
+            [{"image": images[:2], "label": np.array([0, 6])}],
+            classnames,
+            templates,
+            weights=w,
+        )
 
 
 # ------------------------------------------------------------------ CLI
@@ -173,7 +198,8 @@ def cli_setup(tmp_path_factory, model_params):
         (root / "folders" / cls).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(
-                root / "folders" / cls / f"{i}.png")
+                root / "folders" / cls / f"{i}.png"
+            )
     (root / "folders" / "blue_sky" / "corrupt.jpg").write_bytes(b"garbage")
     return root, demo
 
@@ -181,16 +207,47 @@ def cli_setup(tmp_path_factory, model_params):
 def test_cli_zeroshot_and_retrieval_on_shards(cli_setup, capsys):
     root, demo = cli_setup
     out = root / "zs.json"
-    assert evaluate_main(["--model", str(root / "model"), "--task", "zeroshot", "--data",
-                          demo.test, "--classnames", "demo", "--batch-size", "8",
-                          "--out", str(out)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                str(root / "model"),
+                "--task",
+                "zeroshot",
+                "--data",
+                demo.test,
+                "--classnames",
+                "demo",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
     m = res["metrics"]
     assert (m["num_examples"], m["num_classes"], res["num_templates"]) == (20, 12, 4)
     assert 0 <= m["top1"] <= m["top5"] <= 1 and "top1" in printed
-    assert evaluate_main(["--model", str(root / "model"), "--task", "retrieval", "--data",
-                          demo.test, "--batch-size", "8", "--out", str(root / "r.json")]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                str(root / "model"),
+                "--task",
+                "retrieval",
+                "--data",
+                demo.test,
+                "--batch-size",
+                "8",
+                "--out",
+                str(root / "r.json"),
+            ]
+        )
+        == 0
+    )
     m = json.loads((root / "r.json").read_text())["metrics"]
     assert (m["num_images"], m["num_texts"]) == (20, 20)
     assert m["image_to_text/R@1"] <= m["image_to_text/R@5"] <= m["image_to_text/R@10"]
@@ -198,16 +255,54 @@ def test_cli_zeroshot_and_retrieval_on_shards(cli_setup, capsys):
 
 def test_cli_class_folders_and_errors(cli_setup, capsys):
     root, _ = cli_setup
-    assert evaluate_main(["--model", str(root / "model"), "--task", "zeroshot", "--data",
-                          str(root / "folders"), "--templates", "photo", "--batch-size", "4",
-                          "--out", str(root / "f.json")]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                str(root / "model"),
+                "--task",
+                "zeroshot",
+                "--data",
+                str(root / "folders"),
+                "--templates",
+                "photo",
+                "--batch-size",
+                "4",
+                "--out",
+                str(root / "f.json"),
+            ]
+        )
+        == 0
+    )
     m = json.loads((root / "f.json").read_text())["metrics"]
     assert (m["num_examples"], m["num_classes"], m["skipped"]) == (6, 2, 1)
     assert m["top1"] in (0.0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)
     capsys.readouterr()
-    assert evaluate_main(["--model", str(root / "model"), "--task", "zeroshot", "--data",
-                          str(root / "nothing*.tfrecord")]) == 1
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                str(root / "model"),
+                "--task",
+                "zeroshot",
+                "--data",
+                str(root / "nothing*.tfrecord"),
+            ]
+        )
+        == 1
+    )
     assert "matches no files" in capsys.readouterr().err
-    assert evaluate_main(["--model", str(root / "missing"), "--task", "retrieval", "--data",
-                          str(root / "folders")]) == 1
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                str(root / "missing"),
+                "--task",
+                "retrieval",
+                "--data",
+                str(root / "folders"),
+            ]
+        )
+        == 1
+    )
     assert "missing: no such file" in capsys.readouterr().err

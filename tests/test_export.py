@@ -20,16 +20,35 @@ from clipjax.export import serialization as ser
 from clipjax.export.__main__ import main as export_main
 from clipjax.export.load import check_params, detect_source, load, model_fingerprint
 from clipjax.export.modeldir import read_model_dir, save_model_dir
-from clipjax.export.openai import (config_from_openai, from_openai_state_dict,
-                                   to_openai_state_dict)
+from clipjax.export.openai import config_from_openai, from_openai_state_dict, to_openai_state_dict
 from clipjax.models import CLIP, CLIPConfig
 
-TINY = CLIPConfig(embed_dim=24, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
-                  vision_heads=1, context_length=12, vocab_size=300, text_width=64, text_layers=2,
-                  text_heads=1)
-TINY_RN = CLIPConfig(embed_dim=24, vision_type="resnet", image_size=64, vision_width=8,
-                     vision_layers=(1, 2, 1, 1), vision_heads=4, context_length=12, vocab_size=300,
-                     text_width=64, text_layers=1, text_heads=1)
+TINY = CLIPConfig(
+    embed_dim=24,
+    image_size=32,
+    patch_size=8,
+    vision_width=64,
+    vision_layers=2,
+    vision_heads=1,
+    context_length=12,
+    vocab_size=300,
+    text_width=64,
+    text_layers=2,
+    text_heads=1,
+)
+TINY_RN = CLIPConfig(
+    embed_dim=24,
+    vision_type="resnet",
+    image_size=64,
+    vision_width=8,
+    vision_layers=(1, 2, 1, 1),
+    vision_heads=4,
+    context_length=12,
+    vocab_size=300,
+    text_width=64,
+    text_layers=1,
+    text_heads=1,
+)
 
 
 def init_params(cfg, seed=0):
@@ -73,11 +92,17 @@ def vit():
 
 # ------------------------------------------------------------------ serialization + model dir
 def test_safetensors_and_msgpack_round_trip_keep_dtypes_and_scalars(tmp_path):
-    tree = {"a": {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
-                  "h": np.ones(3, ml_dtypes.bfloat16)},
-            "scale": np.array(2.5, np.float32)}
-    for name, save, read in (("p.safetensors", ser.save_safetensors, ser.load_safetensors),
-                             ("p.msgpack", ser.save_msgpack, ser.load_msgpack)):
+    tree = {
+        "a": {
+            "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "h": np.ones(3, ml_dtypes.bfloat16),
+        },
+        "scale": np.array(2.5, np.float32),
+    }
+    for name, save, read in (
+        ("p.safetensors", ser.save_safetensors, ser.load_safetensors),
+        ("p.msgpack", ser.save_msgpack, ser.load_msgpack),
+    ):
         path = tmp_path / name
         save(tree, path)
         back = read(path)
@@ -115,8 +140,14 @@ def test_model_dir_round_trip_and_scan_layout(tmp_path, vit, fmt):
     from clipjax.models import stack_layer_params
 
     save_model_dir(str(tmp_path / "s"), scan_cfg, stack_layer_params(params), fmt)
-    assert (ser.flatten_params(ser.load_safetensors(tmp_path / "s" / "params.safetensors")).keys()
-            == ser.flatten_params(params).keys()) if fmt == "safetensors" else True
+    assert (
+        (
+            ser.flatten_params(ser.load_safetensors(tmp_path / "s" / "params.safetensors")).keys()
+            == ser.flatten_params(params).keys()
+        )
+        if fmt == "safetensors"
+        else True
+    )
     _, stacked = read_model_dir(str(tmp_path / "s"))
     assert stacked["visual"]["transformer"]["blocks"]["ln_1"]["scale"].shape == (2, 64)
     assert model_fingerprint(scan_cfg, stacked) == model_fingerprint(cfg, params)
@@ -219,8 +250,10 @@ def test_openai_export_matches_a_reference_forward_on_pytorch_layout(vit):
     # PyTorch conventions: conv OIHW, packed qkv [3W, W], linear [out, in].
     assert sd["visual.conv1.weight"].shape == (w, 3, cfg.patch_size, cfg.patch_size)
     assert sd["visual.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * w, w)
-    assert sd["transformer.resblocks.1.mlp.c_fc.weight"].shape == (4 * cfg.text_width,
-                                                                   cfg.text_width)
+    assert sd["transformer.resblocks.1.mlp.c_fc.weight"].shape == (
+        4 * cfg.text_width,
+        cfg.text_width,
+    )
     assert sd["visual.proj"].shape == (w, cfg.embed_dim) and sd["logit_scale"].shape == ()
     images, ids = inputs(cfg)
     ref_img, ref_txt = openai_reference(sd, cfg, images, ids)
@@ -234,10 +267,11 @@ def test_openai_round_trip_exact(cfg):
     params = init_params(cfg)
     sd = to_openai_state_dict(cfg, params)
     sd["visual.bn1.num_batches_tracked" if cfg.vision_type == "resnet" else "input_resolution"] = (
-        np.array(3))  # bookkeeping entries of torch checkpoints are ignored
-    cfg2, params2 = from_openai_state_dict(sd, act=cfg.act, text_heads=1,
-                                           **({"vision_heads": 1} if cfg.vision_type == "vit"
-                                              else {}))
+        np.array(3)
+    )  # bookkeeping entries of torch checkpoints are ignored
+    cfg2, params2 = from_openai_state_dict(
+        sd, act=cfg.act, text_heads=1, **({"vision_heads": 1} if cfg.vision_type == "vit" else {})
+    )
     assert cfg2 == cfg
     assert_trees_equal(params, params2)
 
@@ -262,8 +296,9 @@ def exported(tmp_path_factory, vit):
     cfg, params = vit
     root = tmp_path_factory.mktemp("hf")
     save_model_dir(str(root / "m"), cfg, params)
-    assert export_main(["--model", str(root / "m"), "--out", str(root / "hf"),
-                        "--format", "hf"]) == 0
+    assert (
+        export_main(["--model", str(root / "m"), "--out", str(root / "hf"), "--format", "hf"]) == 0
+    )
     return root
 
 
@@ -272,16 +307,21 @@ def test_hf_export_loads_in_transformers_with_matching_outputs(exported, vit):
     from transformers import FlaxCLIPModel
 
     cfg, params = vit
-    assert sorted(os.listdir(exported / "hf")) == ["config.json", "flax_model.msgpack",
-                                                   "model.safetensors"]
+    assert sorted(os.listdir(exported / "hf")) == [
+        "config.json",
+        "flax_model.msgpack",
+        "model.safetensors",
+    ]
     hf_model, hf_params = FlaxCLIPModel.from_pretrained(str(exported / "hf"), _do_init=False)
     images, ids = inputs(cfg)
     out = hf_model(input_ids=ids, pixel_values=images.transpose(0, 3, 1, 2), params=hf_params)
     ref = CLIP(cfg).apply({"params": params}, images, ids)
-    np.testing.assert_allclose(np.asarray(out.image_embeds), np.asarray(ref["image_embeds"]),
-                               atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.text_embeds), np.asarray(ref["text_embeds"]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out.image_embeds), np.asarray(ref["image_embeds"]), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.text_embeds), np.asarray(ref["text_embeds"]), atol=1e-5
+    )
 
 
 _TORCH_CHECK = """
@@ -306,20 +346,33 @@ def test_hf_export_loads_in_pytorch_clipmodel(exported, vit, tmp_path):
     cfg, params = vit
     images, ids = inputs(cfg)
     ref = CLIP(cfg).apply({"params": params}, images, ids)
-    np.savez(tmp_path / "ref.npz", images=images, ids=ids,
-             image_embeds=np.asarray(ref["image_embeds"]), text_embeds=np.asarray(ref["text_embeds"]))
+    np.savez(
+        tmp_path / "ref.npz",
+        images=images,
+        ids=ids,
+        image_embeds=np.asarray(ref["image_embeds"]),
+        text_embeds=np.asarray(ref["text_embeds"]),
+    )
     # A fresh process: torch and TensorFlow do not share one.
     env = {k: v for k, v in os.environ.items() if k not in ("USE_TORCH", "XLA_FLAGS")}
-    proc = subprocess.run([sys.executable, "-c", _TORCH_CHECK, str(exported / "hf"),
-                           str(tmp_path / "ref.npz")], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _TORCH_CHECK, str(exported / "hf"), str(tmp_path / "ref.npz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "torch-ok" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_hf_round_trip_via_cli_is_exact_from_either_weight_file(exported, vit, tmp_path):
     cfg, params = vit
-    assert export_main(["import", "--from", "hf", str(exported / "hf"),
-                        "--out", str(tmp_path / "back")]) == 0
+    assert (
+        export_main(
+            ["import", "--from", "hf", str(exported / "hf"), "--out", str(tmp_path / "back")]
+        )
+        == 0
+    )
     cfg2, params2 = read_model_dir(str(tmp_path / "back"))
     assert cfg2 == cfg
     assert_trees_equal(params, params2)
@@ -335,16 +388,31 @@ def test_hf_round_trip_via_cli_is_exact_from_either_weight_file(exported, vit, t
 def test_openai_cli_round_trip_and_load_of_state_dict_file(exported, vit, tmp_path, capsys):
     cfg, params = vit
     sd_file = str(tmp_path / "openai.safetensors")
-    assert export_main(["--model", str(exported / "m"), "--out", sd_file,
-                        "--format", "openai"]) == 0
+    assert (
+        export_main(["--model", str(exported / "m"), "--out", sd_file, "--format", "openai"]) == 0
+    )
     # Tiny widths (64) give one 64-wide head, OpenAI's convention, so shapes infer exactly.
-    assert export_main(["import", "--from", "openai", sd_file, "--out",
-                        str(tmp_path / "imp"), "--format", "msgpack"]) == 0
+    assert (
+        export_main(
+            [
+                "import",
+                "--from",
+                "openai",
+                sd_file,
+                "--out",
+                str(tmp_path / "imp"),
+                "--format",
+                "msgpack",
+            ]
+        )
+        == 0
+    )
     cfg2, params2 = read_model_dir(str(tmp_path / "imp"))
     assert cfg2 == cfg
     assert_trees_equal(params, params2)
-    assert export_main(["import", "--from", "open_clip", sd_file, "--out",
-                        str(tmp_path / "oc")]) == 0
+    assert (
+        export_main(["import", "--from", "open_clip", sd_file, "--out", str(tmp_path / "oc")]) == 0
+    )
     assert read_model_dir(str(tmp_path / "oc"))[0].act == "gelu"  # open_clip default
     model, params4, _ = load(sd_file)  # state dict files load directly
     assert_trees_equal(params, params4)
@@ -354,13 +422,13 @@ def test_cli_errors(exported, tmp_path, capsys):
     assert export_main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "nope: no such file or directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: unknown format
-        export_main(["--model", str(exported / "m"), "--out", str(tmp_path / "o"),
-                     "--format", "onnx"])
+        export_main(
+            ["--model", str(exported / "m"), "--out", str(tmp_path / "o"), "--format", "onnx"]
+        )
     with pytest.raises(SystemExit, match="already exists"):
         export_main(["--model", str(exported / "m"), "--out", str(exported / "hf")])
     with pytest.raises(SystemExit, match="not a Hugging Face CLIP directory"):
-        export_main(["import", "--from", "hf", str(exported / "m"), "--out",
-                     str(tmp_path / "y")])
+        export_main(["import", "--from", "hf", str(exported / "m"), "--out", str(tmp_path / "y")])
     assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "y")
 
 
@@ -372,30 +440,52 @@ def test_export_from_training_workdir(tmp_path):
 
     overrides = {"vocab_size": 500, "text_layers": 1, "vision_layers": 1}
     (tmp_path / "wd").mkdir()
-    (tmp_path / "wd" / "config.json").write_text(json.dumps(
-        {"model": {"preset": "tiny", "dtype": "float32", "scan_layers": False, "remat": "none",
-                   "overrides": overrides}, "seed": 0}))
-    from clipjax.models import get_preset
+    (tmp_path / "wd" / "config.json").write_text(
+        json.dumps(
+            {
+                "model": {
+                    "preset": "tiny",
+                    "dtype": "float32",
+                    "scan_layers": False,
+                    "remat": "none",
+                    "overrides": overrides,
+                },
+                "seed": 0,
+            }
+        )
+    )
     import dataclasses
+
+    from clipjax.models import get_preset
 
     cfg = dataclasses.replace(get_preset("tiny"), **overrides)
     p1, p2 = init_params(cfg, 1), init_params(cfg, 2)
     ckpt = Checkpointer(str(tmp_path / "wd"), every_steps=1, keep=3, async_save=False)
     for step, p in ((10, p1), (20, p2)):
-        state = TrainState.create(jax.tree.map(jnp.asarray, p),
-                                  opt_state={"mu": jax.tree.map(jnp.zeros_like, p)},
-                                  rng=jnp.zeros(2, jnp.uint32))
+        state = TrainState.create(
+            jax.tree.map(jnp.asarray, p),
+            opt_state={"mu": jax.tree.map(jnp.zeros_like, p)},
+            rng=jnp.zeros(2, jnp.uint32),
+        )
         ckpt.save(step, state, {"step": step})
     ckpt.close()
     assert export_main(["--workdir", str(tmp_path / "wd"), "--out", str(tmp_path / "latest")]) == 0
     cfg_l, params_l = read_model_dir(str(tmp_path / "latest"))
     assert cfg_l == cfg
     assert_trees_equal(p2, params_l)
-    assert export_main(["--workdir", str(tmp_path / "wd"), "--step", "10",
-                        "--out", str(tmp_path / "s10")]) == 0
+    assert (
+        export_main(
+            ["--workdir", str(tmp_path / "wd"), "--step", "10", "--out", str(tmp_path / "s10")]
+        )
+        == 0
+    )
     assert_trees_equal(p1, read_model_dir(str(tmp_path / "s10"))[1])
-    assert export_main(["--workdir", str(tmp_path / "wd"), "--step", "15",
-                        "--out", str(tmp_path / "s15")]) == 1
+    assert (
+        export_main(
+            ["--workdir", str(tmp_path / "wd"), "--step", "15", "--out", str(tmp_path / "s15")]
+        )
+        == 1
+    )
     _, params_w, _ = load(str(tmp_path / "wd"))
     assert_trees_equal(p2, params_w)
 
@@ -412,15 +502,20 @@ def test_export_resnet_from_workdir_with_model_config(tmp_path):
     (tmp_path / "wd").mkdir()
     (tmp_path / "wd" / "model_config.json").write_text(config_to_json(TINY_RN))
     v = init_params(TINY_RN, 3)
-    state = TrainState.create(jax.tree.map(jnp.asarray, v["params"]), opt_state={},
-                              rng=jnp.zeros(2, jnp.uint32),
-                              model_state={"batch_stats": jax.tree.map(
-                                  jnp.asarray, v["batch_stats"])})
+    state = TrainState.create(
+        jax.tree.map(jnp.asarray, v["params"]),
+        opt_state={},
+        rng=jnp.zeros(2, jnp.uint32),
+        model_state={"batch_stats": jax.tree.map(jnp.asarray, v["batch_stats"])},
+    )
     ckpt = Checkpointer(str(tmp_path / "wd"), every_steps=1, keep=1, async_save=False)
     ckpt.save(3, state, {"step": 3})
     ckpt.close()
     assert export_main(["--workdir", str(tmp_path / "wd"), "--out", str(tmp_path / "m")]) == 0
     cfg, variables = read_model_dir(str(tmp_path / "m"))
     assert cfg == TINY_RN and sorted(os.listdir(tmp_path / "m")) == [
-        "batch_stats.safetensors", "config.json", "params.safetensors"]
+        "batch_stats.safetensors",
+        "config.json",
+        "params.safetensors",
+    ]
     assert_trees_equal(v, variables)

@@ -1,4 +1,5 @@
 """Parity with transformers' FlaxCLIPModel (random weights, small config), both directions."""
+
 import dataclasses
 import functools
 
@@ -18,12 +19,28 @@ ATOL = 1e-5
 
 
 def _hf_config(act: str) -> transformers.CLIPConfig:
-    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=CTX, eos_token_id=VOCAB - 1, hidden_act=act)
-    vision = dict(hidden_size=48, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=IMG, patch_size=8, hidden_act=act)
-    return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24,
-                                   logit_scale_init_value=2.0)
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CTX,
+        eos_token_id=VOCAB - 1,
+        hidden_act=act,
+    )
+    vision = dict(
+        hidden_size=48,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMG,
+        patch_size=8,
+        hidden_act=act,
+    )
+    return transformers.CLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=24, logit_scale_init_value=2.0
+    )
 
 
 def _inputs():
@@ -90,8 +107,19 @@ def hf_model(request):
 def test_config_from_hf(hf_model):
     hf_model, _, _ = hf_model
     cfg = hf.config_from_hf(hf_model.config)
-    assert (cfg.embed_dim, cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_heads) == (24, IMG, 8, 48, 4)
-    assert (cfg.vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers) == (VOCAB, CTX, 32, 2)
+    assert (cfg.embed_dim, cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_heads) == (
+        24,
+        IMG,
+        8,
+        48,
+        4,
+    )
+    assert (cfg.vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers) == (
+        VOCAB,
+        CTX,
+        32,
+        2,
+    )
     assert cfg.act == hf_model.config.text_config.hidden_act
     assert cfg.logit_scale_init == pytest.approx(2.0)
     # and back: the same architecture
@@ -121,11 +149,15 @@ def test_export_matches_clipjax(hf_model):
     hf_model, _, _ = hf_model
     images, text = _inputs()
     cfg = hf.config_from_hf(hf_model.config)
-    abstract = nn.meta.unbox(jax.eval_shape(CLIP(cfg).init, jax.random.key(0), images, text)["params"])
+    abstract = nn.meta.unbox(
+        jax.eval_shape(CLIP(cfg).init, jax.random.key(0), images, text)["params"]
+    )
     params = _random_like(abstract, seed=1)
     hf_params = hf.params_to_hf(params, cfg)
     target = FlaxCLIPModel(transformers.CLIPConfig(**hf.config_to_hf(cfg)), _do_init=False)
-    _assert_close(_hf_outputs(target, images, text, hf_params), _clipjax_outputs(cfg, params, images, text))
+    _assert_close(
+        _hf_outputs(target, images, text, hf_params), _clipjax_outputs(cfg, params, images, text)
+    )
 
 
 def test_round_trips_are_exact(hf_model):
@@ -147,7 +179,9 @@ def test_export_rejects_what_hf_cannot_hold():
         hf.config_to_hf(rn)
     cfg = hf.config_from_hf(_hf_config("gelu"))
     biased = dataclasses.replace(cfg, logit_bias_init=-10.0)
-    params = _random_like(nn.meta.unbox(jax.eval_shape(CLIP(biased).init, jax.random.key(0), *_inputs())["params"]), 0)
+    params = _random_like(
+        nn.meta.unbox(jax.eval_shape(CLIP(biased).init, jax.random.key(0), *_inputs())["params"]), 0
+    )
     with pytest.raises(ValueError, match="logit_bias"):
         hf.params_to_hf(params, biased)
     assert "logit_bias" not in hf.params_to_hf(params, biased, drop_logit_bias=True)

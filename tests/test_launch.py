@@ -14,7 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_grid_and_zipped():
     assert sweep.grid({"a": [1, 2], "b": ["x", "y"]}) == [
-        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+        {"a": 1, "b": "x"},
+        {"a": 1, "b": "y"},
+        {"a": 2, "b": "x"},
+        {"a": 2, "b": "y"},
+    ]
     assert sweep.zipped({"a": [1, 2], "b": [3, 4]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
     with pytest.raises(ValueError, match="different lengths"):
         sweep.zipped({"a": [1], "b": [3, 4]})
@@ -43,33 +47,70 @@ def test_sweep_expands_to_distinct_workdirs(launcher, tmp_path):
 
 
 def test_sweep_cli_dry_run_and_bad_file(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "clipjax.launch.sweep",
-                          "experiments/sweeps/b16_loss.py", "--launcher", "tpu",
-                          "--launcher-args=--zone z --type v4-8", "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipjax.launch.sweep",
+            "experiments/sweeps/b16_loss.py",
+            "--launcher",
+            "tpu",
+            "--launcher-args=--zone z --type v4-8",
+            "--dry-run",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 4 and all("--zone z --type v4-8" in line for line in lines)
     assert "--config.loss.name=sigmoid" in lines[2]
     bad = tmp_path / "bad.py"
     bad.write_text("CONFIG = 'experiments/demo.py'\ndef get_sweep():\n    return {}\n")
-    r = subprocess.run([sys.executable, "-m", "clipjax.launch.sweep", str(bad),
-                        "--launcher", "local"],
-                       cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "clipjax.launch.sweep", str(bad), "--launcher", "local"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "non-empty list of dicts" in r.stderr
 
 
 def test_tpu_pod_dry_run_prints_the_lifecycle():
-    r = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--name", "pod",
-                        "--zone", "us-central2-b", "--type", "v4-32", "--dry-run", "--",
-                        "--config", "experiments/b16_laion.py", "--workdir", "gs://b/run"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            "bash",
+            os.path.join(REPO, "launch", "tpu_pod.sh"),
+            "--name",
+            "pod",
+            "--zone",
+            "us-central2-b",
+            "--type",
+            "v4-32",
+            "--dry-run",
+            "--",
+            "--config",
+            "experiments/b16_laion.py",
+            "--workdir",
+            "gs://b/run",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("gcloud compute tpus tpu-vm create pod")
     assert "--accelerator-type v4-32" in lines[0]
-    assert any("ssh pod" in line and "--worker=all" in line and "clipjax.train" in line
-               for line in lines)
+    assert any(
+        "ssh pod" in line and "--worker=all" in line and "clipjax.train" in line for line in lines
+    )
     assert lines[-1].startswith("gcloud compute tpus tpu-vm delete pod")
-    r = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--dry-run"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "--name is required" in r.stderr
 
 

@@ -7,10 +7,20 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from clipjax.losses import (ema_update, infonce_gathered, infonce_reference,
-                            infonce_ring, queue_init, queue_push, sigmoid_gathered,
-                            sigmoid_reference, sigmoid_ring, token_similarity, tokenwise_gathered,
-                            tokenwise_reference)
+from clipjax.losses import (
+    ema_update,
+    infonce_gathered,
+    infonce_reference,
+    infonce_ring,
+    queue_init,
+    queue_push,
+    sigmoid_gathered,
+    sigmoid_reference,
+    sigmoid_ring,
+    token_similarity,
+    tokenwise_gathered,
+    tokenwise_reference,
+)
 
 # (mesh shape, axis names, batch axes): 1-D meshes of 1/2/4/8 shards and a 2-D batch (2, 4).
 MESHES = {
@@ -133,8 +143,9 @@ def test_queue_reference_equals_explicit_concatenation():
         return 0.5 * (ce(i2t, labels).mean() + ce(t2i, labels).mean())
 
     want, want_g = jax.value_and_grad(concat_loss, argnums=(0, 1, 2))(img, txt, LOG_SCALE)
-    (got, _), got_g = value_and_grads(lambda x, y, ls: infonce_reference(x, y, ls, queue=q),
-                                      img, txt, LOG_SCALE)
+    (got, _), got_g = value_and_grads(
+        lambda x, y, ls: infonce_reference(x, y, ls, queue=q), img, txt, LOG_SCALE
+    )
     assert rel_err(got, want) <= 1e-5
     assert_close(got_g, want_g)
     assert float(got) > float(infonce_reference(img, txt, LOG_SCALE)[0])  # more negatives
@@ -147,19 +158,23 @@ def test_queue_sharded_impls_agree(mesh_key):
     q = filled_queue(32, 8, filled=20)  # some slots still empty, masked
     empty = queue_init(0, 8)
     (plain, _), plain_g = value_and_grads(infonce_reference, img, txt, LOG_SCALE)
-    (ref, _), ref_g = value_and_grads(lambda x, y, s: infonce_reference(x, y, s, queue=q),
-                                      img, txt, LOG_SCALE)
+    (ref, _), ref_g = value_and_grads(
+        lambda x, y, s: infonce_reference(x, y, s, queue=q), img, txt, LOG_SCALE
+    )
     for name, fn in {"gathered": infonce_gathered, "ring": infonce_ring}.items():
-        (val, _), grads = value_and_grads(lambda x, y, s: fn(x, y, s, mesh, axes, queue=q),
-                                          img, txt, LOG_SCALE)
+        (val, _), grads = value_and_grads(
+            lambda x, y, s: fn(x, y, s, mesh, axes, queue=q), img, txt, LOG_SCALE
+        )
         assert rel_err(val, ref) <= 1e-5, name
         assert_close(grads, ref_g)
-        (val0, _), grads0 = value_and_grads(lambda x, y, s: fn(x, y, s, mesh, axes, queue=empty),
-                                            img, txt, LOG_SCALE)
+        (val0, _), grads0 = value_and_grads(
+            lambda x, y, s: fn(x, y, s, mesh, axes, queue=empty), img, txt, LOG_SCALE
+        )
         assert rel_err(val0, plain) <= 1e-5, name  # K = 0 is plain InfoNCE
         assert_close(grads0, plain_g)
     (val, _), grads = value_and_grads(
-        lambda x, y, s: infonce_ring(x, y, s, mesh, axes, queue=q, tile=2), img, txt, LOG_SCALE)
+        lambda x, y, s: infonce_ring(x, y, s, mesh, axes, queue=q, tile=2), img, txt, LOG_SCALE
+    )
     assert rel_err(val, ref) <= 1e-5
     assert_close(grads, ref_g)
 
@@ -254,10 +269,20 @@ def test_ring_never_holds_a_b_by_B_block():
     b_global, d = 2048, 8
     img, txt = pairs(b_global, d, seed=8)
     grad = lambda fn: jax.jit(jax.grad(lambda x, y, s: fn(x, y, s)[0], argnums=(0, 1, 2)))
-    ring_mem = grad(lambda x, y, s: infonce_ring(x, y, s, mesh, axes, tile=64)).lower(
-        img, txt, LOG_SCALE).compile().memory_analysis().temp_size_in_bytes
-    gat_mem = grad(lambda x, y, s: infonce_gathered(x, y, s, mesh, axes)).lower(
-        img, txt, LOG_SCALE).compile().memory_analysis().temp_size_in_bytes
+    ring_mem = (
+        grad(lambda x, y, s: infonce_ring(x, y, s, mesh, axes, tile=64))
+        .lower(img, txt, LOG_SCALE)
+        .compile()
+        .memory_analysis()
+        .temp_size_in_bytes
+    )
+    gat_mem = (
+        grad(lambda x, y, s: infonce_gathered(x, y, s, mesh, axes))
+        .lower(img, txt, LOG_SCALE)
+        .compile()
+        .memory_analysis()
+        .temp_size_in_bytes
+    )
     b_by_B = (b_global // 8) * b_global * 4
     assert gat_mem >= b_by_B
     assert ring_mem < b_by_B / 4

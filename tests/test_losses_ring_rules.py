@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from clipjax.losses import (infonce_gathered, infonce_reference, infonce_ring, queue_init,
-                            queue_push)
+from clipjax.losses import infonce_gathered, infonce_reference, infonce_ring, queue_init, queue_push
 from clipjax.losses.pairs import PairInfo, PairRules, same_group
 
 # (mesh shape, axis names, batch axes), as in test_losses.py.
@@ -33,7 +32,7 @@ TILES = (None, 2, 3)
 
 def mesh_for(key):
     shape, names, axes = MESHES[key]
-    devices = np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape)
+    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
     return Mesh(devices, names), axes
 
 
@@ -71,8 +70,13 @@ def data():
 def case(combo):
     group_pos, threshold, batch_neg, with_queue = combo
     img, txt, pairs, queue = data()
-    return (img, txt, PairRules(group_pos, threshold, batch_neg), pairs,
-            queue if with_queue else None)
+    return (
+        img,
+        txt,
+        PairRules(group_pos, threshold, batch_neg),
+        pairs,
+        queue if with_queue else None,
+    )
 
 
 def all_value_and_grads(loss_for):
@@ -125,8 +129,12 @@ def test_data_exercise_the_rules():
     losses = {combo: float(ref[0][0]) for combo, ref in zip(COMBOS, references())}
     # Each rule changes the loss (all-off rows differ from the plain loss in one switch).
     plain = losses[(False, None, True, False)]
-    for changed in ((True, None, True, False), (False, THRESHOLD, True, False),
-                    (False, None, False, True), (False, None, True, True)):
+    for changed in (
+        (True, None, True, False),
+        (False, THRESHOLD, True, False),
+        (False, None, False, True),
+        (False, None, True, True),
+    ):
         assert abs(losses[changed] - plain) > 1e-3, changed
 
 
@@ -168,8 +176,15 @@ def test_ring_rules_need_their_pair_info():
     with pytest.raises(ValueError, match="PairInfo.group"):
         infonce_ring(img, txt, LOG_SCALE, mesh, axes, rules=PairRules(group_positives=True))
     with pytest.raises(ValueError, match="PairInfo.ema_image"):
-        infonce_ring(img, txt, LOG_SCALE, mesh, axes, rules=PairRules(duplicate_threshold=0.5),
-                     pairs=PairInfo(group=pairs.group))
+        infonce_ring(
+            img,
+            txt,
+            LOG_SCALE,
+            mesh,
+            axes,
+            rules=PairRules(duplicate_threshold=0.5),
+            pairs=PairInfo(group=pairs.group),
+        )
 
 
 def test_ring_rules_never_hold_a_b_by_B_block():
@@ -184,6 +199,11 @@ def test_ring_rules_never_hold_a_b_by_B_block():
     queue = queue_push(queue_init(k, 8, group_width=1), img[:k], txt[:k], group[:k])
     rules = PairRules(True, 0.9, True)
     fn = lambda x, y, s: infonce_ring(x, y, s, mesh, axes, queue, 64, rules, pairs)[0]
-    mem = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).lower(
-        img, txt, LOG_SCALE).compile().memory_analysis().temp_size_in_bytes
+    mem = (
+        jax.jit(jax.grad(fn, argnums=(0, 1, 2)))
+        .lower(img, txt, LOG_SCALE)
+        .compile()
+        .memory_analysis()
+        .temp_size_in_bytes
+    )
     assert mem < (b_global // 8) * b_global * 4 / 4

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from clipjax.losses import (PairInfo, PairRules, batch_homogeneity, infonce_gathered,
-                            infonce_reference, queue_init, queue_push)
+from clipjax.losses import (
+    PairInfo,
+    PairRules,
+    batch_homogeneity,
+    infonce_gathered,
+    infonce_reference,
+    queue_init,
+    queue_push,
+)
 from clipjax.losses.pairs import caption_groups, equal_pair_share
 
 B, D, K = 16, 8, 24
@@ -28,13 +35,15 @@ def setup(seed=0):
     txt = unit(img + jax.random.normal(ks[1], (B, D)))
     labels = jax.random.randint(ks[2], (B,), 0, 3)  # many pairs share a label
     # EMA embeddings close to the current ones (as momentum encoders are).
-    pairs = PairInfo(group=labels[:, None].astype(jnp.int32),
-                     ema_image=unit(img + 0.3 * jax.random.normal(ks[3], (B, D))),
-                     ema_text=unit(txt + 0.3 * jax.random.normal(ks[4], (B, D))))
+    pairs = PairInfo(
+        group=labels[:, None].astype(jnp.int32),
+        ema_image=unit(img + 0.3 * jax.random.normal(ks[3], (B, D))),
+        ema_text=unit(txt + 0.3 * jax.random.normal(ks[4], (B, D))),
+    )
     q_img = unit(jax.random.normal(ks[5], (K, D)))
     q_txt = unit(q_img + jax.random.normal(ks[0], (K, D)))
     q_group = jax.random.randint(ks[1], (K - 4, 1), 0, 3)
-    queue = queue_push(queue_init(K, D, group_width=1), q_img[:K - 4], q_txt[:K - 4], q_group)
+    queue = queue_push(queue_init(K, D, group_width=1), q_img[: K - 4], q_txt[: K - 4], q_group)
     return img, txt, pairs, queue
 
 
@@ -44,15 +53,22 @@ def oracle(img, txt, s, rules, pairs, queue):
     g = np.asarray(pairs.group)
     e_img, e_txt = np.asarray(pairs.ema_image, np.float64), np.asarray(pairs.ema_text, np.float64)
     total = 0.0
-    for anchors, cands, e, q_emb in ((img, txt, e_txt, queue and queue.text),
-                                     (txt, img, e_img, queue and queue.image)):
+    for anchors, cands, e, q_emb in (
+        (img, txt, e_txt, queue and queue.text),
+        (txt, img, e_img, queue and queue.image),
+    ):
         for i in range(B):
             logits, pos = [], []
             for j in range(B):
                 is_pos = i == j or (rules.group_positives and g[i, 0] == g[j, 0])
-                is_neg = (not is_pos and rules.batch_negatives
-                          and (rules.duplicate_threshold is None
-                               or e[i] @ e[j] <= rules.duplicate_threshold))
+                is_neg = (
+                    not is_pos
+                    and rules.batch_negatives
+                    and (
+                        rules.duplicate_threshold is None
+                        or e[i] @ e[j] <= rules.duplicate_threshold
+                    )
+                )
                 if is_pos or is_neg:
                     logits.append(s * anchors[i] @ cands[j])
                     pos.append(is_pos)
@@ -61,8 +77,10 @@ def oracle(img, txt, s, rules, pairs, queue):
                 for k in range(int(queue.count)):
                     if rules.group_positives and qg[k, 0] == g[i, 0]:
                         continue
-                    if rules.duplicate_threshold is not None and e[i] @ qe[k] > \
-                            rules.duplicate_threshold:
+                    if (
+                        rules.duplicate_threshold is not None
+                        and e[i] @ qe[k] > rules.duplicate_threshold
+                    ):
                         continue
                     logits.append(s * anchors[i] @ qe[k])
                     pos.append(False)
@@ -72,8 +90,10 @@ def oracle(img, txt, s, rules, pairs, queue):
     return total / (2 * B)
 
 
-RULES = [PairRules(group_positives=gp, duplicate_threshold=t, batch_negatives=bn)
-         for gp, t, bn in itertools.product((False, True), (None, 0.5), (True, False))]
+RULES = [
+    PairRules(group_positives=gp, duplicate_threshold=t, batch_negatives=bn)
+    for gp, t, bn in itertools.product((False, True), (None, 0.5), (True, False))
+]
 
 
 def rel_err(a, b):
@@ -96,8 +116,10 @@ def test_rules_change_the_loss():
     """Each rule leaves out or adds pairs on this data (the thresholds and groups bite)."""
     img, txt, pairs, queue = setup()
     plain, _ = infonce_reference(img, txt, LOG_SCALE, queue=queue)
-    values = {float(infonce_reference(img, txt, LOG_SCALE, queue=queue, rules=r,
-                                      pairs=pairs)[0]) for r in RULES}
+    values = {
+        float(infonce_reference(img, txt, LOG_SCALE, queue=queue, rules=r, pairs=pairs)[0])
+        for r in RULES
+    }
     assert len(values) == len(RULES) and float(plain) in values
 
 
@@ -106,8 +128,11 @@ def _mesh(n):
 
 
 # Each rule on, alone or combined (every combination against the oracle above).
-SHARDED_RULES = [PairRules(group_positives=True), PairRules(duplicate_threshold=0.5),
-                 PairRules(group_positives=True, duplicate_threshold=0.5, batch_negatives=False)]
+SHARDED_RULES = [
+    PairRules(group_positives=True),
+    PairRules(duplicate_threshold=0.5),
+    PairRules(group_positives=True, duplicate_threshold=0.5, batch_negatives=False),
+]
 
 
 @pytest.mark.parametrize("n", [1, 8])
@@ -117,6 +142,7 @@ def test_gathered_equals_reference(n, rules):
     mesh = _mesh(n)
     queues = [queue] + ([None] if rules.batch_negatives else [])
     for q in queues:
+
         def ref(x, y, s):
             return infonce_reference(x, y, s, queue=q, rules=rules, pairs=pairs)
 
@@ -138,8 +164,9 @@ def test_group_positive_accuracy_counts_any_positive():
     img = unit(jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.2]]))
     pairs = PairInfo(group=jnp.array([[7], [7], [1], [2]], jnp.int32))
     _, plain = infonce_reference(img, img, LOG_SCALE)
-    _, grouped = infonce_reference(img, img, LOG_SCALE, rules=PairRules(group_positives=True),
-                                   pairs=pairs)
+    _, grouped = infonce_reference(
+        img, img, LOG_SCALE, rules=PairRules(group_positives=True), pairs=pairs
+    )
     assert float(grouped["i2t_acc"]) == 1.0 and float(plain["i2t_acc"]) < 1.0
 
 
@@ -148,11 +175,17 @@ def test_missing_pair_info_is_a_clear_error():
     with pytest.raises(ValueError, match="PairInfo.group"):
         infonce_reference(img, txt, LOG_SCALE, rules=PairRules(group_positives=True))
     with pytest.raises(ValueError, match="PairInfo.ema_image"):
-        infonce_reference(img, txt, LOG_SCALE, rules=PairRules(duplicate_threshold=0.9),
-                          pairs=PairInfo(group=jnp.zeros((B, 1), jnp.int32)))
+        infonce_reference(
+            img,
+            txt,
+            LOG_SCALE,
+            rules=PairRules(duplicate_threshold=0.9),
+            pairs=PairInfo(group=jnp.zeros((B, 1), jnp.int32)),
+        )
 
 
 # ------------------------------------------------------------------ homogeneity metrics
+
 
 def test_caption_groups_match_identical_rows_only():
     text = jnp.array([[1, 5, 9, 0], [1, 5, 9, 0], [1, 9, 5, 0], [1, 5, 9, 2]], jnp.int32)
@@ -179,8 +212,6 @@ def test_batch_homogeneity_on_constructed_batches():
     np.testing.assert_allclose(m["batch/same_label"], (12 + 2) / 56)
     e = np.asarray(emb, np.float64)
     sims = e @ e.T
-    np.testing.assert_allclose(m["batch/text_cos"], (sims.sum() - np.trace(sims)) / 56,
-                               rtol=1e-5)
+    np.testing.assert_allclose(m["batch/text_cos"], (sims.sum() - np.trace(sims)) / 56, rtol=1e-5)
     same = jnp.tile(emb[:1], (8, 1))
-    np.testing.assert_allclose(batch_homogeneity(one_class, same)["batch/text_cos"], 1.0,
-                               rtol=1e-5)
+    np.testing.assert_allclose(batch_homogeneity(one_class, same)["batch/text_cos"], 1.0, rtol=1e-5)

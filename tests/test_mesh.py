@@ -16,12 +16,15 @@ def test_make_mesh_on_a_device_subset():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
 
 
-@pytest.mark.parametrize("sizes, message", [
-    ({"data": 3}, "use 3 devices"),
-    ({"data": -1, "fsdp": -1}, "at most one axis"),
-    ({"model": 2}, "unknown axis"),
-    ({"data": -1, "fsdp": 3}, "not divisible"),
-])
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ({"data": 3}, "use 3 devices"),
+        ({"data": -1, "fsdp": -1}, "at most one axis"),
+        ({"model": 2}, "unknown axis"),
+        ({"data": -1, "fsdp": 3}, "not divisible"),
+    ],
+)
 def test_bad_mesh_config_names_the_problem(sizes, message):
     with pytest.raises(ValueError, match=message):
         mesh_lib.make_mesh(sizes)

@@ -1,4 +1,5 @@
 """Encoders, the CLIP model, presets: shapes, values, masks, scan/remat/bf16 equivalences."""
+
 import dataclasses
 import functools
 import math
@@ -24,11 +25,26 @@ from clipjax.models.resnet import AttentionPool2d
 from clipjax.models.vit import PatchEmbedding
 
 SMALL = CLIPConfig(
-    embed_dim=16, image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=4,
-    context_length=12, vocab_size=50, text_width=24, text_layers=2, text_heads=2,
+    embed_dim=16,
+    image_size=16,
+    patch_size=4,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=4,
+    context_length=12,
+    vocab_size=50,
+    text_width=24,
+    text_layers=2,
+    text_heads=2,
 )
-SMALL_RN = dataclasses.replace(SMALL, vision_type="resnet", vision_width=8, vision_layers=(1, 1, 1, 1),
-                               vision_heads=4, image_size=64)
+SMALL_RN = dataclasses.replace(
+    SMALL,
+    vision_type="resnet",
+    vision_width=8,
+    vision_layers=(1, 1, 1, 1),
+    vision_heads=4,
+    image_size=64,
+)
 
 
 def _inputs(cfg: CLIPConfig, batch: int = 3, seed: int = 0):
@@ -77,10 +93,17 @@ def small_params():
 
 # --- presets -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,expected", [
-    ("B/32", 151_277_313), ("B/16", 149_620_737), ("L/14", 427_616_513),
-    ("RN50", 102_007_137), ("RN101", 119_688_033),
-])
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("B/32", 151_277_313),
+        ("B/16", 149_620_737),
+        ("L/14", 427_616_513),
+        ("RN50", 102_007_137),
+        ("RN101", 119_688_033),
+    ],
+)
 def test_preset_param_counts_equal_openai(name, expected):
     assert num_params(dataclasses.replace(get_preset(name), scan_layers=True)) == expected
 
@@ -106,8 +129,12 @@ def test_presets_and_overrides_validate():
 
 # --- annotations ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [SMALL, dataclasses.replace(SMALL, scan_layers=True), SMALL_RN],
-                         ids=["vit", "vit-scan", "resnet"])
+
+@pytest.mark.parametrize(
+    "cfg",
+    [SMALL, dataclasses.replace(SMALL, scan_layers=True), SMALL_RN],
+    ids=["vit", "vit-scan", "resnet"],
+)
 def test_every_param_has_logical_axis_names(cfg):
     boxed = jax.eval_shape(CLIP(cfg).init, jax.random.key(0), *_inputs(cfg))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
@@ -121,7 +148,8 @@ def test_every_param_has_logical_axis_names(cfg):
         assert any(leaf.names and leaf.names[0] == "layers" for leaf in leaves)
 
 
-# --- the CLIP outputs ------------------------------------------------------------------------------
+# --- the CLIP outputs ----------------------------------------------------------------------------
+
 
 def test_output_contract(small_params):
     images, text = _inputs(SMALL)
@@ -135,15 +163,23 @@ def test_output_contract(small_params):
         assert out[key].dtype == jnp.float32
         np.testing.assert_allclose(jnp.linalg.norm(out[key], axis=-1), 1.0, atol=1e-5)
     eot = np.argmax(np.asarray(text), axis=-1)
-    np.testing.assert_array_equal(out["text_mask"], np.arange(SMALL.context_length)[None] <= eot[:, None])
+    np.testing.assert_array_equal(
+        out["text_mask"], np.arange(SMALL.context_length)[None] <= eot[:, None]
+    )
     # pooled text = the token at end-of-text
     np.testing.assert_allclose(out["text_embeds"], out["text_tokens"][np.arange(3), eot], atol=1e-6)
     assert float(out["logit_scale"]) == pytest.approx(math.log(1 / 0.07), rel=1e-6)
     assert out["logit_bias"] is None
-    np.testing.assert_allclose(_run(model, {"params": small_params}, images, method="encode_image"),
-                               out["image_embeds"], atol=1e-6)
-    np.testing.assert_allclose(_run(model, {"params": small_params}, text, method="encode_text"),
-                               out["text_embeds"], atol=1e-6)
+    np.testing.assert_allclose(
+        _run(model, {"params": small_params}, images, method="encode_image"),
+        out["image_embeds"],
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        _run(model, {"params": small_params}, text, method="encode_text"),
+        out["text_embeds"],
+        atol=1e-6,
+    )
 
 
 def test_logit_scale_clamped_and_bias():
@@ -152,6 +188,7 @@ def test_logit_scale_clamped_and_bias():
     params = model.init(jax.random.key(0), method="logit_params")["params"]
     assert float(nn.meta.unbox(params["logit_bias"])) == -10.0
     assert float(nn.meta.unbox(params["logit_scale"])) == pytest.approx(math.log(1 / 0.07))
+
     def logits(scale):
         variables = {"params": {"logit_scale": jnp.array(scale), "logit_bias": jnp.array(-3.0)}}
         return model.apply(variables, method="logit_params")
@@ -163,10 +200,13 @@ def test_logit_scale_clamped_and_bias():
 
 def test_wrong_image_size_is_a_clear_error(small_params):
     with pytest.raises(ValueError, match="expects 16x16"):
-        CLIP(SMALL).apply({"params": small_params}, jnp.zeros((1, 32, 32, 3)), method="encode_image")
+        CLIP(SMALL).apply(
+            {"params": small_params}, jnp.zeros((1, 32, 32, 3)), method="encode_image"
+        )
 
 
-# --- masks -----------------------------------------------------------------------------------------
+# --- masks ---------------------------------------------------------------------------------------
+
 
 def test_causal_mask_later_tokens_do_not_change_earlier_outputs(small_params):
     _, text = _inputs(SMALL)
@@ -200,7 +240,9 @@ def test_attention_matches_numpy_reference():
     """One block's attention against a direct numpy implementation (causal)."""
     layer = Transformer(width=8, layers=1, heads=2)
     x = jax.random.normal(jax.random.key(0), (1, 5, 8))
-    params = _random_variables(jax.eval_shape(layer.init, jax.random.key(1), x), std=0.3)["params"]["block_0"]
+    params = _random_variables(jax.eval_shape(layer.init, jax.random.key(1), x), std=0.3)["params"][
+        "block_0"
+    ]
     mask = make_attention_mask(5, 5, causal=True)
     attn = MultiHeadAttention(num_heads=2)
     out = jax.jit(attn.apply)({"params": params["attn"]}, x, mask=mask)
@@ -226,8 +268,9 @@ def test_patch_embedding_equals_strided_convolution_value_and_grad():
     assert params["kernel"].shape == (4, 4, 3, 6)
 
     def conv(kernel, x):
-        y = jax.lax.conv_general_dilated(x, kernel, (4, 4), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         return y.reshape(2, 9, 6)
 
     def ours(kernel, x):
@@ -242,7 +285,7 @@ def test_patch_embedding_equals_strided_convolution_value_and_grad():
     _assert_trees_close(grads(ours), grads(conv))
 
 
-# --- scan / remat / bf16 ---------------------------------------------------------------------------
+# --- scan / remat / bf16 -------------------------------------------------------------------------
 
 _X = jax.random.normal(jax.random.key(3), (2, 6, 16))
 _CAUSAL = make_attention_mask(6, 6, causal=True)
@@ -287,7 +330,9 @@ def test_scanned_clip_equals_looped_clip(small_params):
     images, text = _inputs(SMALL)
     scan_cfg = dataclasses.replace(SMALL, scan_layers=True)
     stacked = stack_layer_params(small_params)
-    abstract = nn.meta.unbox(jax.eval_shape(CLIP(scan_cfg).init, jax.random.key(0), images, text)["params"])
+    abstract = nn.meta.unbox(
+        jax.eval_shape(CLIP(scan_cfg).init, jax.random.key(0), images, text)["params"]
+    )
     assert jax.tree.structure(abstract) == jax.tree.structure(stacked)
     out0 = _run(CLIP(SMALL), {"params": small_params}, images, text)
     out1 = _run(CLIP(scan_cfg), {"params": stacked}, images, text)
@@ -299,7 +344,9 @@ def test_scanned_clip_equals_looped_clip(small_params):
 def test_bfloat16_compute_is_close_to_float32(small_params):
     images, text = _inputs(SMALL)
     out32 = _run(CLIP(SMALL), {"params": small_params}, images, text)
-    out16 = _run(CLIP(dataclasses.replace(SMALL, dtype="bfloat16")), {"params": small_params}, images, text)
+    out16 = _run(
+        CLIP(dataclasses.replace(SMALL, dtype="bfloat16")), {"params": small_params}, images, text
+    )
     for key in ("image_embeds", "text_embeds", "image_tokens", "text_tokens"):
         assert out16[key].dtype == jnp.float32
         cos = jnp.sum(out16[key] * out32[key], axis=-1)
@@ -307,23 +354,30 @@ def test_bfloat16_compute_is_close_to_float32(small_params):
         assert float(jnp.abs(out16[key] - out32[key]).max()) > 0  # really ran in a different dtype
 
 
-# --- ResNet ----------------------------------------------------------------------------------------
+# --- ResNet --------------------------------------------------------------------------------------
+
 
 def test_resnet_tower_outputs_and_batch_stats():
     model = CLIP(SMALL_RN)
     images, text = _inputs(SMALL_RN)
     variables = _random_variables(
-        jax.eval_shape(functools.partial(model.init, method="encode_image"), jax.random.key(0), images))
+        jax.eval_shape(
+            functools.partial(model.init, method="encode_image"), jax.random.key(0), images
+        )
+    )
     assert set(variables) == {"params", "batch_stats"}
     image_tokens = lambda m, x: m.visual(x)  # noqa: E731  (pooled, spatial tokens), unnormalised
-    pooled, tokens = jax.eval_shape(functools.partial(model.apply, method=image_tokens), variables, images)
+    pooled, tokens = jax.eval_shape(
+        functools.partial(model.apply, method=image_tokens), variables, images
+    )
     assert pooled.shape == (3, SMALL_RN.embed_dim)
     assert tokens.shape == (3, (SMALL_RN.image_size // 32) ** 2, SMALL_RN.embed_dim)
     emb = _run(model, variables, images, method="encode_image")
     np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
     # train mode normalises with batch statistics and updates the running ones
-    emb_train, updates = _run(model, variables, images, method="encode_image", train=True,
-                              mutable=("batch_stats",))
+    emb_train, updates = _run(
+        model, variables, images, method="encode_image", train=True, mutable=("batch_stats",)
+    )
     before = variables["batch_stats"]["visual"]["bn1"]["mean"]
     after = updates["batch_stats"]["visual"]["bn1"]["mean"]
     assert np.abs(np.asarray(after - before)).max() > 0

@@ -16,8 +16,18 @@ from clipjax.search.__main__ import main as search_main
 from clipjax.search.build import build_index, list_images
 from clipjax.search.index import Index, IndexMismatchError, IndexWriter, exact_topk
 
-TINY = CLIPConfig(embed_dim=16, image_size=32, patch_size=16, vision_width=64, vision_layers=1,
-                  vision_heads=2, context_length=16, text_width=64, text_layers=1, text_heads=2)
+TINY = CLIPConfig(
+    embed_dim=16,
+    image_size=32,
+    patch_size=16,
+    vision_width=64,
+    vision_layers=1,
+    vision_heads=2,
+    context_length=16,
+    text_width=64,
+    text_layers=1,
+    text_heads=2,
+)
 
 
 def random_params(cfg, seed):
@@ -39,8 +49,9 @@ def test_exact_topk_matches_full_sort(dtype):
     scores, ids = exact_topk(emb, queries, 7)
     full = queries.astype(dtype) @ emb.T
     ref_ids = np.argsort(-full, axis=1, kind="stable")[:, :7]
-    np.testing.assert_array_equal(np.take_along_axis(full, ids, 1),
-                                  np.take_along_axis(full, ref_ids, 1))  # same scores, in order
+    np.testing.assert_array_equal(
+        np.take_along_axis(full, ids, 1), np.take_along_axis(full, ref_ids, 1)
+    )  # same scores, in order
     assert np.all(np.diff(scores, axis=1) <= 0)
     s1, i1 = exact_topk(emb, queries[0], 2000)  # k > N: everything, sorted
     assert s1.shape == (1000,) and sorted(i1.tolist()) == list(range(1000))
@@ -105,8 +116,9 @@ def test_build_resumes_after_a_kill_and_adds_new_files(setup, tmp_path):
     fp = model_fingerprint(model.config, params)
     paths = list_images(str(setup / "imgs"))
     assert len(paths) == 10
-    kw = dict(model=model, params=params, fingerprint=fp, batch_size=4, chunk_size=3,
-              progress=False)
+    kw = dict(
+        model=model, params=params, fingerprint=fp, batch_size=4, chunk_size=3, progress=False
+    )
     # Reference: one uninterrupted build.
     full = build_index(str(tmp_path / "full"), paths, preprocess=preprocess, **kw)
     assert (full.added, full.failed, full.index_size) == (9, 1, 9)
@@ -139,13 +151,41 @@ def test_build_resumes_after_a_kill_and_adds_new_files(setup, tmp_path):
 
 def test_cli_index_query_html_and_errors(setup, tmp_path, capsys):
     idx = str(tmp_path / "idx")
-    assert search_main(["index", "--model", str(setup / "model"), "--images",
-                        str(setup / "imgs" / "**" / "*.png"), "--out", idx, "--float16",
-                        "--no-progress"]) == 0
+    assert (
+        search_main(
+            [
+                "index",
+                "--model",
+                str(setup / "model"),
+                "--images",
+                str(setup / "imgs" / "**" / "*.png"),
+                "--out",
+                idx,
+                "--float16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "9 images indexed" in capsys.readouterr().out
     html = tmp_path / "r.html"
-    assert search_main(["query", "--index", idx, "--model", str(setup / "model"),
-                        "a red square", "-k", "3", "--html", str(html)]) == 0
+    assert (
+        search_main(
+            [
+                "query",
+                "--index",
+                idx,
+                "--model",
+                str(setup / "model"),
+                "a red square",
+                "-k",
+                "3",
+                "--html",
+                str(html),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     ranked = [ln.split() for ln in lines if ln.strip()[:1].isdigit()]
     assert len(ranked) == 3 and [r[0] for r in ranked] == ["1", "2", "3"]
@@ -167,20 +207,30 @@ def test_cli_index_query_html_and_errors(setup, tmp_path, capsys):
     top = capsys.readouterr().out.splitlines()[-1].split()
     assert top[2] == target and abs(float(top[1]) - 1.0) < 1e-3
     # Errors: a different model, a missing index, a missing query image.
-    assert search_main(["query", "--index", idx, "--model", str(setup / "other_model"),
-                        "cat"]) == 1
+    assert search_main(["query", "--index", idx, "--model", str(setup / "other_model"), "cat"]) == 1
     assert "different model" in capsys.readouterr().err
     assert search_main(["query", "--index", str(tmp_path / "none"), "cat"]) == 1
     assert "clipjax image index" in capsys.readouterr().err
     assert search_main(["query", "--index", idx, "--image", str(tmp_path / "no.png")]) == 1
     assert "no.png: no such file" in capsys.readouterr().err
-    assert search_main(["index", "--model", str(setup / "model"), "--images",
-                        str(tmp_path / "*.jpg"), "--out", str(tmp_path / "i2")]) == 1
+    assert (
+        search_main(
+            [
+                "index",
+                "--model",
+                str(setup / "model"),
+                "--images",
+                str(tmp_path / "*.jpg"),
+                "--out",
+                str(tmp_path / "i2"),
+            ]
+        )
+        == 1
+    )
     assert "matches no files" in capsys.readouterr().err
 
 
-def test_query_does_not_open_the_model_an_index_names_unasked(setup, tmp_path, capsys,
-                                                              monkeypatch):
+def test_query_does_not_open_the_model_an_index_names_unasked(setup, tmp_path, capsys, monkeypatch):
     """An index can come from anyone and name any path: a text query needs --model (or
     --trust-torchscript), and without either nothing is loaded."""
     import clipjax.export.load as load_module
@@ -188,9 +238,16 @@ def test_query_does_not_open_the_model_an_index_names_unasked(setup, tmp_path, c
     idx = str(tmp_path / "idx")
     paths = list_images(str(setup / "imgs" / "**" / "*.png"))[:2]
     model, params, preprocess = load(str(setup / "model"))
-    build_index(idx, paths, model=model, params=params, preprocess=preprocess,
-                fingerprint=model_fingerprint(model.config, params),
-                model_path=str(setup / "model"), progress=False)
+    build_index(
+        idx,
+        paths,
+        model=model,
+        params=params,
+        preprocess=preprocess,
+        fingerprint=model_fingerprint(model.config, params),
+        model_path=str(setup / "model"),
+        progress=False,
+    )
     loaded = []
     real_load = load_module.load
     monkeypatch.setattr(load_module, "load", lambda p, **kw: loaded.append(p) or real_load(p, **kw))

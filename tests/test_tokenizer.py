@@ -1,4 +1,5 @@
 """The CLIP tokenizer gives OpenAI's reference ids on every input (clip-anytorch's tokenizer)."""
+
 import html
 import importlib.util
 import os
@@ -77,7 +78,7 @@ TRICKY = [
     "supercalifragilisticexpialidocious antidisestablishmentarianism",
     " ".join(["word"] * 100),
     "...!!!???---___***",
-    "\U0001F600" * 40,
+    "\U0001f600" * 40,
 ]
 
 
@@ -92,10 +93,24 @@ def test_context_lengths_match_reference(reference, context_length):
 
 def random_unicode(rng: random.Random, n_chars: int) -> str:
     """Characters drawn from a mix of scripts, symbols, whitespace and arbitrary code points."""
-    ranges = [(0x20, 0x7E), (0x00, 0x20), (0xA0, 0xFF), (0x100, 0x24F), (0x300, 0x36F),
-              (0x370, 0x3FF), (0x400, 0x4FF), (0x600, 0x6FF), (0x900, 0x97F), (0x2000, 0x206F),
-              (0x3000, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0xFF00, 0xFFEF),
-              (0x1F300, 0x1FAFF), (0x0, 0x10FFFF)]
+    ranges = [
+        (0x20, 0x7E),
+        (0x00, 0x20),
+        (0xA0, 0xFF),
+        (0x100, 0x24F),
+        (0x300, 0x36F),
+        (0x370, 0x3FF),
+        (0x400, 0x4FF),
+        (0x600, 0x6FF),
+        (0x900, 0x97F),
+        (0x2000, 0x206F),
+        (0x3000, 0x30FF),
+        (0x4E00, 0x9FFF),
+        (0xAC00, 0xD7A3),
+        (0xFF00, 0xFFEF),
+        (0x1F300, 0x1FAFF),
+        (0x0, 0x10FFFF),
+    ]
     chars = []
     for _ in range(n_chars):
         lo, hi = rng.choice(ranges)
@@ -111,15 +126,58 @@ def test_random_unicode_matches_reference(reference):
 
 def generated_captions(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    subjects = ["a dog", "The cat", "two children", "an old man", "A woman", "my friend's car",
-                "Café owner", "the team", "3 birds", "a 1960s bus", "Zoë", "a red-tailed hawk"]
-    verbs = ["sitting on", "running across", "looking at", "is holding", "jumps over", "eating",
-             "can't find", "we're near", "parked by", "flies above"]
-    objects = ["a wooden bench", "the beach at sunset", "a bowl of ramen 🍜", "New York City",
-               "tall grass", "the snowy mountains", "a plate of crêpes", "Tom & Jerry posters",
-               "a sign that says \"STOP\"", "the 2nd floor window", "東京タワー", "its reflection"]
-    tails = ["", ".", "!", " at night.", ", photo by @someone", " #nofilter", " (2019)",
-             " -- stock image", "...", " &amp; more"]
+    subjects = [
+        "a dog",
+        "The cat",
+        "two children",
+        "an old man",
+        "A woman",
+        "my friend's car",
+        "Café owner",
+        "the team",
+        "3 birds",
+        "a 1960s bus",
+        "Zoë",
+        "a red-tailed hawk",
+    ]
+    verbs = [
+        "sitting on",
+        "running across",
+        "looking at",
+        "is holding",
+        "jumps over",
+        "eating",
+        "can't find",
+        "we're near",
+        "parked by",
+        "flies above",
+    ]
+    objects = [
+        "a wooden bench",
+        "the beach at sunset",
+        "a bowl of ramen 🍜",
+        "New York City",
+        "tall grass",
+        "the snowy mountains",
+        "a plate of crêpes",
+        "Tom & Jerry posters",
+        'a sign that says "STOP"',
+        "the 2nd floor window",
+        "東京タワー",
+        "its reflection",
+    ]
+    tails = [
+        "",
+        ".",
+        "!",
+        " at night.",
+        ", photo by @someone",
+        " #nofilter",
+        " (2019)",
+        " -- stock image",
+        "...",
+        " &amp; more",
+    ]
     out = []
     for _ in range(n):
         caption = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}"
@@ -152,11 +210,35 @@ def test_plain_ascii_fast_path_equals_full_cleaning(reference):
     alphabet = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80))) for _ in range(2000)]
     # Fragments that interact across chunk boundaries: contractions, specials, digits, punctuation.
-    fragments = ["'s", "'T", "'re", "'VE", "'m", "'ll", "'d", "'", "''", "<|endoftext|>",
-                 "<|startoftext|>", "<|", "|>", "Dog", "cat", "x", "42", "7", "...", "-", ",",
-                 " ", " ", "   "]
-    texts += ["".join(rng.choice(fragments) for _ in range(rng.randint(0, 25)))
-              for _ in range(2000)]
+    fragments = [
+        "'s",
+        "'T",
+        "'re",
+        "'VE",
+        "'m",
+        "'ll",
+        "'d",
+        "'",
+        "''",
+        "<|endoftext|>",
+        "<|startoftext|>",
+        "<|",
+        "|>",
+        "Dog",
+        "cat",
+        "x",
+        "42",
+        "7",
+        "...",
+        "-",
+        ",",
+        " ",
+        " ",
+        "   ",
+    ]
+    texts += [
+        "".join(rng.choice(fragments) for _ in range(rng.randint(0, 25))) for _ in range(2000)
+    ]
     texts += ["<b>bold</b> 'quoted' \"double\" `tick` \\u00e9 %20 +", " lead and trail  "]
     for text in texts:
         assert tok._is_plain_ascii(text)
@@ -216,7 +298,8 @@ def test_tokenize_tf_in_a_dataset():
     np.testing.assert_array_equal(np.concatenate([b.numpy() for b in ds]), expected)
 
     scalar = tf.data.Dataset.from_tensor_slices(texts).map(
-        lambda t: tok.tokenize_tf(t, context_length=20))
+        lambda t: tok.tokenize_tf(t, context_length=20)
+    )
     assert scalar.element_spec.shape.as_list() == [20]
     np.testing.assert_array_equal(np.stack([r.numpy() for r in scalar]), expected)
 

@@ -7,7 +7,6 @@ TorchScript `constants.pkl` and `code/`.
 """
 
 import importlib.util
-import os
 import pickle
 import struct
 import zipfile
@@ -25,11 +24,25 @@ from clipjax.export.openai import from_openai_state_dict, read_state_dict, to_op
 from clipjax.export.torchfile import UnsafePickleError, is_torchscript, read_torch_zip
 from clipjax.models import CLIPConfig, abstract_variables
 
-TINY = CLIPConfig(embed_dim=24, image_size=32, patch_size=8, vision_width=64, vision_layers=1,
-                  vision_heads=1, context_length=12, vocab_size=300, text_width=64, text_layers=1,
-                  text_heads=1)
-STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
-           np.dtype(np.int64): "LongStorage", np.dtype(ml_dtypes.bfloat16): "BFloat16Storage"}
+TINY = CLIPConfig(
+    embed_dim=24,
+    image_size=32,
+    patch_size=8,
+    vision_width=64,
+    vision_layers=1,
+    vision_heads=1,
+    context_length=12,
+    vocab_size=300,
+    text_width=64,
+    text_layers=1,
+    text_heads=1,
+)
+STORAGE = {
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(np.int64): "LongStorage",
+    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
+}
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
@@ -65,7 +78,7 @@ class TorchPickle:
     def integer(self, n):
         if 0 <= n < 256:
             self.out += b"K" + bytes([n])
-        elif -2 ** 31 <= n < 2 ** 31:
+        elif -(2**31) <= n < 2**31:
             self.out += b"J" + struct.pack("<i", n)
         else:
             self.out += b"\x8a\x08" + struct.pack("<q", n)
@@ -117,7 +130,7 @@ class TorchPickle:
         elif isinstance(v, np.ndarray):
             key = str(len(self.storages))
             self.add_storage(key, v)
-            strides = tuple(int(np.prod(v.shape[i + 1:])) for i in range(v.ndim))
+            strides = tuple(int(np.prod(v.shape[i + 1 :])) for i in range(v.ndim))
             self.tensor(key, 0, v.shape, strides)
         elif isinstance(v, dict):  # torch.save of a state dict: an OrderedDict
             self.glob("collections", "OrderedDict")
@@ -140,14 +153,14 @@ class TorchPickle:
         return bytes(self.out + b".")
 
 
-def write_archive(path, data_pkl, storages=(), torchscript=False, name="archive",
-                  byteorder=None):
+def write_archive(path, data_pkl, storages=(), torchscript=False, name="archive", byteorder=None):
     """A torch zip: name/data.pkl, name/data/<key>, and the TorchScript members if asked."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
         zf.writestr(f"{name}/data.pkl", data_pkl)
         if torchscript:
-            zf.writestr(f"{name}/code/__torch__/model.py",
-                        "class CLIP(Module):\n  __parameters__ = []\n")
+            zf.writestr(
+                f"{name}/code/__torch__/model.py", "class CLIP(Module):\n  __parameters__ = []\n"
+            )
             zf.writestr(f"{name}/constants.pkl", b"\x80\x02).")
         for key, (_, _, raw) in dict(storages).items():
             zf.writestr(f"{name}/data/{key}", raw)
@@ -181,8 +194,9 @@ def openai_sd():
     """A tiny CLIP's OpenAI-named state dict in float16, as OpenAI's releases store it."""
     rng = np.random.default_rng(0)
     shapes = flax.core.meta.unbox(abstract_variables(TINY))["params"]
-    params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32),
-                          shapes)
+    params = jax.tree.map(
+        lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes
+    )
     params["logit_scale"] = np.array(2.6, np.float32)
     return {k: v.astype(np.float16) for k, v in to_openai_state_dict(TINY, params).items()}
 
@@ -223,8 +237,9 @@ def test_openai_torchscript_archive_reads_without_flag_or_torch(tmp_path, openai
     assert model.config == expect_cfg
     for k, v in flax.traverse_util.flatten_dict(expect).items():
         np.testing.assert_array_equal(flax.traverse_util.flatten_dict(params)[k], v)
-    assert export_main(["import", "--from", "openai", path, "--out",
-                        str(tmp_path / "imported")]) == 0
+    assert (
+        export_main(["import", "--from", "openai", path, "--out", str(tmp_path / "imported")]) == 0
+    )
     cfg, imported = read_model_dir(str(tmp_path / "imported"))
     assert cfg == expect_cfg
     np.testing.assert_array_equal(imported["visual"]["proj"], expect["visual"]["proj"])
@@ -233,9 +248,11 @@ def test_openai_torchscript_archive_reads_without_flag_or_torch(tmp_path, openai
 @pytest.mark.parametrize("byteorder", [None, "little", "big"])
 def test_torch_save_state_dict_zip_reads_without_torch(tmp_path, byteorder):
     rng = np.random.default_rng(1)
-    sd = {"a.weight": rng.standard_normal((3, 5)).astype(np.float32),
-          "a.bias": rng.standard_normal(5).astype(ml_dtypes.bfloat16),
-          "steps": np.array(7, np.int64)}
+    sd = {
+        "a.weight": rng.standard_normal((3, 5)).astype(np.float32),
+        "a.bias": rng.standard_normal(5).astype(ml_dtypes.bfloat16),
+        "steps": np.array(7, np.int64),
+    }
     tp = TorchPickle(byteorder=byteorder or "little")
     data = tp.dumps({"epoch": 3, "state_dict": sd})
     path = write_archive(tmp_path / "ckpt.pt", data, tp.storages, byteorder=byteorder)
@@ -252,6 +269,7 @@ def test_torch_save_state_dict_zip_reads_without_torch(tmp_path, byteorder):
 # ------------------------------------------------------------------ refusing code
 def evil_pickle(marker):
     """A state dict whose unpickling creates `marker` (a __reduce__ calling exec)."""
+
     class Evil:
         def __reduce__(self):
             return exec, (f"open({str(marker)!r}, 'w').close()",)
@@ -274,8 +292,7 @@ def test_malicious_pickle_in_a_pt_is_refused_and_never_runs(tmp_path, capsys, to
     assert ("--trust-torchscript" in str(e.value)) == torchscript
     with pytest.raises(UnsafePickleError):
         load(path)
-    assert export_main(["import", "--from", "openai", path, "--out",
-                        str(tmp_path / "out")]) == 1
+    assert export_main(["import", "--from", "openai", path, "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "exec: the file" in err and "model.pt" in err
     assert not marker.exists() and not (tmp_path / "out").exists()

@@ -13,9 +13,19 @@ from clipjax.train.builder import build_trainer
 from clipjax.train.config import ConfigError, base_config, validate
 from clipjax.train.optimizer import make_schedule
 
-TINY = dict(image_size=16, patch_size=8, vision_width=32, vision_heads=2, vision_layers=1,
-            text_width=32, text_heads=2, text_layers=1, embed_dim=32, vocab_size=64,
-            context_length=8)
+TINY = dict(
+    image_size=16,
+    patch_size=8,
+    vision_width=32,
+    vision_heads=2,
+    vision_layers=1,
+    text_width=32,
+    text_heads=2,
+    text_layers=1,
+    embed_dim=32,
+    vocab_size=64,
+    context_length=8,
+)
 B = 16
 
 
@@ -50,8 +60,9 @@ def batches(n, seed=0):
 
 
 def mesh_of(data=1, fsdp=1, tensor=1):
-    return make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor},
-                     jax.devices()[:data * fsdp * tensor])
+    return make_mesh(
+        {"data": data, "fsdp": fsdp, "tensor": tensor}, jax.devices()[: data * fsdp * tensor]
+    )
 
 
 def put(trainer, batch):
@@ -80,6 +91,7 @@ def leaf(tree, path):
 
 
 # ------------------------------------------------------------------------------------- meshes
+
 
 def test_same_trajectory_on_every_mesh(single):
     """1 device vs data parallel, FSDP and FSDP+tensor parallel: same losses to 1e-5."""
@@ -115,6 +127,7 @@ def test_same_trajectory_on_every_mesh(single):
 
 # ------------------------------------------------------------------------- accumulation
 
+
 def test_accumulated_gradients_equal_full_batch():
     """Gradient caching over 4 microbatches gives the full-batch contrastive loss and gradient
     (every microbatch still sees all negatives), on a sharded mesh."""
@@ -140,14 +153,16 @@ def test_accumulated_gradients_equal_full_batch():
     # gradient of 0 and only float noise around it.
     gmax = max(np.abs(v).max() for v in flat1.values())
     for k in flat1:
-        np.testing.assert_allclose(flat4[k], flat1[k], rtol=1e-4, atol=1e-5 * gmax,
-                                   err_msg="/".join(k))
+        np.testing.assert_allclose(
+            flat4[k], flat1[k], rtol=1e-4, atol=1e-5 * gmax, err_msg="/".join(k)
+        )
     # The temperature gets its gradient once, not once per microbatch.
     assert abs(float(g1["logit_scale"])) > 0
     np.testing.assert_allclose(g4["logit_scale"], g1["logit_scale"], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- optimizer
+
 
 def test_weight_decay_mask():
     from clipjax.models import CLIP, dummy_inputs
@@ -164,9 +179,13 @@ def test_weight_decay_mask():
     updates, _ = jax.jit(opt.tx.update)(zeros, opt.tx.init(params), params)
     flat = traverse_util.flatten_dict(jax.device_get(updates))
     moved = {"/".join(k) for k, u in flat.items() if np.abs(u).max() > 0}
-    for name in ("visual/transformer/block_0/mlp/fc/kernel", "text/text_projection",
-                 "visual/proj", "visual/conv1/kernel",
-                 "text/transformer/block_0/attn/query/kernel"):
+    for name in (
+        "visual/transformer/block_0/mlp/fc/kernel",
+        "text/text_projection",
+        "visual/proj",
+        "visual/conv1/kernel",
+        "text/transformer/block_0/attn/query/kernel",
+    ):
         assert name in moved, name
         np.testing.assert_allclose(flat[tuple(name.split("/"))], -3e-3 * 0.2, rtol=1e-6)
     for name in moved:
@@ -196,13 +215,15 @@ def test_lit_locks_image_tower_and_tower_lr_multipliers(single):
     """LiT: the image tower gets no update and no optimizer state; a text lr multiplier of 0.5
     halves exactly the text tower's first update (same gradients and Adam state)."""
     data = batches(2, seed=1)
-    lit = build_trainer(tiny_config(**{"optimizer.lock_image": True,
-                                       "optimizer.lr_mult.text": 0.5}), mesh_of())
+    lit = build_trainer(
+        tiny_config(**{"optimizer.lock_image": True, "optimizer.lr_mult.text": 0.5}), mesh_of()
+    )
     p0 = jax.device_get(single.init_state().params)
     s_lit, _ = lit.train_step(lit.init_state(), put(lit, data[0]))
     s_base, _ = single.train_step(single.init_state(), put(single, data[0]))
-    opt_paths = {jax.tree_util.keystr(p) for p, _ in
-                 jax.tree_util.tree_flatten_with_path(s_lit.opt_state)[0]}
+    opt_paths = {
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(s_lit.opt_state)[0]
+    }
     assert opt_paths and not any("visual" in p for p in opt_paths)
     assert any("text" in p for p in opt_paths)
     s_lit, _ = lit.train_step(s_lit, put(lit, data[1]))
@@ -217,8 +238,9 @@ def test_lit_locks_image_tower_and_tower_lr_multipliers(single):
     d_lit = jax.tree.map(np.subtract, jax.device_get(lit1.params), p0)
     for name in ("text_projection", "token_embedding"):
         assert np.abs(d_base["text"][name]).max() > 0
-        np.testing.assert_allclose(d_lit["text"][name], 0.5 * d_base["text"][name],
-                                   rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(
+            d_lit["text"][name], 0.5 * d_base["text"][name], rtol=1e-4, atol=1e-9
+        )
 
 
 def test_nonfinite_step_is_skipped_and_counted(single):
@@ -232,8 +254,9 @@ def test_nonfinite_step_is_skipped_and_counted(single):
     assert not math.isfinite(float(m["loss"]))
     assert int(m["nonfinite_streak"]) == 1 and int(m["nonfinite_total"]) == 1
     assert int(state.step) == 2
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)),
-                 before)
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)), before
+    )
     state, m = trainer.train_step(state, put(trainer, good))
     assert math.isfinite(float(m["loss"]))
     assert int(m["nonfinite_streak"]) == 0 and int(m["nonfinite_total"]) == 1
@@ -241,23 +264,29 @@ def test_nonfinite_step_is_skipped_and_counted(single):
 
 # --------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("changes, key", [
-    ({"batch_size": 12}, "config.batch_size=12"),
-    ({"microbatches": 3}, "config.batch_size=16"),
-    ({"model.preset": "ViT-Q/7"}, "config.model.preset"),
-    ({"mesh.tensor": 3}, "config.mesh"),
-    ({"optimizer.warmup_steps": 50}, "config.optimizer.warmup_steps"),
-    ({"optimizer.schedule": "step"}, "config.optimizer.schedule"),
-    ({"optimizer.lr": 0.0}, "config.optimizer.lr"),
-    ({"loss.name": "triplet"}, "loss.name"),
-    ({"loss.queue_size": 8}, "config.loss.queue_size"),
-    ({"num_steps": 0}, "config.num_steps"),
-    ({"data.train": "/nonexistent/shards-*.tfrecord"}, "config.data.train"),
-    ({"data.train": ""}, "config.data.train"),
-    ({"model.remat": "sometimes"}, "config.model"),
-    ({"model.overrides.dtype": "bfloat16"},
-     "config.model.dtype='float32' and config.model.overrides.dtype='bfloat16' disagree"),
-])
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"batch_size": 12}, "config.batch_size=12"),
+        ({"microbatches": 3}, "config.batch_size=16"),
+        ({"model.preset": "ViT-Q/7"}, "config.model.preset"),
+        ({"mesh.tensor": 3}, "config.mesh"),
+        ({"optimizer.warmup_steps": 50}, "config.optimizer.warmup_steps"),
+        ({"optimizer.schedule": "step"}, "config.optimizer.schedule"),
+        ({"optimizer.lr": 0.0}, "config.optimizer.lr"),
+        ({"loss.name": "triplet"}, "loss.name"),
+        ({"loss.queue_size": 8}, "config.loss.queue_size"),
+        ({"num_steps": 0}, "config.num_steps"),
+        ({"data.train": "/nonexistent/shards-*.tfrecord"}, "config.data.train"),
+        ({"data.train": ""}, "config.data.train"),
+        ({"model.remat": "sometimes"}, "config.model"),
+        (
+            {"model.overrides.dtype": "bfloat16"},
+            "config.model.dtype='float32' and config.model.overrides.dtype='bfloat16' disagree",
+        ),
+    ],
+)
 def test_config_errors_name_the_key(changes, key, tmp_path):
     shard = tmp_path / "a.tfrecord"
     shard.write_bytes(b"")
@@ -289,8 +318,9 @@ def test_config_overrides_and_lr_mult_keys():
 
 def test_momentum_queue_and_ema_in_state():
     """With loss.queue_size the state carries a FIFO of EMA embeddings and the EMA params."""
-    trainer = build_trainer(tiny_config(**{"loss.queue_size": 32, "loss.momentum": 0.5}),
-                            mesh_of(data=2))
+    trainer = build_trainer(
+        tiny_config(**{"loss.queue_size": 32, "loss.momentum": 0.5}), mesh_of(data=2)
+    )
     state = trainer.init_state()
     p0 = jax.device_get(state.params)
     data = batches(3, seed=4)
@@ -314,10 +344,12 @@ def test_momentum_queue_and_ema_in_state():
 
     def loss_with(queue):
         def fn(s, b):
-            loss_state, info = trainer.loss.prepare({**s.loss_state, "queue": queue}, s.params,
-                                                    b, lambda p, bb: embed(p, {}, bb))
+            loss_state, info = trainer.loss.prepare(
+                {**s.loss_state, "queue": queue}, s.params, b, lambda p, bb: embed(p, {}, bb)
+            )
             trainable, frozen = trainer.optimizer.split(s.params)
             return trainer.grad_fn(trainable, frozen, {}, b, loss_state, info)[0]
+
         return jax.jit(fn)(state, put(trainer, data[2]))
 
     plain = loss_with(queue_init(32, TINY["embed_dim"]))
@@ -342,8 +374,12 @@ def test_false_negative_rules_through_the_step():
     loss and gradient."""
     from clipjax.train.step import make_embed_fn
 
-    loss_cfg = {"loss.positives": "label", "loss.queue_size": 32, "loss.duplicate_threshold": 0.9,
-                "loss.in_batch_negatives": False}
+    loss_cfg = {
+        "loss.positives": "label",
+        "loss.queue_size": 32,
+        "loss.duplicate_threshold": 0.9,
+        "loss.in_batch_negatives": False,
+    }
     mesh = mesh_of(data=2)
     full = build_trainer(tiny_config(**loss_cfg), mesh, has_labels=True)
     accum = build_trainer(tiny_config(microbatches=2, **loss_cfg), mesh, has_labels=True)
@@ -359,11 +395,13 @@ def test_false_negative_rules_through_the_step():
         embed = make_embed_fn(trainer.model, trainer.mesh, trainer.config.microbatches)
 
         def fn(s, b):
-            loss_state, info = trainer.loss.prepare(s.loss_state, s.params, b,
-                                                    lambda p, bb: embed(p, {}, bb))
+            loss_state, info = trainer.loss.prepare(
+                s.loss_state, s.params, b, lambda p, bb: embed(p, {}, bb)
+            )
             trainable, frozen = trainer.optimizer.split(s.params)
             out = trainer.grad_fn(trainable, frozen, {}, b, loss_state, info)
             return out[0], out[-1]
+
         return jax.device_get(jax.jit(fn)(state, put(trainer, data[1])))
 
     loss1, g1 = loss_and_grads(full)

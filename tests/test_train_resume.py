@@ -22,10 +22,13 @@ def env(tmp_path_factory):
     """Subprocess environment sharing one compilation cache (the runs compile one program)."""
     cache = tmp_path_factory.mktemp("jax_cache")
     e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    e.update(
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     e["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, e.get("PYTHONPATH")]))
     return e
@@ -43,17 +46,27 @@ def demo_data(tmp_path_factory):
 def train_cmd(workdir, demo_data, *extra, steps=STEPS, fault=None):
     """The training CLI on the demo's quick variant; with `fault`, through the test runner that
     installs that fault-injection hook (tests/train_with_faults.py)."""
-    start = (["-m", "clipjax.train"] if fault is None
-             else [os.path.join(REPO, "tests", "train_with_faults.py"), fault])
-    return [sys.executable, *start, "--config",
-            os.path.join(REPO, "experiments", f"demo.py:quick,data={demo_data}"),
-            "--workdir", str(workdir), f"--config.num_steps={steps}",
-            "--config.eval.at_end=False", "--config.tensorboard=False", *extra]
+    start = (
+        ["-m", "clipjax.train"]
+        if fault is None
+        else [os.path.join(REPO, "tests", "train_with_faults.py"), fault]
+    )
+    return [
+        sys.executable,
+        *start,
+        "--config",
+        os.path.join(REPO, "experiments", f"demo.py:quick,data={demo_data}"),
+        "--workdir",
+        str(workdir),
+        f"--config.num_steps={steps}",
+        "--config.eval.at_end=False",
+        "--config.tensorboard=False",
+        *extra,
+    ]
 
 
 def run(cmd, env, **kw):
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          **kw)
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, **kw)
 
 
 def checkpoint_params(workdir, step):
@@ -62,8 +75,10 @@ def checkpoint_params(workdir, step):
     from clipjax.train.checkpoint import read_state_arrays
 
     tree = read_state_arrays(str(workdir), step)
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def logged_steps(workdir):
@@ -83,8 +98,13 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(tmp_path, en
 
     work = tmp_path / "interrupted"
     # 1. SIGKILL at an arbitrary moment while training (after the first checkpoint, step 2).
-    p = subprocess.Popen(train_cmd(work, demo_data), env=env, cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        train_cmd(work, demo_data),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not any(m["step"] >= 3 for m in logged_steps(work)):
         time.sleep(0.05)
@@ -129,18 +149,36 @@ def test_two_processes_match_one_process(tmp_path, env, demo_data):
     One shard and no shuffling/cropping make both runs see the same examples in each global
     batch (per host: records i::2), in a different row order, so results agree to float
     rounding, not bitwise."""
-    same_data = ["--config.data.shuffle_buffer=1", "--config.data.crop_scale=(1.0, 1.0)",
-                 "--config.checkpoint.every_steps=0"]
+    same_data = [
+        "--config.data.shuffle_buffer=1",
+        "--config.data.crop_scale=(1.0, 1.0)",
+        "--config.checkpoint.every_steps=0",
+    ]
     # Few steps: on CPU, gloo makes the token-embedding gradient's all-reduce slow (seconds).
     steps = 3
     one = tmp_path / "one"
-    r = run(train_cmd(one, demo_data, *same_data, steps=steps),
-            dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    r = run(
+        train_cmd(one, demo_data, *same_data, steps=steps),
+        dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
-    r = run([sys.executable, "-m", "clipjax.launch.local", "-n", "2", "--devices-per-process", "2",
-             "--log-dir", str(two / "logs"), "--"]
-            + train_cmd(two, demo_data, *same_data, steps=steps), env)
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "clipjax.launch.local",
+            "-n",
+            "2",
+            "--devices-per-process",
+            "2",
+            "--log-dir",
+            str(two / "logs"),
+            "--",
+        ]
+        + train_cmd(two, demo_data, *same_data, steps=steps),
+        env,
+    )
     assert r.returncode == 0, r.stdout[-3000:]
     assert "process 1/2, 2 local of 4 devices" in open(two / "logs" / "process_1.log").read()
     l1 = [m["loss"] for m in logged_steps(one)]
@@ -156,9 +194,17 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path, env, demo_data):
     work = tmp_path / "diverge"
     # A huge learning rate blows the params up on the second update; every later step is
     # non-finite and skipped, and after 2 in a row the run stops.
-    r = run(train_cmd(work, demo_data, "--config.optimizer.lr=1e30",
-                      "--config.optimizer.warmup_steps=0", "--config.max_nonfinite=2",
-                      "--config.checkpoint.every_steps=1"), env)
+    r = run(
+        train_cmd(
+            work,
+            demo_data,
+            "--config.optimizer.lr=1e30",
+            "--config.optimizer.warmup_steps=0",
+            "--config.max_nonfinite=2",
+            "--config.checkpoint.every_steps=1",
+        ),
+        env,
+    )
     assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
     assert "non-finite losses/gradients in a row (max_nonfinite=2)" in r.stderr
     steps = sorted(int(n) for n in os.listdir(work / "checkpoints") if n.isdigit())

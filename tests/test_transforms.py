@@ -1,4 +1,5 @@
 """Image decoding and the CLIP eval/train transforms (tf ops) against PIL and their contracts."""
+
 import io
 
 import numpy as np
@@ -93,15 +94,18 @@ def test_center_crop_offsets_and_normalisation():
         expected = (image[:, 2:10].astype(np.float32) / 255.0 - MEAN) / STD
         np.testing.assert_allclose(out, expected, atol=1e-5)
     tall = np.transpose(image, (1, 0, 2)).copy()
-    np.testing.assert_allclose(T.eval_transform(tall, size).numpy(),
-                               np.transpose(T.eval_transform(image, size).numpy(), (1, 0, 2)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        T.eval_transform(tall, size).numpy(),
+        np.transpose(T.eval_transform(image, size).numpy(), (1, 0, 2)),
+        atol=1e-6,
+    )
 
 
 def test_eval_transform_in_tf_data_with_unknown_shapes():
     rng = np.random.default_rng(2)
-    encoded = [encode(Image.fromarray(smooth_image(rng, h, w)), "PNG")
-               for h, w in [(40, 50), (70, 33)]]
+    encoded = [
+        encode(Image.fromarray(smooth_image(rng, h, w)), "PNG") for h, w in [(40, 50), (70, 33)]
+    ]
     ds = tf.data.Dataset.from_tensor_slices(encoded)
     ds = ds.map(lambda b: T.eval_transform(T.decode_image(b), 32)).batch(2)
     assert ds.element_spec.shape.as_list() == [None, 32, 32, 3]
@@ -119,25 +123,33 @@ def test_train_transform_deterministic_in_seed_and_varies_across_seeds():
     again = T.train_transform(image, 48, seed, crop_scale=(0.3, 1.0))
     assert first.dtype == tf.float32 and first.shape.as_list() == [48, 48, 3]
     np.testing.assert_array_equal(first.numpy(), again.numpy())
-    others = [T.train_transform(image, 48, tf.constant([7, s]), crop_scale=(0.3, 1.0)).numpy()
-              for s in range(12, 17)]
+    others = [
+        T.train_transform(image, 48, tf.constant([7, s]), crop_scale=(0.3, 1.0)).numpy()
+        for s in range(12, 17)
+    ]
     assert all(not np.allclose(o, first.numpy()) for o in others)
     levels = to_levels(first.numpy())
     assert levels.min() >= -1e-3 and levels.max() <= 255.0 + 1e-3
 
     # Inside tf.data with per-element stateless seeds: the same on every pass.
-    ds = tf.data.Dataset.from_tensors(image).repeat(4).enumerate().map(
-        lambda i, x: T.train_transform(x, 16, tf.stack([tf.cast(i, tf.int32), 0])))
+    ds = (
+        tf.data.Dataset.from_tensors(image)
+        .repeat(4)
+        .enumerate()
+        .map(lambda i, x: T.train_transform(x, 16, tf.stack([tf.cast(i, tf.int32), 0])))
+    )
     assert ds.element_spec.shape.as_list() == [16, 16, 3]
-    np.testing.assert_array_equal(np.stack(list(ds.as_numpy_iterator())),
-                                  np.stack(list(ds.as_numpy_iterator())))
+    np.testing.assert_array_equal(
+        np.stack(list(ds.as_numpy_iterator())), np.stack(list(ds.as_numpy_iterator()))
+    )
 
 
 def test_crop_box_respects_scale_and_ratio():
     shape = tf.constant([90, 160, 3])
     for s in range(40):
-        begin, size = T.random_resized_crop_box(shape, tf.constant([s, 3]), crop_scale=(0.5, 0.8),
-                                                ratio=(0.75, 1.33))
+        begin, size = T.random_resized_crop_box(
+            shape, tf.constant([s, 3]), crop_scale=(0.5, 0.8), ratio=(0.75, 1.33)
+        )
         (top, left, _), (h, w, c) = begin.numpy(), size.numpy()
         assert c == -1 and 0 <= top and top + h <= 90 and 0 <= left and left + w <= 160
         whole = (h, w) == (90, 160)  # the fallback after 10 failed tries
@@ -150,8 +162,11 @@ def antialiased_reference(image, size, seed, scale):
     textbook transform `train_transform` approximates)."""
     begin, crop_size = T.random_resized_crop_box(tf.shape(image), seed, scale)
     window = tf.slice(image, begin, crop_size)
-    return T.normalize(tf.clip_by_value(tf.image.resize(window, [size, size], method="bicubic",
-                                                        antialias=True), 0.0, 255.0))
+    return T.normalize(
+        tf.clip_by_value(
+            tf.image.resize(window, [size, size], method="bicubic", antialias=True), 0.0, 255.0
+        )
+    )
 
 
 def test_train_transform_is_area_shrink_then_bicubic_of_its_crop_box():
@@ -162,7 +177,7 @@ def test_train_transform_is_area_shrink_then_bicubic_of_its_crop_box():
     crop = tf.cast(tf.slice(image, begin, size), tf.float32)
     k = max(1, int(min(size[0], size[1])) // 12)
     assert k > 1  # the shrink path
-    shrunk = crop[:size[0] // k * k, :size[1] // k * k].numpy()
+    shrunk = crop[: size[0] // k * k, : size[1] // k * k].numpy()
     shrunk = shrunk.reshape(shrunk.shape[0] // k, k, shrunk.shape[1] // k, k, 3).mean(axis=(1, 3))
     expected = tf.clip_by_value(tf.image.resize(shrunk, [12, 12], "bicubic"), 0, 255)
     got = T.train_transform(image, 12, seed, crop_scale=(0.5, 0.9))
@@ -171,8 +186,9 @@ def test_train_transform_is_area_shrink_then_bicubic_of_its_crop_box():
 
 def test_full_crop_is_block_mean():
     image = smooth_image(np.random.default_rng(5), 60, 60)
-    got = T.train_transform(tf.constant(image), 30, tf.constant([0, 0]), crop_scale=(1.0, 1.0),
-                            ratio=(1.0, 1.0))
+    got = T.train_transform(
+        tf.constant(image), 30, tf.constant([0, 0]), crop_scale=(1.0, 1.0), ratio=(1.0, 1.0)
+    )
     expected = image.astype(np.float32).reshape(30, 2, 30, 2, 3).mean(axis=(1, 3))
     np.testing.assert_allclose(to_levels(got.numpy()), expected, atol=1e-3)
 
@@ -198,9 +214,12 @@ def test_train_transform_close_to_antialiased_resize(shape):
         # ~1 grey level, and against the full window within ~7.
         begin, size = T.random_resized_crop_box(tf.shape(image), seed, (0.5, 1.0))
         k = max(1, int(min(size[0], size[1])) // 16)
-        window = tf.slice(image, begin, size)[:size[0] // k * k, :size[1] // k * k]
-        same_window = T.normalize(tf.clip_by_value(tf.image.resize(
-            window, [16, 16], method="bicubic", antialias=True), 0.0, 255.0)).numpy()
+        window = tf.slice(image, begin, size)[: size[0] // k * k, : size[1] // k * k]
+        same_window = T.normalize(
+            tf.clip_by_value(
+                tf.image.resize(window, [16, 16], method="bicubic", antialias=True), 0.0, 255.0
+            )
+        ).numpy()
         assert np.abs(ours - same_window).mean() < 0.015, np.abs(ours - same_window).mean()
         assert np.abs(ours - ref).mean() < 0.1, np.abs(ours - ref).mean()
     other = T.train_transform(image, 16, tf.constant([99, 11], tf.int32), crop_scale=(0.5, 1.0))
@@ -229,7 +248,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="seed must be"):
         T.train_transform(tf.zeros([8, 8, 3], tf.uint8), 4, tf.constant([1.0, 2.0]))
     with pytest.raises(ValueError, match="scale"):
-        T.train_transform(tf.zeros([8, 8, 3], tf.uint8), 4, tf.constant([0, 0]),
-                          crop_scale=(0.9, 0.5))
+        T.train_transform(
+            tf.zeros([8, 8, 3], tf.uint8), 4, tf.constant([0, 0]), crop_scale=(0.9, 0.5)
+        )
     with pytest.raises(TypeError, match="PIL"):
         T.preprocess(np.zeros((8, 8, 3), np.uint8), 4)

@@ -49,8 +49,9 @@ def make_hooks(fault: str) -> list[Hook]:
     kind, _, step = fault.partition(":")
     hooks = {"kill_in_save": KillInSave, "sigterm_at": SigtermAt}
     if kind not in hooks or not step.isdigit():
-        raise SystemExit(f"unknown fault {fault!r}; expected kill_in_save:STEP, sigterm_at:STEP "
-                         "or none")
+        raise SystemExit(
+            f"unknown fault {fault!r}; expected kill_in_save:STEP, sigterm_at:STEP or none"
+        )
     return [hooks[kind](int(step))]
 
 

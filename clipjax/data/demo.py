@@ -22,8 +22,12 @@ import numpy as np
 from clipjax.data import writer
 from clipjax.data.writer import SourceItem
 
-COLORS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (45, 85, 225),
-          "yellow": (235, 210, 40)}
+COLORS = {
+    "red": (215, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (45, 85, 225),
+    "yellow": (235, 210, 40),
+}
 SHAPES = ("circle", "square", "triangle")
 DEMO_CLASSNAMES = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 DEMO_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}.")
@@ -72,10 +76,17 @@ def sample_example(rng: np.random.Generator) -> dict:
     radius = rng.uniform(0.13, 0.18) if size == "small" else rng.uniform(0.24, 0.32)
     cx, cy = rng.uniform(radius, 1 - radius, size=2)
     template = _CAPTIONS[int(rng.integers(len(_CAPTIONS)))]
-    caption = template.format(size=size, color=color_name, shape=shape,
-                              pos=_position_phrase(cx, cy))
-    return {"color": color_name, "shape": shape, "radius": radius, "center": (cx, cy),
-            "caption": caption, "label": ci * len(SHAPES) + si}
+    caption = template.format(
+        size=size, color=color_name, shape=shape, pos=_position_phrase(cx, cy)
+    )
+    return {
+        "color": color_name,
+        "shape": shape,
+        "radius": radius,
+        "center": (cx, cy),
+        "caption": caption,
+        "label": ci * len(SHAPES) + si,
+    }
 
 
 def draw_example(example: dict, rng: np.random.Generator, image_size: int) -> np.ndarray:
@@ -120,37 +131,69 @@ def _items(split: str, n: int, image_size: int, seed: int) -> Iterator[SourceIte
         def read(example=example, rng=rng) -> bytes:  # drawn only for shards not yet written
             buf = io.BytesIO()
             Image.fromarray(draw_example(example, rng, image_size)).save(
-                buf, format="JPEG", quality=95)
+                buf, format="JPEG", quality=95
+            )
             return buf.getvalue()
 
-        yield SourceItem(key=f"{split}/{i:06d}", origin=f"demo {split}[{i}]",
-                         caption=example["caption"], read=read, label=example["label"])
+        yield SourceItem(
+            key=f"{split}/{i:06d}",
+            origin=f"demo {split}[{i}]",
+            caption=example["caption"],
+            read=read,
+            label=example["label"],
+        )
 
 
-def make_demo_dataset(out_dir: str, n_train: int = 4000, n_test: int = 600,
-                      image_size: int = 64, seed: int = 0, shard_size: int = 1000,
-                      progress: bool = False) -> DemoDataset:
+def make_demo_dataset(
+    out_dir: str,
+    n_train: int = 4000,
+    n_test: int = 600,
+    image_size: int = 64,
+    seed: int = 0,
+    shard_size: int = 1000,
+    progress: bool = False,
+) -> DemoDataset:
     """Generate (or find already generated) the demo shards under `out_dir`; seconds on a CPU."""
     if n_train < 1 or n_test < 1 or image_size < 8:
-        raise ValueError(f"demo dataset: need n_train, n_test >= 1 and image_size >= 8, got "
-                         f"{n_train}, {n_test}, {image_size}")
+        raise ValueError(
+            f"demo dataset: need n_train, n_test >= 1 and image_size >= 8, got "
+            f"{n_train}, {n_test}, {image_size}"
+        )
     for split, n in (("train", n_train), ("test", n_test)):
-        description = {"kind": "demo", "split": split, "n": n, "image_size": image_size,
-                       "seed": seed}
+        description = {
+            "kind": "demo",
+            "split": split,
+            "n": n,
+            "image_size": image_size,
+            "seed": seed,
+        }
         # items are drawn independently, so already in random order: written in that order,
         # the shards stay byte-identical to those of before the writer shuffled by default
-        writer.write_shards(_items(split, n, image_size, seed), os.path.join(out_dir, split),
-                            source=description, shard_size=shard_size, prefix=split,
-                            classnames=list(DEMO_CLASSNAMES), total=n, progress=progress,
-                            shuffle_seed=None)
-    return DemoDataset(train=os.path.join(out_dir, "train", "*.tfrecord"),
-                       test=os.path.join(out_dir, "test", "*.tfrecord"),
-                       classnames=DEMO_CLASSNAMES, templates=DEMO_TEMPLATES,
-                       n_train=n_train, n_test=n_test)
+        writer.write_shards(
+            _items(split, n, image_size, seed),
+            os.path.join(out_dir, split),
+            source=description,
+            shard_size=shard_size,
+            prefix=split,
+            classnames=list(DEMO_CLASSNAMES),
+            total=n,
+            progress=progress,
+            shuffle_seed=None,
+        )
+    return DemoDataset(
+        train=os.path.join(out_dir, "train", "*.tfrecord"),
+        test=os.path.join(out_dir, "test", "*.tfrecord"),
+        classnames=DEMO_CLASSNAMES,
+        templates=DEMO_TEMPLATES,
+        n_train=n_train,
+        n_test=n_test,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m clipjax.data.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m clipjax.data.demo", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=600)
@@ -158,8 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     ds = make_demo_dataset(a.out, a.n_train, a.n_test, a.image_size, a.seed, progress=True)
-    print(f"demo dataset: train {ds.train} ({ds.n_train}), test {ds.test} ({ds.n_test}), "
-          f"{len(ds.classnames)} classes")
+    print(
+        f"demo dataset: train {ds.train} ({ds.n_train}), test {ds.test} ({ds.n_test}), "
+        f"{len(ds.classnames)} classes"
+    )
 
 
 if __name__ == "__main__":

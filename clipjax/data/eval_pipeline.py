@@ -9,8 +9,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from clipjax.data import records, schema
-from clipjax.data.shards import (count_records, host_batch_size, list_shards, process_info,
-                                 validate_shards)
+from clipjax.data.shards import (
+    count_records,
+    host_batch_size,
+    list_shards,
+    process_info,
+    validate_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +32,17 @@ class EvalPipeline:
     counted in `skipped` once iteration finishes.
     """
 
-    def __init__(self, shards: str | Sequence[str], *, global_batch: int, image_size: int,
-                 context_length: int = 77, threads: int | None = None,
-                 process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        *,
+        global_batch: int,
+        image_size: int,
+        context_length: int = 77,
+        threads: int | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         self.process_index, self.process_count = process_info(process_index, process_count)
         self.batch_size = host_batch_size(global_batch, self.process_count)
         self.files = list_shards(shards)
@@ -42,6 +55,7 @@ class EvalPipeline:
 
     def dataset(self):
         import tensorflow as tf
+
         from clipjax.data import transforms
 
         info, size = self.info, self.image_size
@@ -51,9 +65,11 @@ class EvalPipeline:
         ds = ds.filter(lambda ex: records.usable(ex, info))
 
         def decode(ex):
-            out = {"image": transforms.eval_transform(transforms.decode_image(ex[schema.IMAGE]),
-                                                      size),
-                   "caption": ex[schema.TEXT], "key": ex[schema.KEY]}
+            out = {
+                "image": transforms.eval_transform(transforms.decode_image(ex[schema.IMAGE]), size),
+                "caption": ex[schema.TEXT],
+                "key": ex[schema.KEY],
+            }
             return out | records.optional_fields(ex, info, self.context_length)
 
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -71,9 +87,12 @@ class EvalPipeline:
     def _pad(self, batch: dict[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
         b = self.batch_size
         if batch is None:  # an all-padding batch
-            batch = {"image": np.zeros((0, self.image_size, self.image_size, 3), np.float32),
-                     "text": np.zeros((0, self.context_length), np.int32),
-                     "caption": np.zeros((0,), object), "key": np.zeros((0,), object)}
+            batch = {
+                "image": np.zeros((0, self.image_size, self.image_size, 3), np.float32),
+                "text": np.zeros((0, self.context_length), np.int32),
+                "caption": np.zeros((0,), object),
+                "key": np.zeros((0,), object),
+            }
             if self.info.has_label:
                 batch["label"] = np.zeros((0,), np.int32)
         out = {}
@@ -93,8 +112,10 @@ class EvalPipeline:
             real += n
             yielded += 1
             if yielded > self.num_batches:
-                raise RuntimeError(f"eval shards hold more records than counted "
-                                   f"({self.num_records}); did a manifest go stale?")
+                raise RuntimeError(
+                    f"eval shards hold more records than counted "
+                    f"({self.num_records}); did a manifest go stale?"
+                )
             yield self._pad(batch, n)
         for _ in range(self.num_batches - yielded):
             yield self._pad(None, 0)

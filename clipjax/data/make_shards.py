@@ -23,36 +23,59 @@ from clipjax.data import order, sources, writer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clipjax.data.make_shards",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m clipjax.data.make_shards", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--captions", help="JSONL ({'image','caption'} per line) or CSV with "
-                                        "columns image,caption; needs --images")
+    src.add_argument(
+        "--captions",
+        help="JSONL ({'image','caption'} per line) or CSV with "
+        "columns image,caption; needs --images",
+    )
     src.add_argument("--class-folders", help="root with one sub-directory of images per class")
     src.add_argument("--webdataset", help="comma-separated globs of webdataset .tar shards")
     src.add_argument("--tfds", help="tfds dataset name (already prepared under --data-dir)")
     p.add_argument("--images", help="image directory the --captions paths are relative to")
-    p.add_argument("--template", default="a photo of a {}.",
-                   help="caption for labelled sources without text; '{}' = class name")
+    p.add_argument(
+        "--template",
+        default="a photo of a {}.",
+        help="caption for labelled sources without text; '{}' = class name",
+    )
     p.add_argument("--split", default="train", help="tfds split")
     p.add_argument("--data-dir", default=None, help="tfds data directory")
     p.add_argument("--image-field", default="image", help="tfds image feature")
     p.add_argument("--text-field", default=None, help="tfds caption feature")
     p.add_argument("--label-field", default=None, help="tfds class label feature")
     p.add_argument("--shard-size", type=int, default=1000, help="examples per shard")
-    p.add_argument("--max-side", type=int, default=None,
-                   help="resize images whose longer side exceeds this many pixels")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="resize images whose longer side exceeds this many pixels",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes decoding/re-encoding images")
-    p.add_argument("--prefix", default=None, help="shard file prefix (default: shard, or the "
-                                                   "tfds split)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the shuffle across the whole source (default 0)")
-    p.add_argument("--keep-order", action="store_true",
-                   help="write records in source order instead of shuffling them")
-    p.add_argument("--shuffle-buffer", type=int, default=order.DEFAULT_BUFFER,
-                   help="items held by the bounded shuffle of streamed sources (tfds, "
-                        "compressed tars), whose images cannot all be held in memory")
+    p.add_argument(
+        "--prefix", default=None, help="shard file prefix (default: shard, or the tfds split)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the shuffle across the whole source (default 0)",
+    )
+    p.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="write records in source order instead of shuffling them",
+    )
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=order.DEFAULT_BUFFER,
+        help="items held by the bounded shuffle of streamed sources (tfds, "
+        "compressed tars), whose images cannot all be held in memory",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -66,8 +89,15 @@ def make_source(args: argparse.Namespace) -> sources.Source:
         return sources.class_folder_source(args.class_folders, args.template)
     if args.webdataset:
         return sources.webdataset_source(args.webdataset)
-    return sources.tfds_source(args.tfds, args.split, args.data_dir, args.image_field,
-                               args.text_field, args.label_field, args.template)
+    return sources.tfds_source(
+        args.tfds,
+        args.split,
+        args.data_dir,
+        args.image_field,
+        args.text_field,
+        args.label_field,
+        args.template,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,10 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         source = make_source(args)
         prefix = args.prefix or (args.split if args.tfds else "shard")
         manifest = writer.write_shards(
-            source, args.out, source=source.description, shard_size=args.shard_size,
-            max_side=args.max_side, workers=args.workers, prefix=prefix,
-            classnames=source.classnames, total=source.total, progress=not args.no_progress,
-            shuffle_seed=seed, shuffle_buffer=args.shuffle_buffer)
+            source,
+            args.out,
+            source=source.description,
+            shard_size=args.shard_size,
+            max_side=args.max_side,
+            workers=args.workers,
+            prefix=prefix,
+            classnames=source.classnames,
+            total=source.total,
+            progress=not args.no_progress,
+            shuffle_seed=seed,
+            shuffle_buffer=args.shuffle_buffer,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -99,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {s['origin']}: {s['reason']}")
     if len(skipped) > 50:
         print(f"... and {len(skipped) - 50} more (see manifest.json)")
-    print(f"wrote {manifest['num_examples']} examples in {len(manifest['shards'])} shards to "
-          f"{args.out} {order.describe(manifest['order'])}; skipped {manifest['num_skipped']}; "
-          "manifest: "
-          f"{os.path.join(args.out, 'manifest.json')}")
+    print(
+        f"wrote {manifest['num_examples']} examples in {len(manifest['shards'])} shards to "
+        f"{args.out} {order.describe(manifest['order'])}; skipped {manifest['num_skipped']}; "
+        "manifest: "
+        f"{os.path.join(args.out, 'manifest.json')}"
+    )
     return 0
 
 

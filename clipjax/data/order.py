@@ -60,8 +60,9 @@ def _digest(items: list[SourceItem]) -> str:
     return h.hexdigest()[:16]
 
 
-def order_items(items: Iterable[SourceItem], seed: int | None,
-                buffer_size: int = DEFAULT_BUFFER) -> tuple[Iterable[SourceItem], dict, int | None]:
+def order_items(
+    items: Iterable[SourceItem], seed: int | None, buffer_size: int = DEFAULT_BUFFER
+) -> tuple[Iterable[SourceItem], dict, int | None]:
     """(items in writing order, the manifest's `order` record, item count when known).
 
     `seed` None keeps the source order. `items` may be a `sources.Source`, whose `in_memory`
@@ -70,20 +71,31 @@ def order_items(items: Iterable[SourceItem], seed: int | None,
     if seed is None:
         return items, {"shuffled": False}, None
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"shuffle seed must be an integer >= 0 (or None to keep the source "
-                         f"order), got {seed!r}")
+        raise ValueError(
+            f"shuffle seed must be an integer >= 0 (or None to keep the source order), got {seed!r}"
+        )
     seed = int(seed)
     if getattr(items, "in_memory", False):
         if buffer_size < 1:
             raise ValueError(f"shuffle buffer must be >= 1, got {buffer_size}")
         parts = getattr(items, "shuffled_parts", None)
         stream = parts(seed) if parts is not None else items
-        order = {"shuffled": True, "seed": seed, "method": "buffer", "buffer": buffer_size,
-                 "files_shuffled": parts is not None}
+        order = {
+            "shuffled": True,
+            "seed": seed,
+            "method": "buffer",
+            "buffer": buffer_size,
+            "files_shuffled": parts is not None,
+        }
         return buffer_shuffled(stream, seed, buffer_size), order, None
     listed = list(items)
-    order = {"shuffled": True, "seed": seed, "method": "permutation", "items": len(listed),
-             "source_digest": _digest(listed)}
+    order = {
+        "shuffled": True,
+        "seed": seed,
+        "method": "permutation",
+        "items": len(listed),
+        "source_digest": _digest(listed),
+    }
     return permuted(listed, seed), order, len(listed)
 
 

@@ -35,10 +35,17 @@ def usable(ex, info: ShardInfo):
 
     txt = ex[schema.TEXT]
     # Transcoding replaces invalid bytes by U+FFFD, so it is the identity exactly on valid UTF-8.
-    valid = tf.equal(tf.strings.unicode_transcode(txt, "UTF-8", "UTF-8", errors="replace",
-                                                  replacement_char=0xFFFD), txt)
-    ok = (tf.strings.length(ex[schema.IMAGE]) > 0) & valid & (
-        tf.strings.length(tf.strings.strip(txt)) > 0)
+    valid = tf.equal(
+        tf.strings.unicode_transcode(
+            txt, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD
+        ),
+        txt,
+    )
+    ok = (
+        (tf.strings.length(ex[schema.IMAGE]) > 0)
+        & valid
+        & (tf.strings.length(tf.strings.strip(txt)) > 0)
+    )
     if info.has_label:
         ok &= ex[schema.LABEL] >= 0
     if info.has_tokens:
@@ -61,11 +68,12 @@ def optional_fields(ex: dict, info, context_length: int) -> dict:
 def fit_tokens(ids, context_length: int):
     """Pre-tokenized ids -> int32 [L]: zero-padded, or truncated keeping the end token last."""
     import tensorflow as tf
+
     from clipjax.data.tokenizer import EOT_ID
 
     ids = tf.cast(ids, tf.int32)
     n = tf.size(ids)
-    truncated = tf.concat([ids[:context_length - 1], [EOT_ID]], 0)
+    truncated = tf.concat([ids[: context_length - 1], [EOT_ID]], 0)
     padded = tf.pad(ids, [[0, tf.maximum(context_length - n, 0)]])
     out = tf.cond(n > context_length, lambda: truncated, lambda: padded[:context_length])
     return tf.ensure_shape(out, [context_length])

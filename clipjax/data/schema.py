@@ -22,8 +22,13 @@ MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".tfrecord"
 
 
-def make_example(image: bytes, caption: str, key: str, label: int | None = None,
-                 tokens: Sequence[int] | None = None) -> bytes:
+def make_example(
+    image: bytes,
+    caption: str,
+    key: str,
+    label: int | None = None,
+    tokens: Sequence[int] | None = None,
+) -> bytes:
     """One serialized `tf.train.Example` in this schema."""
     import tensorflow as tf
 
@@ -47,5 +52,7 @@ def example_features(serialized: bytes) -> dict[str, str]:
     import tensorflow as tf
 
     example = tf.train.Example.FromString(serialized)
-    return {name: f.WhichOneof("kind").replace("_list", "")
-            for name, f in example.features.feature.items()}
+    return {
+        name: f.WhichOneof("kind").replace("_list", "")
+        for name, f in example.features.feature.items()
+    }

@@ -29,9 +29,13 @@ def list_shards(patterns: str | Sequence[str]) -> list[str]:
     patterns = split_patterns(patterns)
     if not patterns:
         raise ValueError("no shard pattern given; expected a glob like 'data/train-*.tfrecord'")
-    files = expand_globs(patterns, missing=lambda p: ValueError(
-        f"shard pattern {p!r} matches no files; expected TFRecord shards written by "
-        "clipjax.data.make_shards or img2dataset"))
+    files = expand_globs(
+        patterns,
+        missing=lambda p: ValueError(
+            f"shard pattern {p!r} matches no files; expected TFRecord shards written by "
+            "clipjax.data.make_shards or img2dataset"
+        ),
+    )
     files = [f for f in files if not _is_dir(f)]
     if not files:
         raise ValueError(f"shard patterns {patterns} match only directories, no files")
@@ -68,24 +72,35 @@ def validate_shards(files: Sequence[str]) -> ShardInfo:
         try:
             first = list(tf.data.TFRecordDataset(path).take(1).as_numpy_iterator())
         except (tf.errors.OpError, OSError) as e:
-            raise ValueError(f"shard {path}: unreadable ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); expected an "
-                             "uncompressed TFRecord file") from None
+            raise ValueError(
+                f"shard {path}: unreadable ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); expected an "
+                "uncompressed TFRecord file"
+            ) from None
         if not first:
             empty.append(path)
             continue
         try:
             kinds = schema.example_features(first[0])
         except Exception as e:  # protobuf DecodeError and friends
-            raise ValueError(f"shard {path}: first record is not a tf.train.Example ({e}); "
-                             "expected TFRecord shards of serialized Examples") from None
-        problems = [f"'{k}' ({what})" for k, what in
-                    ((schema.IMAGE, "encoded image bytes"), (schema.TEXT, "UTF-8 caption bytes"))
-                    if kinds.get(k) != "bytes"]
+            raise ValueError(
+                f"shard {path}: first record is not a tf.train.Example ({e}); "
+                "expected TFRecord shards of serialized Examples"
+            ) from None
+        problems = [
+            f"'{k}' ({what})"
+            for k, what in (
+                (schema.IMAGE, "encoded image bytes"),
+                (schema.TEXT, "UTF-8 caption bytes"),
+            )
+            if kinds.get(k) != "bytes"
+        ]
         if problems:
-            raise ValueError(f"shard {path}: first record lacks {' and '.join(problems)}; it has "
-                             f"{kinds}. Expected img2dataset-style records with features 'jpg', "
-                             "'txt' and 'key' (see clipjax.data.schema)")
+            raise ValueError(
+                f"shard {path}: first record lacks {' and '.join(problems)}; it has "
+                f"{kinds}. Expected img2dataset-style records with features 'jpg', "
+                "'txt' and 'key' (see clipjax.data.schema)"
+            )
         labels.append(kinds.get(schema.LABEL) == "int64")
         tokens.append(kinds.get(schema.TOKENS) == "int64")
     if len(empty) == len(files):
@@ -113,8 +128,10 @@ def dataset_classnames(shards: str | Sequence[str]) -> list[str] | None:
 
 def host_batch_size(global_batch: int, process_count: int) -> int:
     if global_batch < 1 or global_batch % process_count:
-        raise ValueError(f"global batch {global_batch} must be a positive multiple of the "
-                         f"process count {process_count}")
+        raise ValueError(
+            f"global batch {global_batch} must be a positive multiple of the "
+            f"process count {process_count}"
+        )
     return global_batch // process_count
 
 
@@ -127,7 +144,6 @@ def process_info(process_index: int | None, process_count: int | None) -> tuple[
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     return process_index, process_count
-
 
 
 def count_records(files: Sequence[str], manifest_only: bool = False) -> int | None:

@@ -16,10 +16,10 @@ import dataclasses
 import json
 import os
 import tarfile
-
-import numpy as np
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import numpy as np
 
 from clipjax.data.writer import SourceItem
 from clipjax.files import expand_globs
@@ -45,16 +45,19 @@ def _file_reader(path: str) -> Callable[[], bytes]:
     def read() -> bytes:
         with open(path, "rb") as f:
             return f.read()
+
     return read
 
 
 def _missing(message: str) -> Callable[[], bytes]:
     def read() -> bytes:
         raise OSError(message)
+
     return read
 
 
 # (a) an image folder plus a captions file -------------------------------------------------------
+
 
 def _read_caption_rows(path: str) -> list[tuple[str, str]]:
     ext = os.path.splitext(path)[1].lower()
@@ -69,22 +72,30 @@ def _read_caption_rows(path: str) -> list[tuple[str, str]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object ({e}); expected one "
-                                     '{"image": relpath, "caption": text} per line') from None
+                    raise ValueError(
+                        f"{path}:{n}: not a JSON object ({e}); expected one "
+                        '{"image": relpath, "caption": text} per line'
+                    ) from None
                 if not isinstance(obj, dict) or "image" not in obj or "caption" not in obj:
-                    raise ValueError(f"{path}:{n}: expected keys 'image' and 'caption', got "
-                                     f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+                    raise ValueError(
+                        f"{path}:{n}: expected keys 'image' and 'caption', got "
+                        f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}"
+                    )
                 rows.append((str(obj["image"]), str(obj["caption"])))
         elif ext in (".csv", ".tsv"):
             reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
             if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-                raise ValueError(f"{path}: expected a header row with columns 'image' and "
-                                 f"'caption', got {reader.fieldnames}")
+                raise ValueError(
+                    f"{path}: expected a header row with columns 'image' and "
+                    f"'caption', got {reader.fieldnames}"
+                )
             for row in reader:
                 rows.append((row["image"] or "", row["caption"] or ""))
         else:
-            raise ValueError(f"captions file {path}: unknown extension {ext!r}; expected .jsonl "
-                             "(one {\"image\", \"caption\"} object per line) or .csv/.tsv")
+            raise ValueError(
+                f"captions file {path}: unknown extension {ext!r}; expected .jsonl "
+                '(one {"image", "caption"} object per line) or .csv/.tsv'
+            )
     if not rows:
         raise ValueError(f"captions file {path} lists no images")
     return rows
@@ -104,11 +115,19 @@ def captions_source(captions: str, images: str) -> Source:
             path = os.path.join(images, rel)
             yield SourceItem(key=rel, origin=path, caption=caption, read=_file_reader(path))
 
-    return Source(items, {"kind": "captions", "captions": os.path.abspath(captions),
-                          "images": os.path.abspath(images)}, total=len(rows))
+    return Source(
+        items,
+        {
+            "kind": "captions",
+            "captions": os.path.abspath(captions),
+            "images": os.path.abspath(images),
+        },
+        total=len(rows),
+    )
 
 
 # (b) an image folder laid out by class ----------------------------------------------------------
+
 
 def class_folder_source(root: str, template: str = "a photo of a {}.") -> Source:
     """`root/<class>/<image>`: label = sorted class index, caption = template.format(class name)
@@ -120,26 +139,40 @@ def class_folder_source(root: str, template: str = "a photo of a {}.") -> Source
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise ValueError(f"--class-folders {root} has no sub-directories (expected one per class)")
-    files = [(label, cls, name) for label, cls in enumerate(classes)
-             for name in sorted(os.listdir(os.path.join(root, cls)))
-             if name.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [
+        (label, cls, name)
+        for label, cls in enumerate(classes)
+        for name in sorted(os.listdir(os.path.join(root, cls)))
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    ]
     if not files:
-        raise ValueError(f"--class-folders {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
-                         "in its class sub-directories")
+        raise ValueError(
+            f"--class-folders {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
+            "in its class sub-directories"
+        )
     classnames = [c.replace("_", " ") for c in classes]
 
     def items() -> Iterator[SourceItem]:
         for label, cls, name in files:
             path = os.path.join(root, cls, name)
-            yield SourceItem(key=f"{cls}/{name}", origin=path,
-                             caption=template.format(classnames[label]),
-                             read=_file_reader(path), label=label)
+            yield SourceItem(
+                key=f"{cls}/{name}",
+                origin=path,
+                caption=template.format(classnames[label]),
+                read=_file_reader(path),
+                label=label,
+            )
 
-    return Source(items, {"kind": "class_folders", "root": os.path.abspath(root),
-                          "template": template}, total=len(files), classnames=classnames)
+    return Source(
+        items,
+        {"kind": "class_folders", "root": os.path.abspath(root), "template": template},
+        total=len(files),
+        classnames=classnames,
+    )
 
 
 # (c) webdataset tars (img2dataset's default output) ---------------------------------------------
+
 
 def _split_member(name: str) -> tuple[str, str]:
     directory, base = os.path.split(name)
@@ -155,6 +188,7 @@ def _range_reader(path: str, offset: int, size: int) -> Callable[[], bytes]:
         if len(data) != size:
             raise OSError(f"{path}: truncated at byte {offset + len(data)}")
         return data
+
     return read
 
 
@@ -170,6 +204,7 @@ def _is_plain_tar(path: str) -> bool:
 def _tar_items(path: str, lazy: bool) -> Iterator[SourceItem]:
     """The tar's items; `lazy` (uncompressed tars) reads each image by offset when needed,
     otherwise the images are read here, in one pass over a compressed stream."""
+
     def make(key: str, parts: dict[str, Any]) -> SourceItem:
         origin = f"{path}:{key}"
         ext = next((e for e in _WDS_IMAGE_EXTS if e in parts), None)
@@ -180,8 +215,9 @@ def _tar_items(path: str, lazy: bool) -> Iterator[SourceItem]:
                 label = int(parts["cls"].decode().strip())
             except ValueError:
                 read = _missing(f"bad .cls member {parts['cls'][:20]!r} (expected an integer)")
-        return SourceItem(key=key, origin=origin, caption=parts.get("txt", b""), read=read,
-                          label=label)
+        return SourceItem(
+            key=key, origin=origin, caption=parts.get("txt", b""), read=read, label=label
+        )
 
     try:
         with tarfile.open(path, "r:" if lazy else "r|*") as tar:
@@ -197,7 +233,7 @@ def _tar_items(path: str, lazy: bool) -> Iterator[SourceItem]:
                 if ext in _WDS_IMAGE_EXTS and lazy:
                     parts[ext] = _range_reader(path, member.offset_data, member.size)
                 elif ext in _WDS_IMAGE_EXTS:
-                    parts[ext] = (lambda d=tar.extractfile(member).read(): d)
+                    parts[ext] = lambda d=tar.extractfile(member).read(): d
                 elif ext in ("txt", "cls"):
                     parts[ext] = tar.extractfile(member).read()
                 else:
@@ -205,8 +241,9 @@ def _tar_items(path: str, lazy: bool) -> Iterator[SourceItem]:
             if key is not None:
                 yield make(key, parts)
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable tar ({e}); expected webdataset shards "
-                         "(KEY.jpg + KEY.txt members)") from e
+        raise ValueError(
+            f"{path}: unreadable tar ({e}); expected webdataset shards (KEY.jpg + KEY.txt members)"
+        ) from e
 
 
 def webdataset_source(patterns: str | Iterable[str]) -> Source:
@@ -216,8 +253,9 @@ def webdataset_source(patterns: str | Iterable[str]) -> Source:
     can permute all of them; if any tar is compressed the source is `in_memory` and shuffled by
     tar order plus a bounded buffer.
     """
-    paths = expand_globs(patterns, missing=lambda p: ValueError(
-        f"--webdataset {p!r} matches no files"))
+    paths = expand_globs(
+        patterns, missing=lambda p: ValueError(f"--webdataset {p!r} matches no files")
+    )
     for p in paths:
         if not tarfile.is_tarfile(p):
             raise ValueError(f"{p}: not a tar file; expected webdataset shards")
@@ -230,16 +268,26 @@ def webdataset_source(patterns: str | Iterable[str]) -> Source:
     def shuffled_parts(seed: int) -> Iterator[SourceItem]:
         return items_of([paths[i] for i in np.random.default_rng(seed).permutation(len(paths))])
 
-    return Source(lambda: items_of(paths),
-                  {"kind": "webdataset", "paths": [os.path.abspath(p) for p in paths]},
-                  in_memory=not lazy, shuffled_parts=None if lazy else shuffled_parts)
+    return Source(
+        lambda: items_of(paths),
+        {"kind": "webdataset", "paths": [os.path.abspath(p) for p in paths]},
+        in_memory=not lazy,
+        shuffled_parts=None if lazy else shuffled_parts,
+    )
 
 
 # (d) a tfds dataset ------------------------------------------------------------------------------
 
-def tfds_source(name: str, split: str, data_dir: str | None = None, image_field: str = "image",
-                text_field: str | None = None, label_field: str | None = None,
-                template: str = "a photo of a {}.") -> Source:
+
+def tfds_source(
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    image_field: str = "image",
+    text_field: str | None = None,
+    label_field: str | None = None,
+    template: str = "a photo of a {}.",
+) -> Source:
     """A prepared tfds dataset: encoded images from `image_field`, the caption from `text_field`
     or else `template` over the class name of `label_field` (whose label is kept).
 
@@ -261,30 +309,50 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, image_field:
         if field is not None and field not in features:
             raise ValueError(f"tfds {name}: no feature {field!r}; it has {sorted(features)}")
     if not isinstance(features[image_field], tfds.features.Image):
-        raise ValueError(f"tfds {name}: feature {image_field!r} is "
-                         f"{type(features[image_field]).__name__}, expected an Image")
+        raise ValueError(
+            f"tfds {name}: feature {image_field!r} is "
+            f"{type(features[image_field]).__name__}, expected an Image"
+        )
     if split not in builder.info.splits:
         raise ValueError(f"tfds {name}: no split {split!r}; it has {sorted(builder.info.splits)}")
     classnames = None
     if label_field is not None:
         classnames = list(getattr(features[label_field], "names", None) or []) or None
         if text_field is None and classnames is None:
-            raise ValueError(f"tfds {name}: {label_field!r} has no class names to caption with; "
-                             "give --text-field")
+            raise ValueError(
+                f"tfds {name}: {label_field!r} has no class names to caption with; "
+                "give --text-field"
+            )
 
     def items() -> Iterator[SourceItem]:
-        ds = builder.as_dataset(split=split, shuffle_files=False,
-                                decoders={image_field: tfds.decode.SkipDecoding()})
+        ds = builder.as_dataset(
+            split=split, shuffle_files=False, decoders={image_field: tfds.decode.SkipDecoding()}
+        )
         for i, ex in enumerate(tfds.as_numpy(ds)):
             label = int(ex[label_field]) if label_field is not None else None
-            caption = ex[text_field] if text_field is not None else template.format(
-                classnames[label])
-            yield SourceItem(key=f"{name}/{split}/{i}", origin=f"tfds {name} {split}[{i}]",
-                             caption=caption, read=lambda d=ex[image_field]: d, label=label)
+            caption = (
+                ex[text_field] if text_field is not None else template.format(classnames[label])
+            )
+            yield SourceItem(
+                key=f"{name}/{split}/{i}",
+                origin=f"tfds {name} {split}[{i}]",
+                caption=caption,
+                read=lambda d=ex[image_field]: d,
+                label=label,
+            )
 
-    return Source(items, {"kind": "tfds", "name": name, "split": split,
-                          "image_field": image_field, "text_field": text_field,
-                          "label_field": label_field,
-                          "template": None if text_field else template},
-                  total=builder.info.splits[split].num_examples, classnames=classnames,
-                  in_memory=True)
+    return Source(
+        items,
+        {
+            "kind": "tfds",
+            "name": name,
+            "split": split,
+            "image_field": image_field,
+            "text_field": text_field,
+            "label_field": label_field,
+            "template": None if text_field else template,
+        },
+        total=builder.info.splits[split].num_examples,
+        classnames=classnames,
+        in_memory=True,
+    )

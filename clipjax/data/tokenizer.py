@@ -10,6 +10,7 @@ check this equivalence. Each pre-token's ids are cached, so BPE merges run once 
 on the ASCII path so are the ids of each space-separated chunk ("dog," -> ids of "dog" and ","),
 which is exact because no pre-token spans a space.
 """
+
 from __future__ import annotations
 
 import functools
@@ -96,8 +97,10 @@ class Tokenizer:
         vocab += [SOT_TOKEN, EOT_TOKEN]
         self.encoder: dict[str, int] = {s: i for i, s in enumerate(vocab)}
         if len(self.encoder) != VOCAB_SIZE:
-            raise ValueError(f"BPE file {path}: expected {VOCAB_SIZE} distinct vocabulary entries, "
-                             f"got {len(self.encoder)}")
+            raise ValueError(
+                f"BPE file {path}: expected {VOCAB_SIZE} distinct vocabulary entries, "
+                f"got {len(self.encoder)}"
+            )
         self.decoder: list[str] = vocab
         self._ranks: dict[tuple[str, str], int] = {pair: r for r, pair in enumerate(merges)}
         self._cache_size = cache_size
@@ -184,15 +187,21 @@ class Tokenizer:
         data = bytes(byte_of[c] for c in "".join(pieces))
         return data.decode("utf-8", errors="replace").replace(_END_OF_WORD, " ").strip()
 
-    def __call__(self, texts: str | Sequence[str], context_length: int = 77,
-                 truncate: bool = True) -> np.ndarray:
+    def __call__(
+        self, texts: str | Sequence[str], context_length: int = 77, truncate: bool = True
+    ) -> np.ndarray:
         """Token ids np.int32 [N, context_length]; see the module docstring."""
         if isinstance(texts, str):
             texts = [texts]
-        if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)) \
-                or context_length < 2:
-            raise ValueError(f"context_length must be an int >= 2 (room for the start and end "
-                             f"tokens), got {context_length!r}")
+        if (
+            isinstance(context_length, bool)
+            or not isinstance(context_length, (int, np.integer))
+            or context_length < 2
+        ):
+            raise ValueError(
+                f"context_length must be an int >= 2 (room for the start and end "
+                f"tokens), got {context_length!r}"
+            )
         keep = context_length - 2
         flat: list[int] = []
         lengths = np.empty(len(texts), np.int64)
@@ -203,8 +212,10 @@ class Tokenizer:
             ids = encode(text)
             if len(ids) > keep:
                 if not truncate:
-                    raise ValueError(f"texts[{row}] has {len(ids) + 2} tokens, more than "
-                                     f"context_length={context_length}; pass truncate=True")
+                    raise ValueError(
+                        f"texts[{row}] has {len(ids) + 2} tokens, more than "
+                        f"context_length={context_length}; pass truncate=True"
+                    )
                 ids = ids[:keep]
             flat.append(SOT_ID)
             flat.extend(ids)
@@ -222,10 +233,12 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
             lines = f.read().split("\n")
     except (OSError, EOFError) as e:
         raise ValueError(f"cannot read the BPE merges file {path} (expected gzipped text): {e}")
-    merges = [tuple(line.split()) for line in lines[1:1 + _NUM_MERGES]]
+    merges = [tuple(line.split()) for line in lines[1 : 1 + _NUM_MERGES]]
     if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
-        raise ValueError(f"BPE file {path}: expected a header line then {_NUM_MERGES} lines of "
-                         f"'first second' merge pairs")
+        raise ValueError(
+            f"BPE file {path}: expected a header line then {_NUM_MERGES} lines of "
+            f"'first second' merge pairs"
+        )
     return merges
 
 
@@ -235,8 +248,9 @@ def default_tokenizer() -> Tokenizer:
     return Tokenizer()
 
 
-def tokenize(texts: str | Sequence[str], context_length: int = 77,
-             truncate: bool = True) -> np.ndarray:
+def tokenize(
+    texts: str | Sequence[str], context_length: int = 77, truncate: bool = True
+) -> np.ndarray:
     """CLIP token ids np.int32 [N, context_length], identical to OpenAI's `clip.tokenize`
     (with truncate=True: a too-long text keeps its first ids and ends with the end token)."""
     return default_tokenizer()(texts, context_length=context_length, truncate=truncate)
@@ -258,11 +272,16 @@ def tokenize_tf(texts, context_length: int = 77):
     texts = tf.convert_to_tensor(texts, dtype=tf.string)
     if texts.shape.rank not in (0, 1):
         raise ValueError(
-            f"tokenize_tf expects a tf.string scalar or vector, got shape {texts.shape}")
+            f"tokenize_tf expects a tf.string scalar or vector, got shape {texts.shape}"
+        )
     batch = tf.reshape(texts, [-1])
     ids = tf.numpy_function(
-        functools.partial(_tokenize_bytes, context_length=context_length), [batch], tf.int32,
-        stateful=False, name="clip_tokenize")
+        functools.partial(_tokenize_bytes, context_length=context_length),
+        [batch],
+        tf.int32,
+        stateful=False,
+        name="clip_tokenize",
+    )
     if texts.shape.rank == 0:
         return tf.ensure_shape(tf.reshape(ids, [context_length]), [context_length])
     return tf.ensure_shape(ids, [texts.shape[0], context_length])

@@ -36,8 +36,14 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from clipjax.data import records, schema
-from clipjax.data.shards import (count_records, host_batch_size, list_shards, process_info,
-                                 record_counts, validate_shards)
+from clipjax.data.shards import (
+    count_records,
+    host_batch_size,
+    list_shards,
+    process_info,
+    record_counts,
+    validate_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +59,19 @@ def gather_state(local_state: dict) -> dict:
     """
     import jax
 
-    row = np.array([local_state["epoch"], local_state["offset"], local_state["skipped"]],
-                   np.int64)
+    row = np.array([local_state["epoch"], local_state["offset"], local_state["skipped"]], np.int64)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, 3)
     else:
         rows = row[None]
-    return {"version": STATE_VERSION, "seed": local_state["seed"],
-            "process_count": int(rows.shape[0]),
-            "hosts": [{"epoch": int(e), "offset": int(o), "skipped": int(s)} for e, o, s in rows]}
+    return {
+        "version": STATE_VERSION,
+        "seed": local_state["seed"],
+        "process_count": int(rows.shape[0]),
+        "hosts": [{"epoch": int(e), "offset": int(o), "skipped": int(s)} for e, o, s in rows],
+    }
 
 
 class TrainPipeline:
@@ -77,26 +85,44 @@ class TrainPipeline:
     exactly the batch that would have come next.
     """
 
-    def __init__(self, shards: str | Sequence[str], *, global_batch: int, image_size: int,
-                 context_length: int = 77, seed: int = 0,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, crop_scale=(0.9, 1.0),
-                 cycle_length: int = 16, read_windows: int = 1, prefetch: int = 2,
-                 threads: int | None = None, state: dict | None = None,
-                 process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        *,
+        global_batch: int,
+        image_size: int,
+        context_length: int = 77,
+        seed: int = 0,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        crop_scale=(0.9, 1.0),
+        cycle_length: int = 16,
+        read_windows: int = 1,
+        prefetch: int = 2,
+        threads: int | None = None,
+        state: dict | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         self.process_index, self.process_count = process_info(process_index, process_count)
         self.batch_size = host_batch_size(global_batch, self.process_count)
         if image_size < 1 or context_length < 2 or shuffle_buffer < 1 or read_windows < 1:
-            raise ValueError(f"bad pipeline sizes: image_size={image_size}, "
-                             f"context_length={context_length}, shuffle_buffer={shuffle_buffer}, "
-                             f"read_windows={read_windows}")
+            raise ValueError(
+                f"bad pipeline sizes: image_size={image_size}, "
+                f"context_length={context_length}, shuffle_buffer={shuffle_buffer}, "
+                f"read_windows={read_windows}"
+            )
         all_files = list_shards(shards)
         self.record_split = len(all_files) < self.process_count
         if self.record_split:
-            log.warning("%d shards for %d hosts: every host reads all shards and keeps every "
-                        "%d-th record", len(all_files), self.process_count, self.process_count)
+            log.warning(
+                "%d shards for %d hosts: every host reads all shards and keeps every %d-th record",
+                len(all_files),
+                self.process_count,
+                self.process_count,
+            )
             self.files = all_files
         else:
-            self.files = all_files[self.process_index::self.process_count]
+            self.files = all_files[self.process_index :: self.process_count]
         self.info = validate_shards(self.files)
         self.image_size, self.context_length = image_size, context_length
         self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
@@ -109,12 +135,17 @@ class TrainPipeline:
         # the writer's manifests tell the counts (counting img2dataset shards means reading them).
         known = count_records(self.files, manifest_only=True)
         if known is not None:
-            mine = (len(range(self.process_index, known, self.process_count))
-                    if self.record_split else known)
+            mine = (
+                len(range(self.process_index, known, self.process_count))
+                if self.record_split
+                else known
+            )
             if mine < self.batch_size:
-                raise ValueError(f"host {self.process_index} gets {mine} records per epoch from "
-                                 f"{len(self.files)} shards, fewer than its batch of "
-                                 f"{self.batch_size}; use a smaller global batch or more data")
+                raise ValueError(
+                    f"host {self.process_index} gets {mine} records per epoch from "
+                    f"{len(self.files)} shards, fewer than its batch of "
+                    f"{self.batch_size}; use a smaller global batch or more data"
+                )
         self._state = {"seed": self.seed, "epoch": 0, "offset": 0, "skipped": 0}
         if state is not None:
             self.restore(state)
@@ -131,18 +162,24 @@ class TrainPipeline:
                 raise ValueError(
                     f"data state was saved with {state.get('process_count')} processes, now "
                     f"{self.process_count}: the per-host order differs, so the run cannot resume "
-                    "exactly; restart the data from a fresh state (state=None)")
+                    "exactly; restart the data from a fresh state (state=None)"
+                )
             local = state["hosts"][self.process_index]
         else:
             local = state
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"data state has seed {state.get('seed')}, pipeline has {self.seed}")
         try:
-            self._state = {"seed": self.seed, "epoch": int(local["epoch"]),
-                           "offset": int(local["offset"]), "skipped": int(local["skipped"])}
+            self._state = {
+                "seed": self.seed,
+                "epoch": int(local["epoch"]),
+                "offset": int(local["offset"]),
+                "skipped": int(local["skipped"]),
+            }
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"bad data state {state!r}: expected keys epoch, offset, skipped "
-                             f"({e})") from None
+            raise ValueError(
+                f"bad data state {state!r}: expected keys epoch, offset, skipped ({e})"
+            ) from None
 
     # -- tf.data graph --------------------------------------------------------------------
     def _window_table(self) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -162,8 +199,11 @@ class TrainPipeline:
         import tensorflow as tf
 
         def permuted(*columns):
-            order = tf.argsort(tf.random.stateless_uniform(
-                [len(columns[0])], seed=tf.stack([tf.constant(self.seed, tf.int64), epoch])))
+            order = tf.argsort(
+                tf.random.stateless_uniform(
+                    [len(columns[0])], seed=tf.stack([tf.constant(self.seed, tf.int64), epoch])
+                )
+            )
             return tuple(tf.gather(tf.constant(c), order) for c in columns)
 
         if self._windows is None:
@@ -176,8 +216,13 @@ class TrainPipeline:
                 return tf.data.TFRecordDataset(path).skip(first).take(count)
 
             cycle = min(self.cycle_length * self.read_windows, len(self._windows[0]))
-        return sources.interleave(read, cycle_length=cycle, block_length=1,
-                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return sources.interleave(
+            read,
+            cycle_length=cycle,
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
 
     def _epoch_dataset(self, epoch, start_epoch: int, start_offset: int):
         import tensorflow as tf
@@ -187,28 +232,46 @@ class TrainPipeline:
         info = self.info
         host = 0 if self.record_split else self.process_index
         keys = tf.random.stateless_uniform(
-            [3], seed=tf.stack([tf.constant(self.seed, tf.int64), epoch * _HOST_STRIDE + host]),
-            dtype=tf.int64, minval=None, maxval=None)
+            [3],
+            seed=tf.stack([tf.constant(self.seed, tf.int64), epoch * _HOST_STRIDE + host]),
+            dtype=tf.int64,
+            minval=None,
+            maxval=None,
+        )
         # The read order depends on (seed, epoch) only, so a record-level split sees one stream.
         ds = self._records(epoch)
         if self.record_split:
             ds = ds.shard(self.process_count, self.process_index)
-        ds = ds.shuffle(self.shuffle_buffer, seed=tf.math.floormod(keys[0], 1 << 62),
-                        reshuffle_each_iteration=False)
+        ds = ds.shuffle(
+            self.shuffle_buffer,
+            seed=tf.math.floormod(keys[0], 1 << 62),
+            reshuffle_each_iteration=False,
+        )
         ds = ds.enumerate()  # position in this epoch's shuffled stream
-        ds = ds.skip(tf.where(tf.equal(epoch, start_epoch), tf.constant(start_offset, tf.int64),
-                              tf.constant(0, tf.int64)))
+        ds = ds.skip(
+            tf.where(
+                tf.equal(epoch, start_epoch),
+                tf.constant(start_offset, tf.int64),
+                tf.constant(0, tf.int64),
+            )
+        )
         ds = ds.map(lambda pos, rec: (pos, records.parse_record(rec, info)))
         ds = ds.filter(lambda pos, ex: records.usable(ex, info))
         size, crop_scale, aug_key = self.image_size, self.crop_scale, keys[1]
 
         def decode(pos, ex):
-            seed = tf.random.stateless_uniform([2], seed=tf.stack([aug_key, pos]),
-                                               dtype=tf.int32, minval=None, maxval=None)
-            image = train_transform(decode_image(ex[schema.IMAGE]), size, seed,
-                                    crop_scale=crop_scale)
-            out = {"image": image, schema.TEXT: ex[schema.TEXT],
-                   "_epoch": tf.fill([], epoch), "_pos": pos}
+            seed = tf.random.stateless_uniform(
+                [2], seed=tf.stack([aug_key, pos]), dtype=tf.int32, minval=None, maxval=None
+            )
+            image = train_transform(
+                decode_image(ex[schema.IMAGE]), size, seed, crop_scale=crop_scale
+            )
+            out = {
+                "image": image,
+                schema.TEXT: ex[schema.TEXT],
+                "_epoch": tf.fill([], epoch),
+                "_pos": pos,
+            }
             return out | records.optional_fields(ex, info, self.context_length)
 
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -220,9 +283,13 @@ class TrainPipeline:
         import tensorflow as tf
 
         ds = tf.data.Dataset.range(start_epoch, 1 << 40).flat_map(
-            lambda e: self._epoch_dataset(e, start_epoch, start_offset))
-        ds = ds.map(lambda b: records.tokenize_batch(b, self.context_length, self.info),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            lambda e: self._epoch_dataset(e, start_epoch, start_offset)
+        )
+        ds = ds.map(
+            lambda b: records.tokenize_batch(b, self.context_length, self.info),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
         ds = ds.map(lambda b: {k: v for k, v in b.items() if k not in (schema.TEXT,)})
         return ds.prefetch(self.prefetch).with_options(records.dataset_options(self.threads))
 
@@ -231,7 +298,11 @@ class TrainPipeline:
         for batch in self.dataset(state["epoch"], state["offset"]).as_numpy_iterator():
             epoch, last = int(batch.pop("_epoch")[-1]), int(batch.pop("_pos")[-1])
             first = state["offset"] if epoch == state["epoch"] else 0
-            state = {"seed": self.seed, "epoch": epoch, "offset": last + 1,
-                     "skipped": state["skipped"] + (last + 1 - first) - self.batch_size}
+            state = {
+                "seed": self.seed,
+                "epoch": epoch,
+                "offset": last + 1,
+                "skipped": state["skipped"] + (last + 1 - first) - self.batch_size,
+            }
             self._state = state
             yield batch, dict(state)

@@ -5,6 +5,7 @@ crop, CLIP mean/std); `train_transform` is the training pipeline's stateless ran
 deterministic given its seed. `preprocess` is the same eval transform on a single PIL image (numpy
 out), for search/eval.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,7 +29,8 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     image = tf.cond(
         tf.io.is_jpeg(encoded),
         lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False))
+        lambda: tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False),
+    )
     image.set_shape([None, None, 3])
     return image
 
@@ -42,8 +44,10 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 def _check_image(image) -> tf.Tensor:
     image = tf.convert_to_tensor(image)
     if image.dtype != tf.uint8 or image.shape.rank != 3:
-        raise ValueError(f"expected a uint8 image [H, W, C], got {image.dtype.name} with shape "
-                         f"{image.shape}; decode it with decode_image first")
+        raise ValueError(
+            f"expected a uint8 image [H, W, C], got {image.dtype.name} with shape "
+            f"{image.shape}; decode it with decode_image first"
+        )
     return image
 
 
@@ -82,10 +86,12 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
     new_h, new_w = short_side_resize_shape(shape[0], shape[1], size)
     # Two separable passes, width then height, each rounded and clipped to uint8 levels: this is
     # how PIL resamples 8-bit images, and it matters where bicubic overshoots (sharp edges).
-    resized = _to_levels(tf.image.resize(image, tf.stack([shape[0], new_w]), method="bicubic",
-                                         antialias=True))
-    resized = _to_levels(tf.image.resize(resized, tf.stack([new_h, new_w]), method="bicubic",
-                                         antialias=True))
+    resized = _to_levels(
+        tf.image.resize(image, tf.stack([shape[0], new_w]), method="bicubic", antialias=True)
+    )
+    resized = _to_levels(
+        tf.image.resize(resized, tf.stack([new_h, new_w]), method="bicubic", antialias=True)
+    )
     # torchvision: int(round((new - size) / 2)); tf.round also rounds halves to even.
     top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
@@ -94,29 +100,45 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
     return normalize(crop)
 
 
-def random_resized_crop_box(image_shape: tf.Tensor, seed: tf.Tensor,
-                            crop_scale: tuple[float, float] = (0.9, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple:
+def random_resized_crop_box(
+    image_shape: tf.Tensor,
+    seed: tf.Tensor,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple:
     """A crop window (begin [3], size [3] for tf.slice) covering `crop_scale` of the image area with
     width/height in `ratio`; up to 10 tries, else the whole image. Deterministic given `seed`."""
     seed = tf.convert_to_tensor(seed)
     if seed.dtype not in (tf.int32, tf.int64) or seed.shape.as_list() != [2]:
-        raise ValueError(f"seed must be an int32/int64 tensor of shape [2], got {seed.dtype.name} "
-                         f"{seed.shape}")
+        raise ValueError(
+            f"seed must be an int32/int64 tensor of shape [2], got {seed.dtype.name} {seed.shape}"
+        )
     if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0 or not 0.0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"need 0 < crop_scale[0] <= crop_scale[1] <= 1 and 0 < ratio[0] <= "
-                         f"ratio[1], got "
-                         f"crop_scale={crop_scale}, ratio={ratio}")
+        raise ValueError(
+            f"need 0 < crop_scale[0] <= crop_scale[1] <= 1 and 0 < ratio[0] <= "
+            f"ratio[1], got "
+            f"crop_scale={crop_scale}, ratio={ratio}"
+        )
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        image_shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-        aspect_ratio_range=ratio, area_range=crop_scale, max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
+        image_shape,
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=crop_scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
     return begin, crop_size
 
 
-def train_transform(image: tf.Tensor, size: int, seed: tf.Tensor,
-                    crop_scale: tuple[float, float] = (0.9, 1.0),
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+def train_transform(
+    image: tf.Tensor,
+    size: int,
+    seed: tf.Tensor,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tf.Tensor:
     """Random resized crop: uint8 [H, W, 3] -> float32 [size, size, 3], CLIP-normalised.
 
     The window comes from `random_resized_crop_box(seed)`. A window more than twice the output is
@@ -153,8 +175,10 @@ def _normalize_constants(size: int) -> tuple[np.ndarray, np.ndarray]:
     mean = np.asarray(CLIP_MEAN, np.float32)
     std = np.asarray(CLIP_STD, np.float32)
     shape = (size, size, 3)
-    return (np.broadcast_to(1.0 / (255.0 * std), shape).copy(),
-            np.broadcast_to(-mean / std, shape).copy())
+    return (
+        np.broadcast_to(1.0 / (255.0 * std), shape).copy(),
+        np.broadcast_to(-mean / std, shape).copy(),
+    )
 
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:

@@ -62,8 +62,7 @@ def encode_image(data: bytes, max_side: int | None = None) -> bytes:
             fmt, mode, size = im.format, im.mode, im.size
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
             too_big = max_side is not None and max(size) > max_side
-            if (fmt in ("JPEG", "PNG") and mode in ("RGB", "L") and orientation == 1
-                    and not too_big):
+            if fmt in ("JPEG", "PNG") and mode in ("RGB", "L") and orientation == 1 and not too_big:
                 return data
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -116,7 +115,9 @@ def read_manifest(out_dir: str) -> dict | None:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e}); remove it or use a fresh --out") from e
+        raise ValueError(
+            f"{path}: unreadable manifest ({e}); remove it or use a fresh --out"
+        ) from e
 
 
 def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]]:
@@ -135,23 +136,38 @@ def _check_order(out_dir: str, old: dict, new: dict) -> None:
             f"{out_dir}: its shards were written {order_lib.describe(old)} from a source of "
             f"{old.get('items')} items (digest {old.get('source_digest')}); the source now lists "
             f"{new['items']} (digest {new['source_digest']}), so the same seed would put other "
-            "records in each shard; use a fresh --out directory")
+            "records in each shard; use a fresh --out directory"
+        )
     if same_seed and new.get("method") == "buffer":
         raise ValueError(
             f"{out_dir}: its shards were written {order_lib.describe(old)}, this run would use "
             f"{order_lib.describe(new)}; re-run with --shuffle-buffer {old.get('buffer')} to "
-            "resume, or use a fresh --out directory")
+            "resume, or use a fresh --out directory"
+        )
     hint = f"--seed {old['seed']}" if old.get("shuffled") else "--keep-order"
     raise ValueError(
         f"{out_dir}: its manifest says the shards were written {order_lib.describe(old)}, this "
         f"run would write them {order_lib.describe(new)}; one directory must not mix orders: "
-        f"re-run with {hint} to resume, or use a fresh --out directory")
+        f"re-run with {hint} to resume, or use a fresh --out directory"
+    )
 
 
-def _start_manifest(out_dir: str, prefix: str, shard_size: int, max_side: int | None,
-                    source: dict, classnames: list[str] | None, order: dict) -> dict:
-    settings = {"prefix": prefix, "shard_size": shard_size, "max_side": max_side,
-                "source": source, "classnames": classnames}
+def _start_manifest(
+    out_dir: str,
+    prefix: str,
+    shard_size: int,
+    max_side: int | None,
+    source: dict,
+    classnames: list[str] | None,
+    order: dict,
+) -> dict:
+    settings = {
+        "prefix": prefix,
+        "shard_size": shard_size,
+        "max_side": max_side,
+        "source": source,
+        "classnames": classnames,
+    }
     old = read_manifest(out_dir)
     if old is not None:
         # manifests from before shuffling existed hold shards in source order
@@ -161,14 +177,15 @@ def _start_manifest(out_dir: str, prefix: str, shard_size: int, max_side: int | 
             raise ValueError(
                 f"{out_dir} holds shards written with different settings "
                 f"({', '.join(f'{k}: {old.get(k)!r} now {settings[k]!r}' for k in differs)}); "
-                "re-run with the same settings to resume, or use a fresh --out directory")
-        old["shards"] = [s for s in old.get("shards", [])
-                         if os.path.exists(os.path.join(out_dir, s["file"]))]
+                "re-run with the same settings to resume, or use a fresh --out directory"
+            )
+        old["shards"] = [
+            s for s in old.get("shards", []) if os.path.exists(os.path.join(out_dir, s["file"]))
+        ]
         old["complete"] = False
         old["order"] = order
         return old
-    return {"format": MANIFEST_FORMAT, **settings, "order": order, "shards": [],
-            "complete": False}
+    return {"format": MANIFEST_FORMAT, **settings, "order": order, "shards": [], "complete": False}
 
 
 def _summarise(manifest: dict) -> None:
@@ -178,8 +195,9 @@ def _summarise(manifest: dict) -> None:
     manifest["num_skipped"] = sum(len(s["skipped"]) for s in shards)
 
 
-def _read_chunk(chunk: list[SourceItem]) -> tuple[list[tuple[SourceItem, str]], list[bytes],
-                                                  list[dict]]:
+def _read_chunk(
+    chunk: list[SourceItem],
+) -> tuple[list[tuple[SourceItem, str]], list[bytes], list[dict]]:
     """(item, cleaned caption) pairs and raw image bytes of the usable items; skip records."""
     good, raw, skipped = [], [], []
     for item in chunk:
@@ -190,16 +208,16 @@ def _read_chunk(chunk: list[SourceItem]) -> tuple[list[tuple[SourceItem, str]], 
             skipped.append({"key": item.key, "origin": item.origin, "reason": str(e)})
             continue
         except OSError as e:
-            skipped.append({"key": item.key, "origin": item.origin,
-                            "reason": f"unreadable ({e})"})
+            skipped.append({"key": item.key, "origin": item.origin, "reason": f"unreadable ({e})"})
             continue
         good.append((item, caption))
         raw.append(data)
     return good, raw, skipped
 
 
-def _write_shard(path: str, good: list[tuple[SourceItem, str]], encoded: Iterable,
-                 skipped: list[dict]) -> int:
+def _write_shard(
+    path: str, good: list[tuple[SourceItem, str]], encoded: Iterable, skipped: list[dict]
+) -> int:
     """Write one shard atomically; images that failed to encode are added to `skipped`."""
     import tensorflow as tf
 
@@ -214,12 +232,21 @@ def _write_shard(path: str, good: list[tuple[SourceItem, str]], encoded: Iterabl
     return count
 
 
-def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
-                 shard_size: int = 1000, max_side: int | None = None, workers: int = 1,
-                 prefix: str = "shard", classnames: list[str] | None = None,
-                 total: int | None = None, progress: bool = True,
-                 shuffle_seed: int | None = 0,
-                 shuffle_buffer: int = order_lib.DEFAULT_BUFFER) -> dict:
+def write_shards(
+    items: Iterable[SourceItem],
+    out_dir: str,
+    *,
+    source: dict,
+    shard_size: int = 1000,
+    max_side: int | None = None,
+    workers: int = 1,
+    prefix: str = "shard",
+    classnames: list[str] | None = None,
+    total: int | None = None,
+    progress: bool = True,
+    shuffle_seed: int | None = 0,
+    shuffle_buffer: int = order_lib.DEFAULT_BUFFER,
+) -> dict:
     """Write `items` as shards `out_dir/{prefix}-NNNNN.tfrecord`; returns the manifest dict.
 
     Items are written in a global permutation seeded by `shuffle_seed` (None: source order).
@@ -265,8 +292,9 @@ def write_shards(items: Iterable[SourceItem], out_dir: str, *, source: dict,
             for s in skipped:
                 log.warning("skipped %s: %s", s["origin"], s["reason"])
             manifest["shards"] = [s for s in manifest["shards"] if s["index"] != index]
-            manifest["shards"].append({"index": index, "file": name, "count": count,
-                                       "skipped": skipped})
+            manifest["shards"].append(
+                {"index": index, "file": name, "count": count, "skipped": skipped}
+            )
             _summarise(manifest)
             write_json(manifest_path, manifest)
             bar.update(len(chunk))

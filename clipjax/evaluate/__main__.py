@@ -22,17 +22,29 @@ from clipjax.files import write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clipjax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m clipjax.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="model dir, HF CLIP dir, workdir, state dict")
     p.add_argument("--step", type=int, help="checkpoint step of a workdir (default: latest)")
     p.add_argument("--task", required=True, choices=("zeroshot", "retrieval"))
-    p.add_argument("--data", required=True, help="GLOB|DIR of TFRecord shards, class-folder DIR, "
-                                                 "or tfds:NAME[:SPLIT]")
-    p.add_argument("--classnames", help="imagenet | demo | FILE | comma-separated names "
-                                        "(default: the dataset's own class names)")
-    p.add_argument("--templates", help="openai | simple | photo | demo | FILE (default: demo "
-                                       "for the demo classes, else openai)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="GLOB|DIR of TFRecord shards, class-folder DIR, or tfds:NAME[:SPLIT]",
+    )
+    p.add_argument(
+        "--classnames",
+        help="imagenet | demo | FILE | comma-separated names "
+        "(default: the dataset's own class names)",
+    )
+    p.add_argument(
+        "--templates",
+        help="openai | simple | photo | demo | FILE (default: demo "
+        "for the demo classes, else openai)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--image-field", help="tfds: image feature (default image)")
@@ -44,14 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tfds_fields(args: argparse.Namespace) -> dict[str, str]:
-    return {k: v for k, v in (("image_field", args.image_field), ("label_field", args.label_field),
-                              ("text_field", args.text_field)) if v}
+    return {
+        k: v
+        for k, v in (
+            ("image_field", args.image_field),
+            ("label_field", args.label_field),
+            ("text_field", args.text_field),
+        )
+        if v
+    }
 
 
 def format_table(title: str, metrics: dict[str, float]) -> str:
     """A two-column text table of metric -> value (fractions shown as percentages)."""
-    rows = [(k, f"{100 * v:6.2f} %" if k.startswith(("top", "mean_per_class")) or "R@" in k
-             else f"{v:g}") for k, v in metrics.items()]
+    rows = [
+        (
+            k,
+            f"{100 * v:6.2f} %"
+            if k.startswith(("top", "mean_per_class")) or "R@" in k
+            else f"{v:g}",
+        )
+        for k, v in metrics.items()
+    ]
     width = max(len(k) for k, _ in rows)
     lines = [title, "-" * (width + 12)] + [f"{k:<{width}}  {v:>9}" for k, v in rows]
     return "\n".join(lines)
@@ -70,15 +96,21 @@ def run(args: argparse.Namespace) -> dict:
     classnames = load_classnames(args.classnames) if args.classnames else None
     templates = None
     if args.task == "zeroshot":
-        templates = load_templates(args.templates or
-                                   ("demo" if args.classnames == "demo" else "openai"))
+        templates = load_templates(
+            args.templates or ("demo" if args.classnames == "demo" else "openai")
+        )
     model, params, _ = load(args.model, step=args.step, trust_torchscript=args.trust_torchscript)
     cfg = model.config
     if args.task == "zeroshot" and args.text_field:
         raise ValueError("--text-field is for --task retrieval")
-    data = open_eval_data(args.data, image_size=cfg.image_size,
-                          context_length=cfg.context_length, batch_size=args.batch_size,
-                          limit=args.limit, tfds_fields=_tfds_fields(args))
+    data = open_eval_data(
+        args.data,
+        image_size=cfg.image_size,
+        context_length=cfg.context_length,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        tfds_fields=_tfds_fields(args),
+    )
     mesh = make_mesh()
     start = time.time()
     if args.task == "zeroshot":
@@ -86,17 +118,25 @@ def run(args: argparse.Namespace) -> dict:
 
         classnames = classnames or data.classnames
         if not classnames:
-            raise ValueError(f"--data {args.data}: the dataset names no classes; pass "
-                             f"--classnames imagenet|demo|FILE")
+            raise ValueError(
+                f"--data {args.data}: the dataset names no classes; pass "
+                f"--classnames imagenet|demo|FILE"
+            )
         metrics = zeroshot_accuracy(model, params, data, classnames, templates, mesh=mesh)
     else:
         from clipjax.evaluate.retrieval import retrieval_recall
 
         metrics = retrieval_recall(model, params, data, mesh=mesh, batch_size=args.batch_size)
     metrics["skipped"] = float(data.skipped)
-    result = {"model": args.model, "step": args.step, "task": args.task, "data": args.data,
-              "data_description": data.description, "metrics": metrics,
-              "seconds": round(time.time() - start, 2)}
+    result = {
+        "model": args.model,
+        "step": args.step,
+        "task": args.task,
+        "data": args.data,
+        "data_description": data.description,
+        "metrics": metrics,
+        "seconds": round(time.time() - start, 2),
+    }
     if templates is not None:
         result["num_templates"] = len(templates)
     return result
@@ -110,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(format_table(f"{args.task} | {args.model} | {result['data_description']}",
-                       result["metrics"]))
+    print(
+        format_table(
+            f"{args.task} | {args.model} | {result['data_description']}", result["metrics"]
+        )
+    )
     if args.out:
         write_text(args.out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -48,8 +48,10 @@ def load_classnames(spec: str) -> list[str]:
         names = [n.strip() for n in spec.split(",") if n.strip()]
         if len(names) >= 2:
             return names
-    raise ValueError(f"class names {spec!r}: expected one of {sorted(CLASSNAME_SETS) + ['demo']}, "
-                     f"a text file with one class name per line, or comma-separated names")
+    raise ValueError(
+        f"class names {spec!r}: expected one of {sorted(CLASSNAME_SETS) + ['demo']}, "
+        f"a text file with one class name per line, or comma-separated names"
+    )
 
 
 def load_templates(spec: str) -> list[str]:
@@ -70,5 +72,7 @@ def load_templates(spec: str) -> list[str]:
         if missing:
             raise ValueError(f"{spec}: template {missing[0]!r} has no '{{}}' for the class name")
         return templates
-    raise ValueError(f"templates {spec!r}: expected one of {sorted(TEMPLATE_SETS) + ['demo']} or a text "
-                     f"file with one template (containing '{{}}') per line")
+    raise ValueError(
+        f"templates {spec!r}: expected one of {sorted(TEMPLATE_SETS) + ['demo']} or a text "
+        f"file with one template (containing '{{}}') per line"
+    )

@@ -45,8 +45,16 @@ class EvalData:
 class SourceBatches:
     """Batches from a clipjax.data.sources.Source, images preprocessed with PIL in threads."""
 
-    def __init__(self, source: Any, *, batch_size: int, image_size: int, context_length: int,
-                 limit: int | None = None, threads: int = 8):
+    def __init__(
+        self,
+        source: Any,
+        *,
+        batch_size: int,
+        image_size: int,
+        context_length: int,
+        limit: int | None = None,
+        threads: int = 8,
+    ):
         self.source, self.batch_size, self.image_size = source, batch_size, image_size
         self.context_length, self.limit, self.threads = context_length, limit, threads
         self.skipped = 0
@@ -114,9 +122,15 @@ def _shard_files(spec: str) -> list[str]:
     return expand_globs([spec])
 
 
-def open_eval_data(spec: str, *, image_size: int, context_length: int, batch_size: int,
-                   limit: int | None = None, tfds_fields: dict[str, str] | None = None
-                   ) -> EvalData:
+def open_eval_data(
+    spec: str,
+    *,
+    image_size: int,
+    context_length: int,
+    batch_size: int,
+    limit: int | None = None,
+    tfds_fields: dict[str, str] | None = None,
+) -> EvalData:
     """Open `spec` (see module docstring) as evaluation batches; errors name the spec."""
     if spec.startswith("tfds:"):
         from clipjax.data.sources import tfds_source
@@ -130,31 +144,48 @@ def open_eval_data(spec: str, *, image_size: int, context_length: int, batch_siz
         if "text_field" not in fields:
             fields.setdefault("label_field", "label")
         source = tfds_source(name, split, **fields)
-        batches = SourceBatches(source, batch_size=batch_size, image_size=image_size,
-                                context_length=context_length, limit=limit)
-        return EvalData(batches, source.classnames, f"tfds {name} {split}",
-                        lambda: batches.skipped)
+        batches = SourceBatches(
+            source,
+            batch_size=batch_size,
+            image_size=image_size,
+            context_length=context_length,
+            limit=limit,
+        )
+        return EvalData(batches, source.classnames, f"tfds {name} {split}", lambda: batches.skipped)
     files = _shard_files(spec)
     if files:
         from clipjax.data.eval_pipeline import EvalPipeline
         from clipjax.data.shards import dataset_classnames
 
-        pipeline = EvalPipeline(files, global_batch=batch_size, image_size=image_size,
-                                context_length=context_length)
+        pipeline = EvalPipeline(
+            files, global_batch=batch_size, image_size=image_size, context_length=context_length
+        )
         batches = pipeline if limit is None else _limited(pipeline, limit)
-        return EvalData(batches, dataset_classnames(files), f"{len(files)} TFRecord shards",
-                        lambda: pipeline.skipped)
+        return EvalData(
+            batches,
+            dataset_classnames(files),
+            f"{len(files)} TFRecord shards",
+            lambda: pipeline.skipped,
+        )
     if os.path.isdir(spec):
         from clipjax.data.sources import class_folder_source
 
         source = class_folder_source(spec)
-        batches = SourceBatches(source, batch_size=batch_size, image_size=image_size,
-                                context_length=context_length, limit=limit)
-        return EvalData(batches, source.classnames, f"class folders {spec}",
-                        lambda: batches.skipped)
-    raise ValueError(f"--data {spec!r}: matches no files; expected a glob or directory of "
-                     f"*.tfrecord shards, a directory with one sub-folder per class, or "
-                     f"tfds:NAME[:SPLIT]")
+        batches = SourceBatches(
+            source,
+            batch_size=batch_size,
+            image_size=image_size,
+            context_length=context_length,
+            limit=limit,
+        )
+        return EvalData(
+            batches, source.classnames, f"class folders {spec}", lambda: batches.skipped
+        )
+    raise ValueError(
+        f"--data {spec!r}: matches no files; expected a glob or directory of "
+        f"*.tfrecord shards, a directory with one sub-folder per class, or "
+        f"tfds:NAME[:SPLIT]"
+    )
 
 
 class _limited:
@@ -170,6 +201,6 @@ class _limited:
                 break
             mask = np.asarray(batch["mask"]).copy()
             real = np.flatnonzero(mask)
-            mask[real[self.limit - seen:]] = False
+            mask[real[self.limit - seen :]] = False
             seen += int(mask.sum())
             yield {**batch, "mask": mask}

@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clipjax.export.modeldir import variables_of
 from clipjax.parallel.mesh import BATCH_AXES
@@ -46,15 +47,22 @@ def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
     if mesh is None:
         return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), tree)
     sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, sharding),
-                        tree)
+    return jax.tree.map(
+        lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, sharding), tree
+    )
 
 
 class Encoder:
     """Encode images / token ids to normalised embeddings with a fixed, mesh-divisible batch."""
 
-    def __init__(self, model: Any, params: Mapping[str, Any], *, mesh: Mesh | None = None,
-                 batch_size: int = 64):
+    def __init__(
+        self,
+        model: Any,
+        params: Mapping[str, Any],
+        *,
+        mesh: Mesh | None = None,
+        batch_size: int = 64,
+    ):
         self.model = model
         self.mesh = mesh
         # Per-host batch; the global batch (x process count) must split over the batch axes.
@@ -84,9 +92,9 @@ class Encoder:
     def _run(self, fn: Callable, x: np.ndarray) -> np.ndarray:
         out = []
         for start in range(0, x.shape[0], self.batch_size):
-            part = x[start:start + self.batch_size]
+            part = x[start : start + self.batch_size]
             emb = fn(self.params, to_global(pad_rows(part, self.batch_size), self.mesh))
-            out.append(fetch_local(emb)[:part.shape[0]])
+            out.append(fetch_local(emb)[: part.shape[0]])
         if not out:
             return np.zeros((0, self.embed_dim), np.float32)
         return np.concatenate(out)

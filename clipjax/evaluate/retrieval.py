@@ -21,9 +21,13 @@ log = logging.getLogger(__name__)
 DEFAULT_KS = (1, 5, 10)
 
 
-def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray,
-                      text_to_image: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
-                      chunk: int = 1024) -> dict[str, float]:
+def retrieval_metrics(
+    image_embeds: np.ndarray,
+    text_embeds: np.ndarray,
+    text_to_image: np.ndarray,
+    ks: Sequence[int] = DEFAULT_KS,
+    chunk: int = 1024,
+) -> dict[str, float]:
     """Recall@K both ways from normalised embeddings.
 
     image_embeds [N, D], text_embeds [M, D], text_to_image [M] (index of each caption's image).
@@ -46,18 +50,18 @@ def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray,
     # image -> text: rank of the best-scoring own caption among all captions.
     i2t_rank = np.empty(n, np.int64)
     for start in range(0, n, chunk):
-        sims = image_embeds[start:start + chunk] @ text_embeds.T  # [c, M]
+        sims = image_embeds[start : start + chunk] @ text_embeds.T  # [c, M]
         rows = np.arange(start, min(start + chunk, n))
         own = text_to_image[None, :] == rows[:, None]  # [c, M]
         best_own = np.where(own, sims, -np.inf).max(axis=1)
-        i2t_rank[start:start + chunk] = (sims > best_own[:, None]).sum(axis=1)
+        i2t_rank[start : start + chunk] = (sims > best_own[:, None]).sum(axis=1)
 
     # text -> image: rank of the caption's own image among all images.
     t2i_rank = np.empty(m, np.int64)
     for start in range(0, m, chunk):
-        sims = text_embeds[start:start + chunk] @ image_embeds.T  # [c, N]
-        own_score = sims[np.arange(sims.shape[0]), text_to_image[start:start + chunk]]
-        t2i_rank[start:start + chunk] = (sims > own_score[:, None]).sum(axis=1)
+        sims = text_embeds[start : start + chunk] @ image_embeds.T  # [c, N]
+        own_score = sims[np.arange(sims.shape[0]), text_to_image[start : start + chunk]]
+        t2i_rank[start : start + chunk] = (sims > own_score[:, None]).sum(axis=1)
 
     out: dict[str, float] = {}
     for k in ks:
@@ -68,9 +72,15 @@ def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray,
     return out
 
 
-def retrieval_recall(model: Any, params: Mapping[str, Any], batches: Iterable[Mapping[str, Any]],
-                     *, mesh: Mesh | None = None, ks: Sequence[int] = DEFAULT_KS,
-                     batch_size: int | None = None) -> dict[str, float]:
+def retrieval_recall(
+    model: Any,
+    params: Mapping[str, Any],
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    mesh: Mesh | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int | None = None,
+) -> dict[str, float]:
     """Embed an eval set and compute recall@K both ways; usable as a periodic training hook.
 
     Each batch has 'image' [B, H, W, 3] float32 and 'text' int32 token ids, either [B, L]
@@ -93,8 +103,10 @@ def retrieval_recall(model: Any, params: Mapping[str, Any], batches: Iterable[Ma
         if text.ndim == 2:
             text = text[:, None, :]
         if text.ndim != 3 or text.shape[0] != b:
-            raise ValueError(f"batch 'text' has shape {np.shape(batch['text'])}; expected [B, L] "
-                             f"or [B, C, L] with B = {b}")
+            raise ValueError(
+                f"batch 'text' has shape {np.shape(batch['text'])}; expected [B, L] "
+                f"or [B, C, L] with B = {b}"
+            )
         if encoder is None:
             encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size or b)
         new_rows, row_image = [], np.full(b, -1, np.int64)
@@ -117,10 +129,15 @@ def retrieval_recall(model: Any, params: Mapping[str, Any], batches: Iterable[Ma
         raise ValueError("retrieval: the evaluation data produced no examples")
     if not text_embs:
         raise ValueError("retrieval: the evaluation data has no captions")
-    metrics = retrieval_metrics(np.concatenate(image_embs), np.concatenate(text_embs),
-                                np.concatenate(owners), ks=ks)
-    log.info("retrieval over %d images / %d captions: %s", n_images, int(metrics["num_texts"]),
-             {k: round(v, 4) for k, v in metrics.items() if "R@" in k})
+    metrics = retrieval_metrics(
+        np.concatenate(image_embs), np.concatenate(text_embs), np.concatenate(owners), ks=ks
+    )
+    log.info(
+        "retrieval over %d images / %d captions: %s",
+        n_images,
+        int(metrics["num_texts"]),
+        {k: round(v, 4) for k, v in metrics.items() if "R@" in k},
+    )
     return metrics
 
 

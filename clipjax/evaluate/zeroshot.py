@@ -30,10 +30,16 @@ def format_prompts(classname: str, templates: Sequence[str]) -> list[str]:
     return [t.replace("{}", classname) for t in templates]
 
 
-def classifier_weights(model: Any, params: Mapping[str, Any], classnames: Sequence[str],
-                       templates: Sequence[str], *, mesh: Mesh | None = None,
-                       batch_size: int = 256,
-                       tokenize: Callable[..., np.ndarray] | None = None) -> np.ndarray:
+def classifier_weights(
+    model: Any,
+    params: Mapping[str, Any],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    mesh: Mesh | None = None,
+    batch_size: int = 256,
+    tokenize: Callable[..., np.ndarray] | None = None,
+) -> np.ndarray:
     """Class embeddings [D, C] (float32, unit columns) from a prompt ensemble."""
     if not classnames:
         raise ValueError("zero-shot: no class names given")
@@ -55,31 +61,37 @@ def topk_hits(logits: jax.Array, labels: jax.Array, ks: Sequence[int]) -> jax.Ar
     kmax = min(max(ks), logits.shape[-1])
     _, top = jax.lax.top_k(logits, kmax)  # [B, kmax]
     hit = top == labels[:, None]
-    return jnp.stack([hit[:, :min(k, kmax)].any(axis=-1) for k in ks])
+    return jnp.stack([hit[:, : min(k, kmax)].any(axis=-1) for k in ks])
 
 
 def make_eval_step(model: Any, ks: Sequence[int]) -> Callable:
     """Jitted (params, weights [D,C], images, labels, mask) -> (hits per k [K, C], count [C])."""
 
     def step(params, weights, images, labels, mask):
-        emb = model.apply(variables_of(params), images,
-                          method="encode_image").astype(jnp.float32)
+        emb = model.apply(variables_of(params), images, method="encode_image").astype(jnp.float32)
         logits = emb @ weights  # [B, C]
         hits = topk_hits(logits, labels, ks) & mask[None, :]  # [K, B]
         num_classes = weights.shape[1]
         per_class_hits = jax.vmap(
-            lambda h: jnp.zeros(num_classes, jnp.int32).at[labels].add(h.astype(jnp.int32)))(hits)
+            lambda h: jnp.zeros(num_classes, jnp.int32).at[labels].add(h.astype(jnp.int32))
+        )(hits)
         per_class_count = jnp.zeros(num_classes, jnp.int32).at[labels].add(mask.astype(jnp.int32))
         return per_class_hits, per_class_count
 
     return jax.jit(step)
 
 
-def zeroshot_accuracy(model: Any, params: Mapping[str, Any],
-                      batches: Iterable[Mapping[str, Any]], classnames: Sequence[str],
-                      templates: Sequence[str], *, mesh: Mesh | None = None,
-                      ks: Sequence[int] = DEFAULT_TOPK,
-                      weights: np.ndarray | None = None) -> dict[str, float]:
+def zeroshot_accuracy(
+    model: Any,
+    params: Mapping[str, Any],
+    batches: Iterable[Mapping[str, Any]],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    mesh: Mesh | None = None,
+    ks: Sequence[int] = DEFAULT_TOPK,
+    weights: np.ndarray | None = None,
+) -> dict[str, float]:
     """Top-k accuracy of zero-shot classification; usable as a periodic training hook.
 
     Each batch has 'image' [B, H, W, 3] float32 (eval-transformed), 'label' [B] int, and an
@@ -104,16 +116,24 @@ def zeroshot_accuracy(model: Any, params: Mapping[str, Any],
         b = images.shape[0]
         mask = np.asarray(batch.get("mask", np.ones(b, bool))).astype(bool).reshape(-1)
         if labels.shape[0] != b or mask.shape[0] != b:
-            raise ValueError(f"batch has {b} images but {labels.shape[0]} labels / "
-                             f"{mask.shape[0]} mask entries")
+            raise ValueError(
+                f"batch has {b} images but {labels.shape[0]} labels / {mask.shape[0]} mask entries"
+            )
         bad = mask & ((labels < 0) | (labels >= num_classes))
         if bad.any():
-            raise ValueError(f"label {int(labels[bad][0])} is outside the {num_classes} class "
-                             f"names; check --classnames matches the dataset")
+            raise ValueError(
+                f"label {int(labels[bad][0])} is outside the {num_classes} class "
+                f"names; check --classnames matches the dataset"
+            )
         labels = np.where(mask, labels, 0)
         rows = -(-b // divisor) * divisor  # pad so the batch splits over the mesh
-        h, c = step(params, weights_dev, to_global(pad_rows(images, rows), mesh),
-                    to_global(pad_rows(labels, rows), mesh), to_global(pad_rows(mask, rows), mesh))
+        h, c = step(
+            params,
+            weights_dev,
+            to_global(pad_rows(images, rows), mesh),
+            to_global(pad_rows(labels, rows), mesh),
+            to_global(pad_rows(mask, rows), mesh),
+        )
         hits += np.asarray(h)
         counts += np.asarray(c)
     total = int(counts.sum())

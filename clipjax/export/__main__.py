@@ -27,15 +27,19 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m clipjax.export",
         description="Export a trained or loaded model (see also: python -m clipjax.export "
-                    "import --help).")
+        "import --help).",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir (latest complete checkpoint)")
     src.add_argument("--model", help="any model clipjax can load (model dir, HF dir, state dict)")
     p.add_argument("--step", type=int, help="checkpoint step (with --workdir); default latest")
     p.add_argument("--out", required=True, help="output directory (.safetensors file for openai)")
     p.add_argument("--format", default="safetensors", choices=EXPORT_FORMATS)
-    p.add_argument("--drop-logit-bias", action="store_true",
-                   help="hf: export a model with a logit bias without it (HF CLIP has none)")
+    p.add_argument(
+        "--drop-logit-bias",
+        action="store_true",
+        help="hf: export a model with a logit bias without it (HF CLIP has none)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_trust_flag(p)
     return p
@@ -44,14 +48,18 @@ def export_parser() -> argparse.ArgumentParser:
 def import_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m clipjax.export import",
-        description="Convert Hugging Face / OpenAI / open_clip weights to a clipjax model dir.")
+        description="Convert Hugging Face / OpenAI / open_clip weights to a clipjax model dir.",
+    )
     p.add_argument("--from", dest="source", required=True, choices=IMPORT_SOURCES)
     p.add_argument("src", help="HF CLIP directory, or a .safetensors/.pt state dict")
     p.add_argument("--out", required=True, help="output clipjax model directory")
     p.add_argument("--format", default="safetensors", choices=("safetensors", "msgpack"))
-    p.add_argument("--act", choices=("quick_gelu", "gelu"),
-                   help="openai/open_clip activation (default: quick_gelu for openai, gelu for "
-                        "open_clip; open_clip's '-quickgelu' models need quick_gelu)")
+    p.add_argument(
+        "--act",
+        choices=("quick_gelu", "gelu"),
+        help="openai/open_clip activation (default: quick_gelu for openai, gelu for "
+        "open_clip; open_clip's '-quickgelu' models need quick_gelu)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_trust_flag(p)
     return p
@@ -59,9 +67,12 @@ def import_parser() -> argparse.ArgumentParser:
 
 def add_trust_flag(p: argparse.ArgumentParser, also: str = "") -> None:
     """--trust-torchscript, for every CLI that loads model files."""
-    p.add_argument("--trust-torchscript", action="store_true",
-                   help="allow torch.jit.load for a TorchScript .pt that cannot be read as data "
-                        "only (it runs code stored in the file: only for files you trust)" + also)
+    p.add_argument(
+        "--trust-torchscript",
+        action="store_true",
+        help="allow torch.jit.load for a TorchScript .pt that cannot be read as data "
+        "only (it runs code stored in the file: only for files you trust)" + also,
+    )
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -78,8 +89,9 @@ def write_model(out: str, fmt: str, config, params, drop_logit_bias: bool = Fals
     elif fmt == "hf":
         from clipjax.export.hfdir import write_hf_dir
 
-        write_dir_atomically(out, lambda d: write_hf_dir(d, config, params,
-                                                         drop_logit_bias=drop_logit_bias))
+        write_dir_atomically(
+            out, lambda d: write_hf_dir(d, config, params, drop_logit_bias=drop_logit_bias)
+        )
     elif fmt == "openai":
         from safetensors.numpy import save
 
@@ -87,8 +99,10 @@ def write_model(out: str, fmt: str, config, params, drop_logit_bias: bool = Fals
         from clipjax.files import write_bytes
 
         if not out.endswith(".safetensors"):
-            raise SystemExit(f"error: --format openai writes one file; --out must end in "
-                             f".safetensors (got {out})")
+            raise SystemExit(
+                f"error: --format openai writes one file; --out must end in "
+                f".safetensors (got {out})"
+            )
         write_bytes(out, save(to_openai_state_dict(config, params)))
     else:
         raise SystemExit(f"error: unknown format {fmt!r}; expected one of {EXPORT_FORMATS}")
@@ -102,10 +116,13 @@ def run_export(args: argparse.Namespace) -> None:
     _check_out(args.out, args.overwrite)
     src = args.workdir or args.model
     if args.workdir is not None and not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
-        raise SystemExit(f"error: --workdir {args.workdir}: no checkpoints/ directory; expected "
-                         f"a training workdir")
-    config, params = load_config_and_params(src, step=args.step,
-                                            trust_torchscript=args.trust_torchscript)
+        raise SystemExit(
+            f"error: --workdir {args.workdir}: no checkpoints/ directory; expected "
+            f"a training workdir"
+        )
+    config, params = load_config_and_params(
+        src, step=args.step, trust_torchscript=args.trust_torchscript
+    )
     write_model(args.out, args.format, config, params, drop_logit_bias=args.drop_logit_bias)
     print(f"wrote {args.format} model to {args.out}")
 
@@ -116,11 +133,14 @@ def run_import(args: argparse.Namespace) -> None:
         from clipjax.export.hfdir import is_hf_dir, read_hf_dir
 
         if not is_hf_dir(args.src):
-            raise SystemExit(f"error: {args.src}: not a Hugging Face CLIP directory (expected "
-                             f"config.json with \"model_type\": \"clip\")")
+            raise SystemExit(
+                f"error: {args.src}: not a Hugging Face CLIP directory (expected "
+                f'config.json with "model_type": "clip")'
+            )
         if args.act or args.trust_torchscript:
-            raise SystemExit("error: --act and --trust-torchscript apply to openai/open_clip "
-                             "imports only")
+            raise SystemExit(
+                "error: --act and --trust-torchscript apply to openai/open_clip imports only"
+            )
         config, params = read_hf_dir(args.src)
     else:
         from clipjax.export.openai import DEFAULT_ACT, from_openai_state_dict, read_state_dict
@@ -131,8 +151,10 @@ def run_import(args: argparse.Namespace) -> None:
 
     check_params(config, params, where=args.src)
     write_model(args.out, args.format, config, params)
-    print(f"imported {args.source} model {args.src} -> {args.out} "
-          f"({config.vision_type}, embed_dim={config.embed_dim})")
+    print(
+        f"imported {args.source} model {args.src} -> {args.out} "
+        f"({config.vision_type}, embed_dim={config.embed_dim})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

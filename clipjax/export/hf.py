@@ -8,6 +8,7 @@ HF CLIP has no ResNet tower and no logit bias: exporting such a model raises a c
 HF pools text at the first `eos_token_id` (or at argmax for the legacy id 2); clipjax pools at
 argmax, so imported configs must have the end-of-text id as the highest id of the vocabulary.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,21 +39,24 @@ def config_from_hf(hf_config: Any) -> CLIPConfig:
         t, v = _get(text, key), _get(vision, key)
         if t != v:
             raise ValueError(
-                f"HF config has text {key}={t!r} but vision {key}={v!r}; clipjax uses one value for both"
+                f"HF config has text {key}={t!r} but vision {key}={v!r}; "
+                "clipjax uses one value for both"
             )
         return t
 
     ratios = {_get(c, "intermediate_size") / _get(c, "hidden_size") for c in (text, vision)}
     if len(ratios) != 1:
         raise ValueError(
-            f"HF config has different MLP ratios (intermediate_size / hidden_size) per tower: {sorted(ratios)}; "
+            "HF config has different MLP ratios (intermediate_size / hidden_size) per tower: "
+            f"{sorted(ratios)}; "
             "clipjax uses one mlp_ratio"
         )
     vocab = _get(text, "vocab_size")
     eos = _get(text, "eos_token_id")
     if eos not in (_LEGACY_EOS_ARGMAX, vocab - 1):
         raise ValueError(
-            f"HF text eos_token_id={eos} with vocab_size={vocab}: clipjax pools at the highest token id, "
+            f"HF text eos_token_id={eos} with vocab_size={vocab}: "
+            "clipjax pools at the highest token id, "
             f"so eos_token_id must be vocab_size - 1 ({vocab - 1}) or the legacy argmax marker 2"
         )
     return CLIPConfig(
@@ -71,13 +75,17 @@ def config_from_hf(hf_config: Any) -> CLIPConfig:
         mlp_ratio=ratios.pop(),
         act=same("hidden_act"),
         layer_norm_eps=same("layer_norm_eps"),
-        logit_scale_init=float(_get(hf_config, "logit_scale_init_value", CLIPConfig.logit_scale_init)),
+        logit_scale_init=float(
+            _get(hf_config, "logit_scale_init_value", CLIPConfig.logit_scale_init)
+        ),
     )
 
 
 def _check_exportable(cfg: CLIPConfig) -> None:
     if cfg.vision_type != "vit":
-        raise ValueError(f"HF CLIP has no {cfg.vision_type!r} image tower; only ViT models can be exported")
+        raise ValueError(
+            f"HF CLIP has no {cfg.vision_type!r} image tower; only ViT models can be exported"
+        )
 
 
 def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
@@ -149,8 +157,14 @@ def _block_from_hf(hf: Mapping[str, Any], heads: int) -> dict[str, Any]:
         },
         "ln_2": _ln(hf["layer_norm2"]),
         "mlp": {
-            "fc": {"kernel": _np(hf["mlp"]["fc1"]["kernel"]), "bias": _np(hf["mlp"]["fc1"]["bias"])},
-            "proj": {"kernel": _np(hf["mlp"]["fc2"]["kernel"]), "bias": _np(hf["mlp"]["fc2"]["bias"])},
+            "fc": {
+                "kernel": _np(hf["mlp"]["fc1"]["kernel"]),
+                "bias": _np(hf["mlp"]["fc1"]["bias"]),
+            },
+            "proj": {
+                "kernel": _np(hf["mlp"]["fc2"]["kernel"]),
+                "bias": _np(hf["mlp"]["fc2"]["bias"]),
+            },
         },
     }
 
@@ -179,7 +193,10 @@ def _block_to_hf(p: Mapping[str, Any]) -> dict[str, Any]:
         "layer_norm2": _ln(p["ln_2"]),
         "mlp": {
             "fc1": {"kernel": _np(p["mlp"]["fc"]["kernel"]), "bias": _np(p["mlp"]["fc"]["bias"])},
-            "fc2": {"kernel": _np(p["mlp"]["proj"]["kernel"]), "bias": _np(p["mlp"]["proj"]["bias"])},
+            "fc2": {
+                "kernel": _np(p["mlp"]["proj"]["kernel"]),
+                "bias": _np(p["mlp"]["proj"]["bias"]),
+            },
         },
     }
 
@@ -209,8 +226,17 @@ def params_from_hf(hf_params: Mapping[str, Any], cfg: CLIPConfig) -> dict[str, A
     _check_exportable(cfg)
     if "params" in hf_params and "text_model" not in hf_params:
         hf_params = hf_params["params"]
-    missing = [k for k in ("text_model", "vision_model", "visual_projection", "text_projection", "logit_scale")
-               if k not in hf_params]
+    missing = [
+        k
+        for k in (
+            "text_model",
+            "vision_model",
+            "visual_projection",
+            "text_projection",
+            "logit_scale",
+        )
+        if k not in hf_params
+    ]
     if missing:
         raise ValueError(f"not a FlaxCLIPModel params tree: missing {missing}")
     tm, vm = hf_params["text_model"], hf_params["vision_model"]
@@ -239,7 +265,9 @@ def params_from_hf(hf_params: Mapping[str, Any], cfg: CLIPConfig) -> dict[str, A
     return stack_layer_params(params) if cfg.scan_layers else params
 
 
-def params_to_hf(params: Mapping[str, Any], cfg: CLIPConfig, drop_logit_bias: bool = False) -> dict[str, Any]:
+def params_to_hf(
+    params: Mapping[str, Any], cfg: CLIPConfig, drop_logit_bias: bool = False
+) -> dict[str, Any]:
     """`FlaxCLIPModel.params` from clipjax params (either layer layout).
 
     HF CLIP has no logit bias: a model with one raises unless `drop_logit_bias=True`.
@@ -248,8 +276,8 @@ def params_to_hf(params: Mapping[str, Any], cfg: CLIPConfig, drop_logit_bias: bo
     p = unstack_layer_params(params)
     if "logit_bias" in p and not drop_logit_bias:
         raise ValueError(
-            "this model has a logit_bias, which HF CLIP cannot represent; pass drop_logit_bias=True to "
-            "export without it"
+            "this model has a logit_bias, which HF CLIP cannot represent; "
+            "pass drop_logit_bias=True to export without it"
         )
     t, v = p["text"], p["visual"]
     return {
@@ -284,12 +312,24 @@ def _check_shapes(params: Mapping[str, Any], cfg: CLIPConfig) -> None:
 
     from clipjax.models.clip import abstract_variables
 
-    expected = nn.meta.unbox(abstract_variables(dataclasses.replace(cfg, scan_layers=False))["params"])
-    exp_flat = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    got_flat = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    expected = nn.meta.unbox(
+        abstract_variables(dataclasses.replace(cfg, scan_layers=False))["params"]
+    )
+    exp_flat = {
+        jax.tree_util.keystr(k): v.shape
+        for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]
+    }
+    got_flat = {
+        jax.tree_util.keystr(k): np.shape(v)
+        for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
     if exp_flat.keys() != got_flat.keys():
         diff = sorted(exp_flat.keys() ^ got_flat.keys())
-        raise ValueError(f"converted params do not match the model's structure; differing entries: {diff[:5]}")
+        raise ValueError(
+            f"converted params do not match the model's structure; differing entries: {diff[:5]}"
+        )
     for k, shape in exp_flat.items():
         if tuple(got_flat[k]) != tuple(shape):
-            raise ValueError(f"param {k} has shape {tuple(got_flat[k])}, the config expects {tuple(shape)}")
+            raise ValueError(
+                f"param {k} has shape {tuple(got_flat[k])}, the config expects {tuple(shape)}"
+            )

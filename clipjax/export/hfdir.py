@@ -39,7 +39,7 @@ def flax_to_torch_names(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for name, v in ser.flatten_params(tree).items():
         parts = name.split("/")
-        leaf, module = parts[-1], parts[-2] if len(parts) > 1 else ""
+        leaf = parts[-1]
         if leaf == "kernel" and v.ndim == 4:
             v, leaf = np.transpose(v, (3, 2, 0, 1)), "weight"  # HWIO -> OIHW
         elif leaf == "kernel":
@@ -77,8 +77,10 @@ def read_hf_config(path: str) -> CLIPConfig:
     from transformers import CLIPConfig as HFConfig
 
     if not is_hf_dir(path):
-        raise ValueError(f"{path}: not a Hugging Face CLIP directory (expected {CONFIG_FILE} "
-                         f"with \"model_type\": \"clip\")")
+        raise ValueError(
+            f"{path}: not a Hugging Face CLIP directory (expected {CONFIG_FILE} "
+            f'with "model_type": "clip")'
+        )
     return hf.config_from_hf(HFConfig.from_pretrained(path).to_dict())
 
 
@@ -97,13 +99,16 @@ def read_hf_dir(path: str) -> tuple[CLIPConfig, dict[str, Any]]:
 
         hf_params = torch_to_flax_names(read_state_dict(bin_file))
     else:
-        raise FileNotFoundError(f"{path}: HF CLIP directory without weights (expected "
-                                f"{FLAX_WEIGHTS}, {TORCH_WEIGHTS} or {TORCH_BIN})")
+        raise FileNotFoundError(
+            f"{path}: HF CLIP directory without weights (expected "
+            f"{FLAX_WEIGHTS}, {TORCH_WEIGHTS} or {TORCH_BIN})"
+        )
     return config, hf.params_from_hf(hf_params, config)
 
 
-def write_hf_dir(out_dir: str, config: CLIPConfig, params: Mapping[str, Any],
-                 drop_logit_bias: bool = False) -> None:
+def write_hf_dir(
+    out_dir: str, config: CLIPConfig, params: Mapping[str, Any], drop_logit_bias: bool = False
+) -> None:
     """Write config.json, flax_model.msgpack and model.safetensors with HF CLIP names."""
     from transformers import CLIPConfig as HFConfig
 
@@ -115,8 +120,10 @@ def write_hf_dir(out_dir: str, config: CLIPConfig, params: Mapping[str, Any],
     ser.save_msgpack(hf_params, os.path.join(out_dir, FLAX_WEIGHTS))
     from safetensors.numpy import save
 
-    write_bytes(os.path.join(out_dir, TORCH_WEIGHTS),
-                    save(flax_to_torch_names(hf_params), metadata={"format": "pt"}))
+    write_bytes(
+        os.path.join(out_dir, TORCH_WEIGHTS),
+        save(flax_to_torch_names(hf_params), metadata={"format": "pt"}),
+    )
     d = hf_cfg.to_dict()
     d["architectures"] = ["CLIPModel"]
     write_text(os.path.join(out_dir, CONFIG_FILE), json.dumps(d, indent=2, sort_keys=True))

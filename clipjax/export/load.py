@@ -2,7 +2,8 @@
 
 Sources, recognised by their contents:
   clipjax model directory   config.json {"format": "clipjax-model"} + params.safetensors|msgpack
-  Hugging Face CLIP dir     config.json {"model_type": "clip"} + flax_model.msgpack|model.safetensors
+  Hugging Face CLIP dir     config.json {"model_type": "clip"}
+                            + flax_model.msgpack|model.safetensors
   training workdir          checkpoints/<step>/ (orbax) + config.json (the resolved train config)
   OpenAI/open_clip file     a .safetensors / .pt state dict with OpenAI CLIP names
 """
@@ -22,8 +23,13 @@ import numpy as np
 
 from clipjax.export import modeldir
 from clipjax.export.serialization import flatten_params
-from clipjax.models import (CLIP, CLIPConfig, abstract_variables, config_from_spec,
-                            unstack_layer_params)
+from clipjax.models import (
+    CLIP,
+    CLIPConfig,
+    abstract_variables,
+    config_from_spec,
+    unstack_layer_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +43,46 @@ def detect_source(path: str) -> str:
     from clipjax.export.hfdir import is_hf_dir
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or directory (expected a clipjax model "
-                                f"directory, a Hugging Face CLIP directory, a training workdir "
-                                f"or an OpenAI/open_clip state dict file)")
+        raise FileNotFoundError(
+            f"{path}: no such file or directory (expected a clipjax model "
+            f"directory, a Hugging Face CLIP directory, a training workdir "
+            f"or an OpenAI/open_clip state dict file)"
+        )
     if os.path.isfile(path):
         if path.endswith((".safetensors", ".pt", ".pth", ".bin")):
             return "openai"
-        raise ValueError(f"{path}: a file, but not a state dict (.safetensors/.pt); a model "
-                         f"directory or training workdir was expected")
+        raise ValueError(
+            f"{path}: a file, but not a state dict (.safetensors/.pt); a model "
+            f"directory or training workdir was expected"
+        )
     if modeldir.is_model_dir(path):
         return "clipjax"
     if is_hf_dir(path):
         return "hf"
     if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
         return "workdir"
-    raise ValueError(f"{path}: not a model: expected config.json with \"format\": "
-                     f"\"{modeldir.MODEL_FORMAT}\" (clipjax), config.json with \"model_type\": "
-                     f"\"clip\" (Hugging Face), or a training workdir with {CHECKPOINT_DIR}/")
+    raise ValueError(
+        f'{path}: not a model: expected config.json with "format": '
+        f'"{modeldir.MODEL_FORMAT}" (clipjax), config.json with "model_type": '
+        f'"clip" (Hugging Face), or a training workdir with {CHECKPOINT_DIR}/'
+    )
 
 
-def load_config_and_params(path: str, *, step: int | None = None, openai_act: str = "quick_gelu",
-                           trust_torchscript: bool = False
-                           ) -> tuple[CLIPConfig, dict[str, Any]]:
+def load_config_and_params(
+    path: str,
+    *,
+    step: int | None = None,
+    openai_act: str = "quick_gelu",
+    trust_torchscript: bool = False,
+) -> tuple[CLIPConfig, dict[str, Any]]:
     """(config, params) from any source; params are host numpy arrays (a variables dict with
     'params' and 'batch_stats' for ResNet image towers). Files are read as data; only
     `trust_torchscript=True` lets a TorchScript .pt run its code (see openai.read_state_dict)."""
     kind = detect_source(path)
     if step is not None and kind != "workdir":
-        raise ValueError(f"{path}: --step applies to training workdirs only; this is a "
-                         f"{kind} model")
+        raise ValueError(
+            f"{path}: --step applies to training workdirs only; this is a {kind} model"
+        )
     if kind == "clipjax":
         config, params = modeldir.read_model_dir(path)
     elif kind == "hf":
@@ -78,14 +95,15 @@ def load_config_and_params(path: str, *, step: int | None = None, openai_act: st
         from clipjax.export.openai import from_openai_state_dict, read_state_dict
 
         config, params = from_openai_state_dict(
-            read_state_dict(path, trust_torchscript=trust_torchscript), act=openai_act)
+            read_state_dict(path, trust_torchscript=trust_torchscript), act=openai_act
+        )
     check_params(config, params, where=path)
     return config, params
 
 
-def load(path: str, *, step: int | None = None, dtype: str | None = None,
-         trust_torchscript: bool = False
-         ) -> tuple[CLIP, dict[str, Any], Callable[[Any], np.ndarray]]:
+def load(
+    path: str, *, step: int | None = None, dtype: str | None = None, trust_torchscript: bool = False
+) -> tuple[CLIP, dict[str, Any], Callable[[Any], np.ndarray]]:
     """Load a model for use: (model, params, preprocess).
 
     `model.apply({'params': params}, images, method='encode_image')` embeds images (for ResNet
@@ -121,10 +139,12 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir}: no {CHECKPOINT_DIR}/ directory; expected a "
-                                f"training workdir")
+        raise FileNotFoundError(
+            f"{workdir}: no {CHECKPOINT_DIR}/ directory; expected a training workdir"
+        )
     manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    )
     try:
         return sorted(manager.all_steps())
     finally:
@@ -159,15 +179,19 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[CLIPConfig, dic
     if tree.get("model_state"):
         item["model_state"] = tree["model_state"]
     restore_args = _tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    out = checkpointer.restore(
+        path,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+    )
     log.info("restored params of step %d from %s", step, workdir)
     if config.vision_type == "resnet":
         stats = out.get("model_state") or {}
         if "batch_stats" not in stats:
-            raise ValueError(f"{path}: ResNet checkpoint without model_state.batch_stats "
-                             "(BatchNorm statistics; checkpoints written before the model_state "
-                             "field kept them in loss_state and need an older clipjax)")
+            raise ValueError(
+                f"{path}: ResNet checkpoint without model_state.batch_stats "
+                "(BatchNorm statistics; checkpoints written before the model_state "
+                "field kept them in loss_state and need an older clipjax)"
+            )
         return config, {"params": out["params"], "batch_stats": stats["batch_stats"]}
     return config, out["params"]
 
@@ -179,8 +203,10 @@ def workdir_model_config(workdir: str) -> CLIPConfig:
             return modeldir.config_from_json(f.read(), model_cfg)
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{workdir}: neither model_config.json nor config.json (the "
-                                f"resolved train config); cannot tell the model architecture")
+        raise FileNotFoundError(
+            f"{workdir}: neither model_config.json nor config.json (the "
+            f"resolved train config); cannot tell the model architecture"
+        )
     with open(cfg_path, encoding="utf-8") as f:
         try:
             train_config = json.load(f)
@@ -205,17 +231,22 @@ def check_params(config: CLIPConfig, params: Mapping[str, Any], where: str) -> N
     if "batch_stats" not in expected:
         expected = {"params": expected["params"]}
     exp = {k: tuple(v.shape) for k, v in flatten_params(expected, as_numpy=False).items()}
-    have = {k: tuple(np.shape(v)) for k, v in
-            flatten_params({c: unstack_layer_params(t) for c, t in got.items()}).items()}
+    have = {
+        k: tuple(np.shape(v))
+        for k, v in flatten_params({c: unstack_layer_params(t) for c, t in got.items()}).items()
+    }
     missing, extra = sorted(exp.keys() - have.keys()), sorted(have.keys() - exp.keys())
     if missing or extra:
-        raise ValueError(f"{where}: parameters do not match the model config: missing "
-                         f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
-                         f"{extra[:3]}{' ...' if len(extra) > 3 else ''}")
+        raise ValueError(
+            f"{where}: parameters do not match the model config: missing "
+            f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
+            f"{extra[:3]}{' ...' if len(extra) > 3 else ''}"
+        )
     for k, shape in exp.items():
         if have[k] != shape:
-            raise ValueError(f"{where}: parameter {k} has shape {have[k]}, the config expects "
-                             f"{shape}")
+            raise ValueError(
+                f"{where}: parameter {k} has shape {have[k]}, the config expects {shape}"
+            )
 
 
 def model_fingerprint(config: CLIPConfig, params: Mapping[str, Any]) -> str:
@@ -223,8 +254,7 @@ def model_fingerprint(config: CLIPConfig, params: Mapping[str, Any]) -> str:
 
     Compute-only settings (dtype, scan_layers, remat) and the parameter layout do not change it.
     """
-    arch = {k: v for k, v in config.to_dict().items() if k not in ("dtype", "scan_layers",
-                                                                   "remat")}
+    arch = {k: v for k, v in config.to_dict().items() if k not in ("dtype", "scan_layers", "remat")}
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(arch, sort_keys=True).encode())
     variables = modeldir.variables_of(params)

@@ -38,13 +38,15 @@ def variables_of(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def is_variables(tree: Mapping[str, Any]) -> bool:
-    return (isinstance(tree, Mapping) and "params" in tree
-            and set(tree) <= {"params", "batch_stats"})
+    return isinstance(tree, Mapping) and "params" in tree and set(tree) <= {"params", "batch_stats"}
 
 
 def config_to_json(config: CLIPConfig) -> str:
-    return json.dumps({"format": MODEL_FORMAT, "version": FORMAT_VERSION,
-                       "config": config.to_dict()}, indent=1, sort_keys=True)
+    return json.dumps(
+        {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "config": config.to_dict()},
+        indent=1,
+        sort_keys=True,
+    )
 
 
 def config_from_json(text: str, where: str) -> CLIPConfig:
@@ -53,11 +55,14 @@ def config_from_json(text: str, where: str) -> CLIPConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e})") from e
     if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{where}: not a clipjax model config (expected \"format\": "
-                         f"\"{MODEL_FORMAT}\")")
+        raise ValueError(
+            f'{where}: not a clipjax model config (expected "format": "{MODEL_FORMAT}")'
+        )
     if d.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{where}: clipjax model format version {d.get('version')} is not "
-                         f"supported (expected {FORMAT_VERSION})")
+        raise ValueError(
+            f"{where}: clipjax model format version {d.get('version')} is not "
+            f"supported (expected {FORMAT_VERSION})"
+        )
     try:
         return CLIPConfig.from_dict(d["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -68,8 +73,9 @@ def is_model_dir(path: str) -> bool:
     return ser.json_field(os.path.join(path, CONFIG_FILE), "format") == MODEL_FORMAT
 
 
-def save_model_dir(out_dir: str, config: CLIPConfig, params: Mapping[str, Any],
-                   fmt: str = "safetensors") -> None:
+def save_model_dir(
+    out_dir: str, config: CLIPConfig, params: Mapping[str, Any], fmt: str = "safetensors"
+) -> None:
     """Write config.json + weights. `params` may be bare params or a variables dict."""
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {fmt!r} not supported; expected one of {WEIGHT_FORMATS}")
@@ -106,12 +112,15 @@ def read_model_dir(path: str) -> tuple[CLIPConfig, dict[str, Any]]:
         if tree is not None:
             variables[collection] = stack_layer_params(tree) if config.scan_layers else tree
     if "params" not in variables:
-        raise FileNotFoundError(f"{path}: no params.safetensors or params.msgpack next to "
-                                f"{CONFIG_FILE}")
+        raise FileNotFoundError(
+            f"{path}: no params.safetensors or params.msgpack next to {CONFIG_FILE}"
+        )
     if config.vision_type == "resnet":
         if "batch_stats" not in variables:
-            raise FileNotFoundError(f"{path}: ResNet model without batch_stats.safetensors / "
-                                    f".msgpack (BatchNorm statistics)")
+            raise FileNotFoundError(
+                f"{path}: ResNet model without batch_stats.safetensors / "
+                f".msgpack (BatchNorm statistics)"
+            )
         return config, variables
     return config, variables["params"]
 

@@ -24,8 +24,10 @@ from clipjax.models import CLIPConfig, unstack_layer_params
 log = logging.getLogger(__name__)
 
 # Entries of OpenAI's TorchScript state dicts that are not weights.
-_IGNORED = re.compile(r"(^|\.)(num_batches_tracked|attn_mask)$|^(input_resolution|context_length|"
-                      r"vocab_size)$")
+_IGNORED = re.compile(
+    r"(^|\.)(num_batches_tracked|attn_mask)$|^(input_resolution|context_length|"
+    r"vocab_size)$"
+)
 DEFAULT_ACT = {"openai": "quick_gelu", "open_clip": "gelu"}
 
 
@@ -49,8 +51,12 @@ _KINDS = {
 class _Mapper:
     """Collects clipjax flat params and the matching OpenAI tensors in one place, either way."""
 
-    def __init__(self, to_jax: bool, sd: Mapping[str, np.ndarray] | None = None,
-                 flat: Mapping[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        to_jax: bool,
+        sd: Mapping[str, np.ndarray] | None = None,
+        flat: Mapping[str, np.ndarray] | None = None,
+    ):
         self.to_jax = to_jax
         self.sd = dict(sd or {})
         self.flat = dict(flat or {})
@@ -118,9 +124,12 @@ class _Mapper:
             b = self.get_torch(f"{torch_prefix}.in_proj_bias")
             width = w.shape[1]
             for i, n in enumerate(names):
-                self.out[f"{jax_prefix}/{n}/kernel"] = (
-                    w[i * width:(i + 1) * width].T.reshape(width, heads, -1))
-                self.out[f"{jax_prefix}/{n}/bias"] = b[i * width:(i + 1) * width].reshape(heads, -1)
+                self.out[f"{jax_prefix}/{n}/kernel"] = w[i * width : (i + 1) * width].T.reshape(
+                    width, heads, -1
+                )
+                self.out[f"{jax_prefix}/{n}/bias"] = b[i * width : (i + 1) * width].reshape(
+                    heads, -1
+                )
         else:
             ws, bs = [], []
             for n in names:
@@ -152,8 +161,9 @@ def _map_all(m: _Mapper, cfg: CLIPConfig) -> None:
         m.copy(f"{p}/visual/class_embedding", "visual.class_embedding")
         m.copy(f"{p}/visual/positional_embedding", "visual.positional_embedding")
         m.layer_norm(f"{p}/visual/ln_pre", "visual.ln_pre")
-        _transformer(m, f"{p}/visual/transformer", "visual.transformer", cfg.vision_layers,
-                     cfg.vision_heads)
+        _transformer(
+            m, f"{p}/visual/transformer", "visual.transformer", cfg.vision_layers, cfg.vision_heads
+        )
         m.layer_norm(f"{p}/visual/ln_post", "visual.ln_post")
         m.copy(f"{p}/visual/proj", "visual.proj")
     else:
@@ -166,8 +176,11 @@ def _map_all(m: _Mapper, cfg: CLIPConfig) -> None:
                 for i in (1, 2, 3):
                     m.copy(f"{p}/{j}/conv{i}/kernel", f"{t}.conv{i}.weight", "conv")
                     m.batch_norm(f"{j}/bn{i}", f"{t}.bn{i}")
-                has_down = (f"{t}.downsample.0.weight" in m.sd if m.to_jax
-                            else f"{p}/{j}/downsample_conv/kernel" in m.flat)
+                has_down = (
+                    f"{t}.downsample.0.weight" in m.sd
+                    if m.to_jax
+                    else f"{p}/{j}/downsample_conv/kernel" in m.flat
+                )
                 if has_down:
                     m.copy(f"{p}/{j}/downsample_conv/kernel", f"{t}.downsample.0.weight", "conv")
                     m.batch_norm(f"{j}/downsample_bn", f"{t}.downsample.1")
@@ -204,9 +217,11 @@ def _count(sd: Mapping[str, Any], pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := regex.match(k))})
 
 
-def config_from_openai(sd: Mapping[str, np.ndarray], act: str = "quick_gelu",
-                       **overrides: Any) -> CLIPConfig:
+def config_from_openai(
+    sd: Mapping[str, np.ndarray], act: str = "quick_gelu", **overrides: Any
+) -> CLIPConfig:
     """Infer the architecture from tensor shapes (OpenAI's conventions: 64-wide heads)."""
+
     def shape(name: str) -> tuple[int, ...]:
         if name not in sd:
             raise KeyError(f"state dict has no {name!r}: not an OpenAI/open_clip CLIP state dict")
@@ -226,27 +241,40 @@ def config_from_openai(sd: Mapping[str, np.ndarray], act: str = "quick_gelu",
     if "visual.proj" in sd:
         width, _, patch, _ = shape("visual.conv1.weight")
         grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
-        kw.update(vision_type="vit", vision_width=width, patch_size=patch,
-                  image_size=patch * grid, vision_heads=max(width // 64, 1),
-                  vision_layers=_count(sd, r"^visual\.transformer\.resblocks\.(\d+)\."))
+        kw.update(
+            vision_type="vit",
+            vision_width=width,
+            patch_size=patch,
+            image_size=patch * grid,
+            vision_heads=max(width // 64, 1),
+            vision_layers=_count(sd, r"^visual\.transformer\.resblocks\.(\d+)\."),
+        )
     elif "visual.attnpool.positional_embedding" in sd:
         grid = round((shape("visual.attnpool.positional_embedding")[0] - 1) ** 0.5)
         width = shape("visual.layer1.0.conv1.weight")[0]
         layers = tuple(_count(sd, rf"^visual\.layer{i}\.(\d+)\.") for i in (1, 2, 3, 4))
-        kw.update(vision_type="resnet", vision_width=width, vision_layers=layers,
-                  image_size=grid * 32, vision_heads=width * 32 // 64)
+        kw.update(
+            vision_type="resnet",
+            vision_width=width,
+            vision_layers=layers,
+            image_size=grid * 32,
+            vision_heads=width * 32 // 64,
+        )
     else:
-        raise ValueError("state dict has neither visual.proj (ViT) nor visual.attnpool (ResNet); "
-                         "only OpenAI CLIP's naming (shared by open_clip's CLIP models) is "
-                         "supported")
+        raise ValueError(
+            "state dict has neither visual.proj (ViT) nor visual.attnpool (ResNet); "
+            "only OpenAI CLIP's naming (shared by open_clip's CLIP models) is "
+            "supported"
+        )
     if "logit_bias" in sd:
         kw["logit_bias_init"] = float(np.asarray(sd["logit_bias"]))
     kw.update(overrides)
     return CLIPConfig(**kw)
 
 
-def from_openai_state_dict(sd: Mapping[str, Any], act: str = "quick_gelu",
-                           **overrides: Any) -> tuple[CLIPConfig, dict[str, Any]]:
+def from_openai_state_dict(
+    sd: Mapping[str, Any], act: str = "quick_gelu", **overrides: Any
+) -> tuple[CLIPConfig, dict[str, Any]]:
     """OpenAI/open_clip state dict -> (config, params), or (config, variables) for ResNets."""
     sd = {k: np.asarray(v, dtype=np.float32) for k, v in sd.items() if not _IGNORED.search(k)}
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped checkpoints
@@ -258,8 +286,10 @@ def from_openai_state_dict(sd: Mapping[str, Any], act: str = "quick_gelu",
     _map_all(m, config)
     unused = sorted(set(sd) - m.used)
     if unused:
-        raise ValueError(f"state dict tensors not understood (not OpenAI CLIP naming?): "
-                         f"{unused[:5]}{' ...' if len(unused) > 5 else ''}")
+        raise ValueError(
+            f"state dict tensors not understood (not OpenAI CLIP naming?): "
+            f"{unused[:5]}{' ...' if len(unused) > 5 else ''}"
+        )
     variables = unflatten_params(m.out)
     if config.vision_type == "vit":
         return config, variables["params"]
@@ -274,30 +304,33 @@ def read_state_dict(path: str, *, trust_torchscript: bool = False) -> dict[str, 
     read, and only with `trust_torchscript=True`, goes to torch.jit.load, which runs its code.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (expected an OpenAI/open_clip state dict "
-                                f".safetensors or .pt)")
+        raise FileNotFoundError(
+            f"{path}: no such file (expected an OpenAI/open_clip state dict .safetensors or .pt)"
+        )
     if path.endswith(".safetensors"):
         from clipjax.export.serialization import load_safetensors_flat
 
         return load_safetensors_flat(path)
     if not path.endswith((".pt", ".pth", ".bin")):
-        raise ValueError(f"{path}: unknown state dict format; expected .safetensors, .pt, .pth "
-                         f"or .bin")
+        raise ValueError(
+            f"{path}: unknown state dict format; expected .safetensors, .pt, .pth or .bin"
+        )
     obj = _read_torch_file(path, trust_torchscript)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k: np.asarray(v, dtype=np.float32) for k, v in obj.items()
-            if isinstance(v, np.ndarray)}
+    return {k: np.asarray(v, dtype=np.float32) for k, v in obj.items() if isinstance(v, np.ndarray)}
 
 
 def _import_torch(path: str, what: str) -> Any:
     try:
         import torch
     except ImportError:
-        raise ImportError(f"{path}: {what} needs torch, which is not installed; convert the "
-                          f"file to .safetensors or install torch") from None
+        raise ImportError(
+            f"{path}: {what} needs torch, which is not installed; convert the "
+            f"file to .safetensors or install torch"
+        ) from None
     return torch
 
 
@@ -327,8 +360,12 @@ def _read_torch_file(path: str, trust_torchscript: bool) -> Any:
 
     if not zipfile.is_zipfile(path):  # torch.save's format before PyTorch 1.6
         _import_torch(path, "reading a legacy (non-zip) PyTorch checkpoint")
-        return _torch_load_weights_only(path, UnsafePickleError(
-            f"{path}: a legacy PyTorch checkpoint refused by torch.load(weights_only=True)"))
+        return _torch_load_weights_only(
+            path,
+            UnsafePickleError(
+                f"{path}: a legacy PyTorch checkpoint refused by torch.load(weights_only=True)"
+            ),
+        )
     try:
         return read_torch_zip(path)
     except ValueError as e:
@@ -338,8 +375,13 @@ def _read_torch_file(path: str, trust_torchscript: bool) -> Any:
             raise UnsafePickleError(
                 f"{e}\n{path} is a TorchScript archive that cannot be read as data only; "
                 f"torch.jit.load would run the code stored in it. If you trust where it came "
-                f"from, pass --trust-torchscript (trust_torchscript=True in Python).") from None
+                f"from, pass --trust-torchscript (trust_torchscript=True in Python)."
+            ) from None
         torch = _import_torch(path, "--trust-torchscript (torch.jit.load)")
-        log.warning("%s: loading with torch.jit.load because trust_torchscript is set: code in "
-                    "this file runs now (%s)", path, e)
+        log.warning(
+            "%s: loading with torch.jit.load because trust_torchscript is set: code in "
+            "this file runs now (%s)",
+            path,
+            e,
+        )
         return _torch_to_numpy(torch.jit.load(path, map_location="cpu").state_dict())

@@ -1,6 +1,7 @@
 """Parameter pytrees <-> files: safetensors (flat '/'-joined names) and flax msgpack.
 
-Every writer goes through `clipjax.files.write_bytes`, so a crash never leaves a half-written file behind.
+Every writer goes through `clipjax.files.write_bytes`, so a crash never leaves a half-written file
+behind.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def flatten_params(params: Mapping[str, Any], as_numpy: bool = True) -> dict[str
         if isinstance(node, Mapping):
             for key in sorted(node):
                 if not isinstance(key, str) or SEP in key:
-                    raise ValueError(f"parameter key {key!r} under {prefix or '<root>'!r} must be "
-                                     f"a string without {SEP!r}")
+                    raise ValueError(
+                        f"parameter key {key!r} under {prefix or '<root>'!r} must be "
+                        f"a string without {SEP!r}"
+                    )
                 visit(node[key], f"{prefix}{SEP}{key}" if prefix else key)
         elif node is None:
             return
@@ -68,8 +71,9 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def save_safetensors(params: Mapping[str, Any], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> None:
+def save_safetensors(
+    params: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write params as one safetensors file with '/'-joined names."""
     from safetensors.numpy import save
 
@@ -108,8 +112,9 @@ def load_msgpack(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise ValueError(f"{os.fspath(path)}: not a valid flax msgpack file ({e})") from e
     if not isinstance(tree, dict):
-        raise ValueError(f"{os.fspath(path)}: expected a nested dict of arrays, got "
-                         f"{type(tree).__name__}")
+        raise ValueError(
+            f"{os.fspath(path)}: expected a nested dict of arrays, got {type(tree).__name__}"
+        )
     return tree
 
 

@@ -39,9 +39,15 @@ def _bfloat16() -> np.dtype:
 
 # torch.<Name>Storage -> numpy dtype (None: bfloat16, from ml_dtypes, which comes with jax).
 _STORAGE_DTYPES: dict[str, Any] = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": None, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": None,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
 
@@ -99,44 +105,63 @@ class ScriptObject:
 
 def _script_class(type_name: str) -> type:
     """A fresh inert class for TorchScript type `type_name` (NEWOBJ calls cls.__new__(cls))."""
+
     def new(cls: type) -> ScriptObject:
         return ScriptObject(type_name)
 
     return type("ScriptObjectType", (), {"__new__": new})
 
 
-def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = None,
-                       backward_hooks: Any = None, metadata: Any = None) -> Tensor:
+def _rebuild_tensor_v2(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = None,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> Tensor:
     """torch._utils._rebuild_tensor_v2, bounds-checked against the storage."""
     if not isinstance(storage, _Storage):
         raise UnsafePickleError("tensor rebuilt from something that is not a storage")
     ints = (int, np.integer)
-    if not (isinstance(offset, ints) and isinstance(size, tuple) and isinstance(stride, tuple)
-            and len(size) == len(stride) and all(isinstance(v, ints) for v in size + stride)):
-        raise UnsafePickleError(f"malformed tensor: offset {offset!r}, size {size!r}, "
-                                f"stride {stride!r}")
+    if not (
+        isinstance(offset, ints)
+        and isinstance(size, tuple)
+        and isinstance(stride, tuple)
+        and len(size) == len(stride)
+        and all(isinstance(v, ints) for v in size + stride)
+    ):
+        raise UnsafePickleError(
+            f"malformed tensor: offset {offset!r}, size {size!r}, stride {stride!r}"
+        )
     size, stride, offset = tuple(map(int, size)), tuple(map(int, stride)), int(offset)
     flat = storage.array
     if min(size + stride + (offset,), default=0) < 0:
-        raise UnsafePickleError(f"tensor with a negative size, stride or offset in storage "
-                                f"{storage.key}")
+        raise UnsafePickleError(
+            f"tensor with a negative size, stride or offset in storage {storage.key}"
+        )
     numel = math.prod(size)
     if numel == 0:
         return Tensor(np.zeros(size, flat.dtype))
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= flat.size:
-        raise UnsafePickleError(f"tensor of size {size}, stride {stride}, offset {offset} reads "
-                                f"past storage {storage.key} of {flat.size} elements")
-    contiguous = tuple(math.prod(size[i + 1:]) for i in range(len(size)))
+        raise UnsafePickleError(
+            f"tensor of size {size}, stride {stride}, offset {offset} reads "
+            f"past storage {storage.key} of {flat.size} elements"
+        )
+    contiguous = tuple(math.prod(size[i + 1 :]) for i in range(len(size)))
     if all(s == c for n, s, c in zip(size, stride, contiguous) if n > 1):
-        return Tensor(flat[offset:offset + numel].reshape(size))
+        return Tensor(flat[offset : offset + numel].reshape(size))
     view = np.lib.stride_tricks.as_strided(
-        flat[offset:], size, tuple(s * flat.itemsize for s in stride), writeable=False)
+        flat[offset:], size, tuple(s * flat.itemsize for s in stride), writeable=False
+    )
     return Tensor(np.array(view))
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = None, backward_hooks: Any = None,
-                       state: Any = None) -> Tensor:
+def _rebuild_parameter(
+    data: Any, requires_grad: Any = None, backward_hooks: Any = None, state: Any = None
+) -> Tensor:
     if not isinstance(data, Tensor):
         raise UnsafePickleError("parameter rebuilt from something that is not a tensor")
     return data
@@ -174,8 +199,15 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class _WeightsUnpickler(pickle.Unpickler):
     """Resolves only `_ALLOWED`, storage types and (in TorchScript) `__torch__` classes."""
 
-    def __init__(self, data: bytes, zf: zipfile.ZipFile, prefix: str, path: str,
-                 byteorder: str, torchscript: bool):
+    def __init__(
+        self,
+        data: bytes,
+        zf: zipfile.ZipFile,
+        prefix: str,
+        path: str,
+        byteorder: str,
+        torchscript: bool,
+    ):
         super().__init__(io.BytesIO(data))
         self.zf, self.prefix, self.path = zf, prefix, path
         self.byteorder, self.torchscript = byteorder, torchscript
@@ -188,15 +220,22 @@ class _WeightsUnpickler(pickle.Unpickler):
             return _StorageType(name)
         if self.torchscript and (module == "__torch__" or module.startswith("__torch__.")):
             return _script_class(f"{module}.{name}")
-        raise UnsafePickleError(f"{self.path}: refusing {module}.{name}: the file's pickle "
-                                f"asks for it, and only tensors, storages and plain containers "
-                                f"are read from weights files (loading it with torch.load or "
-                                f"torch.jit.load could run code from the file)")
+        raise UnsafePickleError(
+            f"{self.path}: refusing {module}.{name}: the file's pickle "
+            f"asks for it, and only tensors, storages and plain containers "
+            f"are read from weights files (loading it with torch.load or "
+            f"torch.jit.load could run code from the file)"
+        )
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
-                and isinstance(pid[4], (int, np.integer))):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) >= 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], (int, np.integer))
+        ):
             raise UnsafePickleError(f"{self.path}: unsupported persistent id {pid!r:.200}")
         stype, key, numel = pid[1], pid[2], int(pid[4])
         if key in self.storages:
@@ -206,12 +245,15 @@ class _WeightsUnpickler(pickle.Unpickler):
         try:
             info = self.zf.getinfo(name)
         except KeyError:
-            raise ValueError(f"{self.path}: storage {key!r} is not in the archive (no "
-                             f"{name})") from None
+            raise ValueError(
+                f"{self.path}: storage {key!r} is not in the archive (no {name})"
+            ) from None
         nbytes = numel * dtype.itemsize
         if info.file_size != nbytes:
-            raise ValueError(f"{self.path}: {name} holds {info.file_size} bytes, expected "
-                             f"{numel} x {dtype} = {nbytes}")
+            raise ValueError(
+                f"{self.path}: {name} holds {info.file_size} bytes, expected "
+                f"{numel} x {dtype} = {nbytes}"
+            )
         buf = np.empty(nbytes, np.uint8)
         with self.zf.open(info) as f:
             view, done = memoryview(buf), 0
@@ -234,11 +276,14 @@ def archive_layout(zf: zipfile.ZipFile, path: str) -> tuple[str, bool]:
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
     if len(pkls) != 1:
-        raise ValueError(f"{path}: a zip, but not a PyTorch checkpoint (expected one "
-                         f"<name>/data.pkl, found {len(pkls)})")
-    prefix = pkls[0][:-len("data.pkl")]
-    torchscript = (f"{prefix}constants.pkl" in names
-                   or any(n.startswith(f"{prefix}code/") for n in names))
+        raise ValueError(
+            f"{path}: a zip, but not a PyTorch checkpoint (expected one "
+            f"<name>/data.pkl, found {len(pkls)})"
+        )
+    prefix = pkls[0][: -len("data.pkl")]
+    torchscript = f"{prefix}constants.pkl" in names or any(
+        n.startswith(f"{prefix}code/") for n in names
+    )
     return prefix, torchscript
 
 
@@ -285,8 +330,10 @@ def read_torch_zip(path: str) -> Any:
         prefix, torchscript = archive_layout(zf, path)
         info = zf.getinfo(f"{prefix}data.pkl")
         if info.file_size > MAX_PICKLE_BYTES:
-            raise ValueError(f"{path}: data.pkl is {info.file_size} bytes; a weights file's "
-                             f"structure is far smaller")
+            raise ValueError(
+                f"{path}: data.pkl is {info.file_size} bytes; a weights file's "
+                f"structure is far smaller"
+            )
         byteorder = "little"
         if f"{prefix}byteorder" in zf.namelist():
             byteorder = zf.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
@@ -298,12 +345,17 @@ def read_torch_zip(path: str) -> Any:
         except ValueError:
             raise
         except Exception as e:  # malformed pickles fail in many ways; name the file
-            raise ValueError(f"{path}: cannot read {prefix}data.pkl as weights: "
-                             f"{type(e).__name__}: {e}") from e
+            raise ValueError(
+                f"{path}: cannot read {prefix}data.pkl as weights: {type(e).__name__}: {e}"
+            ) from e
     if isinstance(obj, ScriptObject):
         out: dict[str, np.ndarray] = {}
         _tensors(obj, "", out)
-        log.info("%s: read %d tensors of TorchScript %s as data (its code was not run)",
-                 path, len(out), obj.type_name)
+        log.info(
+            "%s: read %d tensors of TorchScript %s as data (its code was not run)",
+            path,
+            len(out),
+            obj.type_name,
+        )
         return out
     return _unwrap(obj)

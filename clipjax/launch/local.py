@@ -34,8 +34,11 @@ def process_env(devices_per_process: int | None) -> dict[str, str]:
     env = dict(os.environ)
     if devices_per_process:
         env = with_hugepage_malloc(env)  # CPU processes: see clipjax.hostmem
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
+        flags = [
+            f
+            for f in env.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")
+        ]
         flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
         env["XLA_FLAGS"] = " ".join(flags)
         env["JAX_PLATFORMS"] = "cpu"
@@ -43,8 +46,10 @@ def process_env(devices_per_process: int | None) -> dict[str, str]:
 
 
 def commands(argv: list[str], n: int, port: int) -> list[list[str]]:
-    return [argv + [f"--coordinator=127.0.0.1:{port}", f"--num_processes={n}",
-                    f"--process_id={i}"] for i in range(n)]
+    return [
+        argv + [f"--coordinator=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"]
+        for i in range(n)
+    ]
 
 
 def supervise(procs: list[subprocess.Popen]) -> int:
@@ -61,8 +66,10 @@ def supervise(procs: list[subprocess.Popen]) -> int:
                 remaining.discard(i)
                 if rc != 0 and status == 0:
                     status = rc
-                    print(f"clipjax.launch.local: process {i} exited with {rc}; stopping the "
-                          "others", file=sys.stderr)
+                    print(
+                        f"clipjax.launch.local: process {i} exited with {rc}; stopping the others",
+                        file=sys.stderr,
+                    )
                     for j in remaining:
                         procs[j].send_signal(signal.SIGTERM)
             time.sleep(0.2)
@@ -80,16 +87,24 @@ def supervise(procs: list[subprocess.Popen]) -> int:
 
 
 def main(args: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-n", "--num-processes", type=int, required=True)
-    parser.add_argument("--devices-per-process", type=int, default=None,
-                        help="fake CPU devices per process (sets JAX_PLATFORMS=cpu)")
+    parser.add_argument(
+        "--devices-per-process",
+        type=int,
+        default=None,
+        help="fake CPU devices per process (sets JAX_PLATFORMS=cpu)",
+    )
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
     parser.add_argument("--log-dir", default=None, help="write process_I.log files here")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="the program, after '--' (e.g. python -m clipjax.train ...)")
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="the program, after '--' (e.g. python -m clipjax.train ...)",
+    )
     ns = parser.parse_args(args)
     cmd = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
     if not cmd:
@@ -110,8 +125,9 @@ def main(args: list[str] | None = None) -> int:
             os.makedirs(ns.log_dir, exist_ok=True)
             out = open(os.path.join(ns.log_dir, f"process_{i}.log"), "w")
             logs.append(out)
-        procs.append(subprocess.Popen(c, env=env, stdout=out, stderr=subprocess.STDOUT if out
-                                      else None))
+        procs.append(
+            subprocess.Popen(c, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        )
     try:
         status = supervise(procs)
     finally:

@@ -58,8 +58,10 @@ def load_sweep(path: str) -> tuple[str, list[dict[str, Any]]]:
         raise SystemExit(f"error: {path} must define get_sweep() returning a list of dicts")
     runs = module.get_sweep()
     if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
-        raise SystemExit(f"error: {path}: get_sweep() must return a non-empty list of dicts "
-                         f"of config overrides, got {type(runs).__name__}")
+        raise SystemExit(
+            f"error: {path}: get_sweep() must return a non-empty list of dicts "
+            f"of config overrides, got {type(runs).__name__}"
+        )
     for i, r in enumerate(runs):
         bad = [k for k in r if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", str(k))]
         if bad:
@@ -78,12 +80,14 @@ def run_name(index: int, overrides: Mapping[str, Any]) -> str:
 
 
 def train_args(config: str, workdir: str, overrides: Mapping[str, Any]) -> list[str]:
-    return (["--config", config, "--workdir", workdir]
-            + [f"--config.{k}={flag_value(v)}" for k, v in overrides.items()])
+    return ["--config", config, "--workdir", workdir] + [
+        f"--config.{k}={flag_value(v)}" for k, v in overrides.items()
+    ]
 
 
-def commands(path: str, launcher: str, root: str, launcher_args: str = "",
-             python: str = sys.executable) -> list[tuple[str, list[str]]]:
+def commands(
+    path: str, launcher: str, root: str, launcher_args: str = "", python: str = sys.executable
+) -> list[tuple[str, list[str]]]:
     """(workdir, command) for every run of the sweep."""
     config, runs = load_sweep(path)
     sweep = os.path.splitext(os.path.basename(path))[0]
@@ -96,8 +100,12 @@ def commands(path: str, launcher: str, root: str, launcher_args: str = "",
         if launcher == "local":
             cmd = [python, "-m", "clipjax.train"] + args + extra
         elif launcher == "slurm":
-            cmd = ["sbatch", f"--job-name={sweep}-{i:03d}"] + extra + [
-                os.path.join(here, "slurm.sbatch")] + args
+            cmd = (
+                ["sbatch", f"--job-name={sweep}-{i:03d}"]
+                + extra
+                + [os.path.join(here, "slurm.sbatch")]
+                + args
+            )
         elif launcher == "tpu":
             name = re.sub(r"[^a-z0-9-]", "-", f"{sweep}-{i:03d}".lower())
             cmd = [os.path.join(here, "tpu_pod.sh"), "--name", name] + extra + ["--"] + args
@@ -108,14 +116,18 @@ def commands(path: str, launcher: str, root: str, launcher_args: str = "",
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("sweep", help="sweep file (experiments/sweeps/NAME.py)")
     p.add_argument("--launcher", choices=LAUNCHERS, required=True)
     p.add_argument("--root", default="workdirs/sweeps", help="parent of the runs' workdirs")
-    p.add_argument("--launcher-args", default="",
-                   help="extra arguments for the launcher (sbatch options, tpu_pod.sh flags; "
-                        "for local: extra trainer flags)")
+    p.add_argument(
+        "--launcher-args",
+        default="",
+        help="extra arguments for the launcher (sbatch options, tpu_pod.sh flags; "
+        "for local: extra trainer flags)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ns = p.parse_args(argv)
     runs = commands(ns.sweep, ns.launcher, ns.root, ns.launcher_args)
@@ -126,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rc = subprocess.call(cmd)
         if rc != 0:
-            print(f"clipjax.launch.sweep: run {workdir} failed with exit status {rc}",
-                  file=sys.stderr)
+            print(
+                f"clipjax.launch.sweep: run {workdir} failed with exit status {rc}", file=sys.stderr
+            )
             failed.append(workdir)
     if failed:
         print(f"clipjax.launch.sweep: {len(failed)} of {len(runs)} runs failed", file=sys.stderr)

@@ -9,12 +9,27 @@ from clipjax.losses.pairs import PairInfo, PairRules, batch_homogeneity
 from clipjax.losses.queue import QueueState, ema_update, queue_init, queue_push
 from clipjax.losses.ring import infonce_ring
 from clipjax.losses.sigmoid import sigmoid_gathered, sigmoid_reference, sigmoid_ring
-from clipjax.losses.tokenwise import (token_similarity, tokenwise_gathered,
-                                      tokenwise_reference)
+from clipjax.losses.tokenwise import token_similarity, tokenwise_gathered, tokenwise_reference
 
 __all__ = [
-    "LOSS_DEFAULTS", "Loss", "PairInfo", "PairRules", "QueueState", "batch_homogeneity",
-    "ema_update", "infonce_gathered", "infonce_reference", "infonce_ring", "make_loss", "queue_init", "queue_push", "sigmoid_gathered",
-    "sigmoid_reference", "sigmoid_ring", "token_similarity", "tokenwise_gathered",
-    "tokenwise_reference", "validate_loss_config",
+    "LOSS_DEFAULTS",
+    "Loss",
+    "PairInfo",
+    "PairRules",
+    "QueueState",
+    "batch_homogeneity",
+    "ema_update",
+    "infonce_gathered",
+    "infonce_reference",
+    "infonce_ring",
+    "make_loss",
+    "queue_init",
+    "queue_push",
+    "sigmoid_gathered",
+    "sigmoid_reference",
+    "sigmoid_ring",
+    "token_similarity",
+    "tokenwise_gathered",
+    "tokenwise_reference",
+    "validate_loss_config",
 ]

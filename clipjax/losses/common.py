@@ -20,8 +20,10 @@ def batch_axis_size(mesh: Mesh, batch_axes: Sequence[str]) -> int:
     """Number of batch shards: the product of the batch axes' sizes (checked to exist)."""
     missing = [a for a in batch_axes if a not in mesh.shape]
     if missing:
-        raise ValueError(f"loss batch_axes {tuple(batch_axes)}: axes {missing} are not in the mesh "
-                         f"(mesh axes: {tuple(mesh.axis_names)})")
+        raise ValueError(
+            f"loss batch_axes {tuple(batch_axes)}: axes {missing} are not in the mesh "
+            f"(mesh axes: {tuple(mesh.axis_names)})"
+        )
     return math.prod(mesh.shape[a] for a in batch_axes)
 
 
@@ -32,8 +34,10 @@ def check_divisible(size: int, n: int, what: str) -> None:
 
 def check_pair(img: jax.Array, txt: jax.Array) -> None:
     if img.ndim != 2 or img.shape != txt.shape:
-        raise ValueError(f"expected image and text embeddings of equal shape [B, D], "
-                         f"got {img.shape} and {txt.shape}")
+        raise ValueError(
+            f"expected image and text embeddings of equal shape [B, D], "
+            f"got {img.shape} and {txt.shape}"
+        )
 
 
 def ring_perm(n: int) -> list[tuple[int, int]]:
@@ -70,8 +74,9 @@ def block_lse(s: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     return m, l
 
 
-def lse_combine(m: jax.Array, l: jax.Array, m2: jax.Array,
-                l2: jax.Array) -> tuple[jax.Array, jax.Array]:
+def lse_combine(
+    m: jax.Array, l: jax.Array, m2: jax.Array, l2: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Merge two online log-sum-exp states (max, scaled sum)."""
     m_out = jnp.maximum(m, m2)
     ref = _finite_or_zero(m_out)

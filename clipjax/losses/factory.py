@@ -19,12 +19,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clipjax.losses.common import BATCH_AXES, batch_axis_size, check_divisible
 from clipjax.losses.infonce import infonce_gathered, infonce_reference
-from clipjax.losses.pairs import (PairInfo, PairRules, batch_homogeneity, caption_groups,
-                                  label_groups)
+from clipjax.losses.pairs import (
+    PairInfo,
+    PairRules,
+    batch_homogeneity,
+    caption_groups,
+    label_groups,
+)
 from clipjax.losses.queue import QueueState, ema_update, queue_init, queue_push
 from clipjax.losses.ring import infonce_ring
 from clipjax.losses.sigmoid import sigmoid_gathered, sigmoid_reference, sigmoid_ring
@@ -66,8 +72,9 @@ def validate_loss_config(loss_config) -> dict:
     given = _as_dict(loss_config)
     unknown = sorted(set(given) - set(LOSS_DEFAULTS))
     if unknown:
-        raise ValueError(f"loss config: unknown key(s) {unknown}; expected keys from "
-                         f"{sorted(LOSS_DEFAULTS)}")
+        raise ValueError(
+            f"loss config: unknown key(s) {unknown}; expected keys from {sorted(LOSS_DEFAULTS)}"
+        )
     cfg = {**LOSS_DEFAULTS, **given}
     name, impl = cfg["name"], cfg["impl"]
     if name not in NAMES:
@@ -75,52 +82,73 @@ def validate_loss_config(loss_config) -> dict:
     if impl not in IMPLS:
         raise ValueError(f"loss.impl={impl!r} is not supported; expected one of {IMPLS}")
     if impl not in _SUPPORTED_IMPLS[name]:
-        raise ValueError(f"loss.impl={impl!r} is not available for loss.name={name!r}; "
-                         f"use one of {_SUPPORTED_IMPLS[name]}")
+        raise ValueError(
+            f"loss.impl={impl!r} is not available for loss.name={name!r}; "
+            f"use one of {_SUPPORTED_IMPLS[name]}"
+        )
     k = cfg["queue_size"]
     if not _is_int(k) or k < 0:
         raise ValueError(f"loss.queue_size must be an int >= 0 (0 = no momentum queue), got {k!r}")
     if k > 0 and name != "softmax":
-        raise ValueError(f"loss.queue_size={k} needs loss.name='softmax' (the momentum queue adds "
-                         f"softmax negatives); got loss.name={name!r}. Set loss.queue_size=0.")
+        raise ValueError(
+            f"loss.queue_size={k} needs loss.name='softmax' (the momentum queue adds "
+            f"softmax negatives); got loss.name={name!r}. Set loss.queue_size=0."
+        )
     m = cfg["momentum"]
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
-        raise ValueError(f"loss.momentum (EMA decay of the queue encoders) must be a float in "
-                         f"[0, 1), got {m!r}")
+        raise ValueError(
+            f"loss.momentum (EMA decay of the queue encoders) must be a float in [0, 1), got {m!r}"
+        )
     tile = cfg["tile"]
     if tile is not None:
         if not _is_int(tile) or tile <= 0:
             raise ValueError(f"loss.tile must be a positive int or None, got {tile!r}")
         if impl != "ring":
-            raise ValueError(f"loss.tile={tile} only applies to loss.impl='ring' (got "
-                             f"loss.impl={impl!r}); set loss.tile=None")
-    rules_on = (cfg["positives"] != "pair" or not cfg["in_batch_negatives"]
-                or cfg["duplicate_threshold"] is not None)
+            raise ValueError(
+                f"loss.tile={tile} only applies to loss.impl='ring' (got "
+                f"loss.impl={impl!r}); set loss.tile=None"
+            )
+    rules_on = (
+        cfg["positives"] != "pair"
+        or not cfg["in_batch_negatives"]
+        or cfg["duplicate_threshold"] is not None
+    )
     if cfg["positives"] not in POSITIVES:
-        raise ValueError(f"loss.positives={cfg['positives']!r} is not supported; expected one of "
-                         f"{POSITIVES}")
+        raise ValueError(
+            f"loss.positives={cfg['positives']!r} is not supported; expected one of {POSITIVES}"
+        )
     if not isinstance(cfg["in_batch_negatives"], bool):
-        raise ValueError(f"loss.in_batch_negatives must be True or False, got "
-                         f"{cfg['in_batch_negatives']!r}")
+        raise ValueError(
+            f"loss.in_batch_negatives must be True or False, got {cfg['in_batch_negatives']!r}"
+        )
     if not cfg["in_batch_negatives"] and not k:
-        raise ValueError("loss.in_batch_negatives=False takes every negative from the momentum "
-                         "queue: set loss.queue_size > 0 (a queue spanning several categories)")
+        raise ValueError(
+            "loss.in_batch_negatives=False takes every negative from the momentum "
+            "queue: set loss.queue_size > 0 (a queue spanning several categories)"
+        )
     t = cfg["duplicate_threshold"]
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
-                          or not -1.0 < t <= 1.0):
+    if t is not None and (
+        isinstance(t, bool) or not isinstance(t, (int, float)) or not -1.0 < t <= 1.0
+    ):
         raise ValueError(f"loss.duplicate_threshold must be None or a cosine in (-1, 1], got {t!r}")
     if rules_on and name != "softmax":
-        raise ValueError(f"loss.positives / in_batch_negatives / duplicate_threshold apply to "
-                         f"loss.name='softmax'; got loss.name={name!r}")
+        raise ValueError(
+            f"loss.positives / in_batch_negatives / duplicate_threshold apply to "
+            f"loss.name='softmax'; got loss.name={name!r}"
+        )
     if cfg["tokenwise_mode"] not in MODES:
-        raise ValueError(f"loss.tokenwise_mode={cfg['tokenwise_mode']!r} is not supported; "
-                         f"expected one of {MODES}")
+        raise ValueError(
+            f"loss.tokenwise_mode={cfg['tokenwise_mode']!r} is not supported; "
+            f"expected one of {MODES}"
+        )
     return cfg
 
 
-_REQUIRED = {"softmax": ("image_embeds", "text_embeds", "logit_scale"),
-             "sigmoid": ("image_embeds", "text_embeds", "logit_scale", "logit_bias"),
-             "tokenwise": ("image_tokens", "text_tokens", "text_mask", "logit_scale")}
+_REQUIRED = {
+    "softmax": ("image_embeds", "text_embeds", "logit_scale"),
+    "sigmoid": ("image_embeds", "text_embeds", "logit_scale", "logit_bias"),
+    "tokenwise": ("image_tokens", "text_tokens", "text_mask", "logit_scale"),
+}
 
 # embed(params, batch) -> (image_embeds, text_embeds): the model's forward without gradients.
 EmbedFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, jax.Array]]
@@ -140,9 +168,11 @@ class Loss:
 
     @property
     def rules(self) -> PairRules:
-        return PairRules(group_positives=self.positives != "pair",
-                         duplicate_threshold=self.config["duplicate_threshold"],
-                         batch_negatives=self.config["in_batch_negatives"])
+        return PairRules(
+            group_positives=self.positives != "pair",
+            duplicate_threshold=self.config["duplicate_threshold"],
+            batch_negatives=self.config["in_batch_negatives"],
+        )
 
     @property
     def uses_ema(self) -> bool:
@@ -157,9 +187,10 @@ class Loss:
     def init_state(self, params: Any, embed_dim: int) -> dict:
         if not self.uses_ema:
             return {}
-        return {"ema_params": params,
-                "queue": queue_init(self.config["queue_size"], embed_dim,
-                                    group_width=self.group_width)}
+        return {
+            "ema_params": params,
+            "queue": queue_init(self.config["queue_size"], embed_dim, group_width=self.group_width),
+        }
 
     def state_shardings(self, param_shardings: Any, abstract_state: dict) -> dict:
         """NamedShardings of `init_state`'s tree: EMA params as the params, queue rows split on
@@ -170,9 +201,12 @@ class Loss:
         n = batch_axis_size(self.mesh, BATCH_AXES)
         q = abstract_state["queue"]
         rows = NamedSharding(self.mesh, P(BATCH_AXES) if q.image.shape[0] % n == 0 else P())
-        return {"ema_params": param_shardings,
-                "queue": QueueState(image=rows, text=rows, group=rows, ptr=replicated,
-                                    count=replicated)}
+        return {
+            "ema_params": param_shardings,
+            "queue": QueueState(
+                image=rows, text=rows, group=rows, ptr=replicated, count=replicated
+            ),
+        }
 
     def groups(self, batch: Mapping[str, jax.Array]) -> jax.Array | None:
         if self.positives == "caption":
@@ -181,42 +215,56 @@ class Loss:
             return label_groups(batch["label"])
         return None
 
-    def prepare(self, state: dict, params: Any, batch: Mapping[str, jax.Array],
-                embed: EmbedFn) -> tuple[dict, PairInfo]:
+    def prepare(
+        self, state: dict, params: Any, batch: Mapping[str, jax.Array], embed: EmbedFn
+    ) -> tuple[dict, PairInfo]:
         """(state with the EMA encoders moved towards `params`, the batch's PairInfo)."""
         if not self.uses_ema:
             return state, PairInfo(group=self.groups(batch))
         ema = ema_update(state["ema_params"], params, self.config["momentum"])
         img, txt = embed(jax.lax.stop_gradient(ema), batch)
-        info = PairInfo(group=self.groups(batch), ema_image=jax.lax.stop_gradient(img),
-                        ema_text=jax.lax.stop_gradient(txt))
+        info = PairInfo(
+            group=self.groups(batch),
+            ema_image=jax.lax.stop_gradient(img),
+            ema_text=jax.lax.stop_gradient(txt),
+        )
         return {**state, "ema_params": ema}, info
 
     def update_state(self, state: dict, info: PairInfo) -> dict:
         """Push the batch's EMA embeddings (and groups) into the queue."""
         if "queue" not in state:
             return state
-        return {**state, "queue": queue_push(state["queue"], info.ema_image, info.ema_text,
-                                             info.group)}
+        return {
+            **state,
+            "queue": queue_push(state["queue"], info.ema_image, info.ema_text, info.group),
+        }
 
     # -- the loss -----------------------------------------------------------------------------
-    def loss_fn(self, outputs: Mapping[str, Any], state: dict | None = None,
-                info: PairInfo | None = None, batch: Mapping[str, jax.Array] | None = None
-                ) -> tuple[jax.Array, dict]:
+    def loss_fn(
+        self,
+        outputs: Mapping[str, Any],
+        state: dict | None = None,
+        info: PairInfo | None = None,
+        batch: Mapping[str, jax.Array] | None = None,
+    ) -> tuple[jax.Array, dict]:
         """(loss, metrics) over the CLIP model's output dict; with `batch`, the metrics include
         how homogeneous the batch is (clipjax.losses.pairs.batch_homogeneity)."""
         cfg, name, impl, mesh = self.config, self.config["name"], self.config["impl"], self.mesh
         missing = [key for key in _REQUIRED[name] if outputs.get(key) is None]
         if missing:
-            raise ValueError(f"loss {name!r}: model outputs lack {missing} "
-                             f"(got keys {sorted(outputs)})")
+            raise ValueError(
+                f"loss {name!r}: model outputs lack {missing} (got keys {sorted(outputs)})"
+            )
         queue = (state or {}).get("queue")
         if cfg["queue_size"] and queue is None:
-            raise ValueError(f"loss.queue_size={cfg['queue_size']} but the loss state has no "
-                             "queue (pass state=Loss.init_state(...))")
+            raise ValueError(
+                f"loss.queue_size={cfg['queue_size']} but the loss state has no "
+                "queue (pass state=Loss.init_state(...))"
+            )
         if queue is not None and queue.image.shape[0] != cfg["queue_size"]:
-            raise ValueError(f"queue has {queue.image.shape[0]} slots but "
-                             f"loss.queue_size={cfg['queue_size']}")
+            raise ValueError(
+                f"queue has {queue.image.shape[0]} slots but loss.queue_size={cfg['queue_size']}"
+            )
         ls = outputs["logit_scale"]
         if name == "softmax":
             img, txt = outputs["image_embeds"], outputs["text_embeds"]
@@ -241,12 +289,12 @@ class Loss:
             if impl == "reference":
                 loss, aux = tokenwise_reference(*args, mode=cfg["tokenwise_mode"])
             else:
-                loss, aux = tokenwise_gathered(*args, mesh, BATCH_AXES,
-                                               mode=cfg["tokenwise_mode"])
+                loss, aux = tokenwise_gathered(*args, mesh, BATCH_AXES, mode=cfg["tokenwise_mode"])
         metrics = {"loss": loss, "temperature": jnp.exp(jnp.asarray(ls, jnp.float32)), **aux}
         if batch is not None and outputs.get("text_embeds") is not None:
-            metrics.update(batch_homogeneity(batch["text"], outputs["text_embeds"],
-                                             batch.get("label")))
+            metrics.update(
+                batch_homogeneity(batch["text"], outputs["text_embeds"], batch.get("label"))
+            )
         return loss, jax.lax.stop_gradient(metrics)
 
 
@@ -258,8 +306,10 @@ def make_loss(loss_config, mesh: Mesh | None, has_labels: bool = False) -> Loss:
     if positives == "auto":
         positives = "label" if has_labels else "caption"
     if positives == "label" and not has_labels:
-        raise ValueError("loss.positives='label' needs training shards with labels (make_shards "
-                         "--class-folders or --label-field writes them); use 'caption' or 'auto'")
+        raise ValueError(
+            "loss.positives='label' needs training shards with labels (make_shards "
+            "--class-folders or --label-field writes them); use 'caption' or 'auto'"
+        )
     if cfg["impl"] != "reference":
         if mesh is None:
             raise ValueError(f"loss.impl={cfg['impl']!r} needs a device mesh; got mesh=None")

@@ -15,12 +15,26 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from clipjax.losses.common import (BATCH_AXES, as_axes, batch_axis_size, check_divisible,
-                                   check_pair, queue_mask)
-from clipjax.losses.pairs import (PairInfo, PairRules, batch_masks, check_pair_info,
-                                  masked_row_losses, queue_keep, top1_is_positive)
+from clipjax.losses.common import (
+    BATCH_AXES,
+    as_axes,
+    batch_axis_size,
+    check_divisible,
+    check_pair,
+    queue_mask,
+)
+from clipjax.losses.pairs import (
+    PairInfo,
+    PairRules,
+    batch_masks,
+    check_pair_info,
+    masked_row_losses,
+    queue_keep,
+    top1_is_positive,
+)
 from clipjax.losses.queue import QueueState
 
 
@@ -50,8 +64,9 @@ def _directions(x, y, all_x, all_y, s, row0, rules, pair, all_pair, queue):
         hits.append(top1_is_positive(logits, pos))
         if queue is not None:
             q_emb, q_group, valid = queue[q_i], queue[2], queue[3]
-            keep = jnp.concatenate([keep, queue_keep(valid, b, rules, pair[0], q_group,
-                                                     pair[dup_i], q_emb)], axis=1)
+            keep = jnp.concatenate(
+                [keep, queue_keep(valid, b, rules, pair[0], q_group, pair[dup_i], q_emb)], axis=1
+            )
             pos = jnp.concatenate([pos, jnp.zeros_like(keep[:, n:])], axis=1)
             logits = jnp.concatenate([logits, s * anchor @ q_emb.T], axis=1)
         total += jnp.sum(masked_row_losses(logits, pos, keep))
@@ -61,8 +76,12 @@ def _directions(x, y, all_x, all_y, s, row0, rules, pair, all_pair, queue):
 def _queue_args(queue: QueueState | None):
     if queue is None or queue.image.shape[0] == 0:
         return None
-    return (lax.stop_gradient(queue.image).astype(jnp.float32),
-            lax.stop_gradient(queue.text).astype(jnp.float32), queue.group, queue_mask(queue))
+    return (
+        lax.stop_gradient(queue.image).astype(jnp.float32),
+        lax.stop_gradient(queue.text).astype(jnp.float32),
+        queue.group,
+        queue_mask(queue),
+    )
 
 
 def _pair_args(pairs: PairInfo | None) -> tuple:
@@ -70,17 +89,23 @@ def _pair_args(pairs: PairInfo | None) -> tuple:
     return tuple(None if a is None else lax.stop_gradient(a) for a in pairs)
 
 
-def infonce_reference(img: jax.Array, txt: jax.Array, logit_scale: jax.Array,
-                      queue: QueueState | None = None, rules: PairRules = PairRules(),
-                      pairs: PairInfo | None = None) -> tuple[jax.Array, dict]:
+def infonce_reference(
+    img: jax.Array,
+    txt: jax.Array,
+    logit_scale: jax.Array,
+    queue: QueueState | None = None,
+    rules: PairRules = PairRules(),
+    pairs: PairInfo | None = None,
+) -> tuple[jax.Array, dict]:
     """Oracle: the full B x B logit matrix on global arrays (small B only)."""
     check_pair(img, txt)
     check_pair_info(rules, pairs, img.shape[0], queue)
     img, txt = img.astype(jnp.float32), txt.astype(jnp.float32)
     b = img.shape[0]
     pair = _pair_args(pairs)
-    total, (hit_i2t, hit_t2i) = _directions(img, txt, img, txt, jnp.exp(logit_scale), 0, rules,
-                                            pair, pair, _queue_args(queue))
+    total, (hit_i2t, hit_t2i) = _directions(
+        img, txt, img, txt, jnp.exp(logit_scale), 0, rules, pair, pair, _queue_args(queue)
+    )
     return total / (2 * b), {"i2t_acc": jnp.mean(hit_i2t), "t2i_acc": jnp.mean(hit_t2i)}
 
 
@@ -93,16 +118,31 @@ def _gathered_body(x, y, logit_scale, pair, queue, *, axes, rules):
     all_pair = tuple(None if a is None else gather(a) for a in pair)
     if queue is not None:
         queue = tuple(gather(a) for a in queue)
-    total, (hit_i2t, hit_t2i) = _directions(x, y, all_x, all_y, jnp.exp(logit_scale),
-                                            lax.axis_index(axes) * b, rules, pair, all_pair,
-                                            queue)
+    total, (hit_i2t, hit_t2i) = _directions(
+        x,
+        y,
+        all_x,
+        all_y,
+        jnp.exp(logit_scale),
+        lax.axis_index(axes) * b,
+        rules,
+        pair,
+        all_pair,
+        queue,
+    )
     return total[None], jnp.sum(hit_i2t)[None], jnp.sum(hit_t2i)[None]
 
 
-def infonce_gathered(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, mesh: Mesh,
-                     batch_axes: str | Sequence[str] = BATCH_AXES,
-                     queue: QueueState | None = None, rules: PairRules = PairRules(),
-                     pairs: PairInfo | None = None) -> tuple[jax.Array, dict]:
+def infonce_gathered(
+    img: jax.Array,
+    txt: jax.Array,
+    logit_scale: jax.Array,
+    mesh: Mesh,
+    batch_axes: str | Sequence[str] = BATCH_AXES,
+    queue: QueueState | None = None,
+    rules: PairRules = PairRules(),
+    pairs: PairInfo | None = None,
+) -> tuple[jax.Array, dict]:
     """shard_map over the batch axes; each shard all-gathers both modalities (and the pair
     info) and computes its b x B rows in both directions. Per-shard memory O(b * B)."""
     check_pair(img, txt)
@@ -117,10 +157,18 @@ def infonce_gathered(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, mes
     spec = P(axes)
     pair = _pair_args(pairs)
     specs = lambda tree: jax.tree.map(lambda _: spec, tree)  # noqa: E731
-    fn = jax.shard_map(partial(_gathered_body, axes=axes, rules=rules), mesh=mesh,
-                       in_specs=(spec, spec, P(), specs(pair), specs(q)),
-                       out_specs=(spec, spec, spec))
-    part, c_i2t, c_t2i = fn(img.astype(jnp.float32), txt.astype(jnp.float32),
-                            jnp.asarray(logit_scale, jnp.float32), pair, q)
+    fn = jax.shard_map(
+        partial(_gathered_body, axes=axes, rules=rules),
+        mesh=mesh,
+        in_specs=(spec, spec, P(), specs(pair), specs(q)),
+        out_specs=(spec, spec, spec),
+    )
+    part, c_i2t, c_t2i = fn(
+        img.astype(jnp.float32),
+        txt.astype(jnp.float32),
+        jnp.asarray(logit_scale, jnp.float32),
+        pair,
+        q,
+    )
     loss = part.sum() / (2 * b_global)
     return loss, {"i2t_acc": c_i2t.sum() / b_global, "t2i_acc": c_t2i.sum() / b_global}

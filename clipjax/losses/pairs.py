@@ -40,8 +40,9 @@ class PairRules(NamedTuple):
 
     @property
     def plain(self) -> bool:
-        return (not self.group_positives and self.duplicate_threshold is None
-                and self.batch_negatives)
+        return (
+            not self.group_positives and self.duplicate_threshold is None and self.batch_negatives
+        )
 
 
 class PairInfo(NamedTuple):
@@ -57,17 +58,23 @@ def check_pair_info(rules: PairRules, pairs: PairInfo | None, batch: int, queue=
     pairs = pairs or PairInfo()
     if rules.group_positives:
         if pairs.group is None or pairs.group.ndim != 2 or pairs.group.shape[0] != batch:
-            raise ValueError(f"group positives need PairInfo.group [{batch}, G], got "
-                             f"{None if pairs.group is None else pairs.group.shape}")
+            raise ValueError(
+                f"group positives need PairInfo.group [{batch}, G], got "
+                f"{None if pairs.group is None else pairs.group.shape}"
+            )
         if queue is not None and queue.group.shape[1] != pairs.group.shape[1]:
-            raise ValueError(f"queue groups have width {queue.group.shape[1]}, the batch's "
-                             f"{pairs.group.shape[1]}")
+            raise ValueError(
+                f"queue groups have width {queue.group.shape[1]}, the batch's "
+                f"{pairs.group.shape[1]}"
+            )
     if rules.duplicate_threshold is not None:
         for name in ("ema_image", "ema_text"):
             a = getattr(pairs, name)
             if a is None or a.ndim != 2 or a.shape[0] != batch:
-                raise ValueError(f"duplicate_threshold needs PairInfo.{name} [{batch}, D], got "
-                                 f"{None if a is None else a.shape}")
+                raise ValueError(
+                    f"duplicate_threshold needs PairInfo.{name} [{batch}, D], got "
+                    f"{None if a is None else a.shape}"
+                )
 
 
 def caption_groups(text: jax.Array) -> jax.Array:
@@ -91,8 +98,9 @@ def same_group(rows: jax.Array, cols: jax.Array) -> jax.Array:
     return jnp.all(rows[:, None, :] == cols[None, :, :], axis=-1)
 
 
-def batch_masks(diag: jax.Array, rules: PairRules, group_r=None, group_c=None, dup_r=None,
-                dup_c=None) -> tuple[jax.Array, jax.Array]:
+def batch_masks(
+    diag: jax.Array, rules: PairRules, group_r=None, group_c=None, dup_r=None, dup_c=None
+) -> tuple[jax.Array, jax.Array]:
     """(positive, kept) [n, m] bool masks of anchors vs in-batch candidates.
 
     `diag` marks each anchor's own partner; `dup_r`/`dup_c` are the EMA embeddings that judge
@@ -107,8 +115,9 @@ def batch_masks(diag: jax.Array, rules: PairRules, group_r=None, group_c=None, d
     return pos, pos | neg
 
 
-def queue_keep(valid: jax.Array, n: int, rules: PairRules, group_r=None, group_q=None,
-               dup_r=None, dup_q=None) -> jax.Array:
+def queue_keep(
+    valid: jax.Array, n: int, rules: PairRules, group_r=None, group_q=None, dup_r=None, dup_q=None
+) -> jax.Array:
     """[n, k] bool: queue entries that are negatives for each of `n` anchors (filled, not of the
     anchor's group, not a near-duplicate of its positive)."""
     keep = jnp.broadcast_to(valid[None, :], (n, valid.shape[0]))
@@ -140,8 +149,7 @@ def equal_pair_share(keys: jax.Array) -> jax.Array:
     for c in cols:
         same_prev = same_prev & (c[1:] == c[:-1])
     idx = jnp.arange(b)
-    run_start = lax.cummax(jnp.where(jnp.concatenate([jnp.ones((1,), bool), ~same_prev]),
-                                     idx, 0))
+    run_start = lax.cummax(jnp.where(jnp.concatenate([jnp.ones((1,), bool), ~same_prev]), idx, 0))
     return 2.0 * jnp.sum(idx - run_start) / max(b * (b - 1), 1)
 
 
@@ -153,14 +161,20 @@ def mean_offdiag_cosine(emb: jax.Array) -> jax.Array:
     return (total @ total - jnp.sum(emb * emb)) / max(b * (b - 1), 1)
 
 
-def batch_homogeneity(text: jax.Array, text_embeds: jax.Array, label: jax.Array | None = None,
-                      prev_text_mean: jax.Array | None = None) -> dict[str, jax.Array]:
+def batch_homogeneity(
+    text: jax.Array,
+    text_embeds: jax.Array,
+    label: jax.Array | None = None,
+    prev_text_mean: jax.Array | None = None,
+) -> dict[str, jax.Array]:
     """How clustered a batch is: shares of off-diagonal pairs with identical captions / equal
     labels, the mean off-diagonal text cosine and (given the previous batch's mean text
     embedding) the same cosine across the two batches, which i.i.d. batches roughly equal."""
     text_embeds = lax.stop_gradient(text_embeds).astype(jnp.float32)
-    out = {"batch/same_caption": equal_pair_share(caption_groups(text)),
-           "batch/text_cos": mean_offdiag_cosine(text_embeds)}
+    out = {
+        "batch/same_caption": equal_pair_share(caption_groups(text)),
+        "batch/text_cos": mean_offdiag_cosine(text_embeds),
+    }
     if label is not None:
         out["batch/same_label"] = equal_pair_share(label_groups(label))
     if prev_text_mean is not None:

@@ -25,22 +25,31 @@ class QueueState(NamedTuple):
 def queue_init(size: int, dim: int, dtype=jnp.float32, group_width: int = 0) -> QueueState:
     """An empty queue of `size` slots of `dim`-d embeddings (and `group_width` group ids)."""
     if size < 0 or dim <= 0 or group_width < 0:
-        raise ValueError(f"queue_init: expected size >= 0, dim > 0, group_width >= 0, got "
-                         f"size={size}, dim={dim}, group_width={group_width}")
-    return QueueState(image=jnp.zeros((size, dim), dtype), text=jnp.zeros((size, dim), dtype),
-                      group=jnp.zeros((size, group_width), jnp.int32),
-                      ptr=jnp.zeros((), jnp.int32), count=jnp.zeros((), jnp.int32))
+        raise ValueError(
+            f"queue_init: expected size >= 0, dim > 0, group_width >= 0, got "
+            f"size={size}, dim={dim}, group_width={group_width}"
+        )
+    return QueueState(
+        image=jnp.zeros((size, dim), dtype),
+        text=jnp.zeros((size, dim), dtype),
+        group=jnp.zeros((size, group_width), jnp.int32),
+        ptr=jnp.zeros((), jnp.int32),
+        count=jnp.zeros((), jnp.int32),
+    )
 
 
-def queue_push(queue: QueueState, image: jax.Array, text: jax.Array,
-               group: jax.Array | None = None) -> QueueState:
+def queue_push(
+    queue: QueueState, image: jax.Array, text: jax.Array, group: jax.Array | None = None
+) -> QueueState:
     """Write a batch [B, D] (and its groups [B, G]) at `ptr` (wrapping), overwriting the oldest
     entries; B <= K."""
     k = queue.image.shape[0]
     b = image.shape[0]
     if image.shape != text.shape or image.shape[1:] != queue.image.shape[1:]:
-        raise ValueError(f"queue_push: expected image/text [B, {queue.image.shape[1]}], "
-                         f"got {image.shape} and {text.shape}")
+        raise ValueError(
+            f"queue_push: expected image/text [B, {queue.image.shape[1]}], "
+            f"got {image.shape} and {text.shape}"
+        )
     if k == 0:
         return queue
     if b > k:
@@ -53,14 +62,18 @@ def queue_push(queue: QueueState, image: jax.Array, text: jax.Array,
     if group.shape != (b, width):
         raise ValueError(f"queue_push: expected groups [{b}, {width}], got {group.shape}")
     slots = (queue.ptr + jnp.arange(b)) % k
-    return QueueState(image=queue.image.at[slots].set(image), text=queue.text.at[slots].set(text),
-                      group=queue.group.at[slots].set(group.astype(jnp.int32)),
-                      ptr=((queue.ptr + b) % k).astype(jnp.int32),
-                      count=jnp.minimum(queue.count + b, k).astype(jnp.int32))
+    return QueueState(
+        image=queue.image.at[slots].set(image),
+        text=queue.text.at[slots].set(text),
+        group=queue.group.at[slots].set(group.astype(jnp.int32)),
+        ptr=((queue.ptr + b) % k).astype(jnp.int32),
+        count=jnp.minimum(queue.count + b, k).astype(jnp.int32),
+    )
 
 
 def ema_update(ema_params, params, momentum: float | jax.Array):
     """ema <- momentum * ema + (1 - momentum) * params, leaf by leaf (no gradient flows)."""
     params = jax.lax.stop_gradient(params)
-    return jax.tree.map(lambda e, p: (momentum * e + (1.0 - momentum) * p).astype(e.dtype),
-                        ema_params, params)
+    return jax.tree.map(
+        lambda e, p: (momentum * e + (1.0 - momentum) * p).astype(e.dtype), ema_params, params
+    )

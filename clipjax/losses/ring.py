@@ -22,13 +22,24 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from clipjax.losses.common import (BATCH_AXES, as_axes, batch_axis_size, block_lse,
-                                   check_divisible, check_pair, from_tiles, lse_combine,
-                                   queue_mask, ring_perm, tile_size, to_tiles)
-from clipjax.losses.pairs import (PairInfo, PairRules, batch_masks, check_pair_info,
-                                  queue_keep)
+from clipjax.losses.common import (
+    BATCH_AXES,
+    as_axes,
+    batch_axis_size,
+    block_lse,
+    check_divisible,
+    check_pair,
+    from_tiles,
+    lse_combine,
+    queue_mask,
+    ring_perm,
+    tile_size,
+    to_tiles,
+)
+from clipjax.losses.pairs import PairInfo, PairRules, batch_masks, check_pair_info, queue_keep
 from clipjax.losses.queue import QueueState
 
 
@@ -41,6 +52,7 @@ def _permute(tree, axes, n):
 def _rotate(n, step, carry, rotating, axes):
     """Run `step(carry, rotating)` n times, rotating `rotating[0]` (the block) n-1 times and the
     travelling accumulators `rotating[1]` n times so they end at their owner."""
+
     def body(_, c):
         carry, rot = c
         carry, acc = step(carry, rot)
@@ -109,8 +121,11 @@ def _bwd_block(x, lse_r, dx, blk, lse_c, dy, q_img, s, t):
             dls = dls + jnp.sum(p_q * sim_q)
         return (dy, dls), dx_t
 
-    (dy, dls), dx_t = lax.scan(row_tile, (dy, jnp.zeros((), jnp.float32)),
-                               (to_tiles(x, t), to_tiles(lse_r, t), to_tiles(dx, t)))
+    (dy, dls), dx_t = lax.scan(
+        row_tile,
+        (dy, jnp.zeros((), jnp.float32)),
+        (to_tiles(x, t), to_tiles(lse_r, t), to_tiles(dx, t)),
+    )
     dx = from_tiles(dx_t)
     if q_img is not None:
         qi, qi_mask = q_img
@@ -123,8 +138,9 @@ def _bwd_block(x, lse_r, dx, blk, lse_c, dy, q_img, s, t):
             q_q = jnp.where(mask_t[:, None], jnp.exp(sim_q - lse_c[None, :]), 0.0)
             return (dy + q_q.T @ qi_t, dls + jnp.sum(q_q * sim_q)), None
 
-        (dy, dls_q), _ = lax.scan(q_tile, (dy, jnp.zeros((), jnp.float32)),
-                                  (to_tiles(qi, tq), to_tiles(qi_mask, tq)))
+        (dy, dls_q), _ = lax.scan(
+            q_tile, (dy, jnp.zeros((), jnp.float32)), (to_tiles(qi, tq), to_tiles(qi_mask, tq))
+        )
         dls = dls + dls_q
     return dx, dls, dy
 
@@ -172,8 +188,9 @@ def _ring_bwd_body(x, y, logit_scale, lse_r, lse_c, g, *queue, axes, n, tile, b_
         return (dx, dls + dls_blk), dy
 
     init = (jnp.zeros_like(x), jnp.zeros((), jnp.float32))
-    (dx, dls), dy = _rotate(n, step, init, (((y, q_txt, q_txt_mask), lse_c), jnp.zeros_like(y)),
-                            axes)
+    (dx, dls), dy = _rotate(
+        n, step, init, (((y, q_txt, q_txt_mask), lse_c), jnp.zeros_like(y)), axes
+    )
     # The positives: d(-diag)/d(.) for both directions.
     cos = jnp.sum(x * y, axis=1)
     scale = g / (2 * b_global)
@@ -217,9 +234,14 @@ def _acc_update(acc, sim, pos, keep, axis, extra=None):
     if extra is not None:
         kept = jnp.concatenate([kept, extra], axis=axis)
     m, l = lse_combine(m, l, *block_lse(kept, axis))
-    return (m, l, jnp.maximum(mb, sim.max(axis)),
-            jnp.maximum(mp, jnp.where(pos, sim, -jnp.inf).max(axis)),
-            npos + pos.sum(axis), psum + jnp.where(pos, sim, 0.0).sum(axis))
+    return (
+        m,
+        l,
+        jnp.maximum(mb, sim.max(axis)),
+        jnp.maximum(mp, jnp.where(pos, sim, -jnp.inf).max(axis)),
+        npos + pos.sum(axis),
+        psum + jnp.where(pos, sim, 0.0).sum(axis),
+    )
 
 
 def _queue_rows(anchors, emb, grp, mask, rules, a_group, a_dup, s):
@@ -265,8 +287,7 @@ def _softmax_kept(sim, lse, keep):
     return jnp.exp(jnp.where(keep, sim - lse, -jnp.inf))
 
 
-def _rules_bwd_block(x, pr, lse_r, npos_r, dx, blk, lse_c, npos_c, dy, q_res, home, s, t,
-                     rules):
+def _rules_bwd_block(x, pr, lse_r, npos_r, dx, blk, lse_c, npos_c, dy, q_res, home, s, t, rules):
     """Gradient contributions of one block with the rules: (dx, dls, dy), unscaled. A row's
     d loss / d logits is softmax over its kept entries minus positive / |positives|."""
     y, pc, q_trav = blk
@@ -278,8 +299,11 @@ def _rules_bwd_block(x, pr, lse_r, npos_r, dx, blk, lse_c, npos_c, dy, q_res, ho
         sim = s * x_t @ y.T  # [t, b], recomputed
         diag = home & (idx_t[:, None] == jnp.arange(b)[None, :])
         pos, keep_r, keep_c = _block_masks(diag, rules, pr_t, pc)
-        g = (_softmax_kept(sim, lse_t[:, None], keep_r) + _softmax_kept(sim, lse_c[None], keep_c)
-             - pos * (1.0 / npos_t[:, None] + 1.0 / npos_c[None, :]))
+        g = (
+            _softmax_kept(sim, lse_t[:, None], keep_r)
+            + _softmax_kept(sim, lse_c[None], keep_c)
+            - pos * (1.0 / npos_t[:, None] + 1.0 / npos_c[None, :])
+        )
         dx_t = dx_t + g @ y
         dy = dy + g.T @ x_t
         dls = dls + jnp.sum(g * sim)
@@ -290,11 +314,13 @@ def _rules_bwd_block(x, pr, lse_r, npos_r, dx, blk, lse_c, npos_c, dy, q_res, ho
             dls = dls + jnp.sum(jnp.where(p_q > 0, p_q * lg, 0.0))
         return (dy, dls), dx_t
 
-    tiles = jax.tree.map(lambda a: to_tiles(a, t),
-                         (x, jnp.arange(x.shape[0]), pr, lse_r, npos_r, dx))
+    tiles = jax.tree.map(
+        lambda a: to_tiles(a, t), (x, jnp.arange(x.shape[0]), pr, lse_r, npos_r, dx)
+    )
     (dy, dls), dx_t = lax.scan(row_tile, (dy, jnp.zeros((), jnp.float32)), tiles)
     dx = from_tiles(dx_t)
     if q_res is not None:
+
         def q_tile(carry, inp):
             dy, dls = carry
             qi_t, qg_t, qm_t = inp
@@ -339,8 +365,9 @@ def _rules_fwd_body(x, y, logit_scale, pr, q, *, axes, n, tile, rules):
     return part[None], lse_r, lse_c, row[4], col[4], c_i2t[None], c_t2i[None]
 
 
-def _rules_bwd_body(x, y, logit_scale, pr, q, lse_r, lse_c, npos_r, npos_c, g, *, axes, n,
-                    tile, rules, b_global):
+def _rules_bwd_body(
+    x, y, logit_scale, pr, q, lse_r, lse_c, npos_r, npos_c, g, *, axes, n, tile, rules, b_global
+):
     s = jnp.exp(logit_scale)
     t = tile_size(x.shape[0], tile)
     q_trav, q_res = _split_rules_queue(q)
@@ -348,13 +375,15 @@ def _rules_bwd_body(x, y, logit_scale, pr, q, lse_r, lse_c, npos_r, npos_c, g, *
     def step(carry, rot):
         (dx, dls), k = carry
         (blk, lse_c_blk, npos_c_blk), dy = rot
-        dx, dls_blk, dy = _rules_bwd_block(x, pr, lse_r, npos_r, dx, blk, lse_c_blk, npos_c_blk,
-                                           dy, q_res, k == 0, s, t, rules)
+        dx, dls_blk, dy = _rules_bwd_block(
+            x, pr, lse_r, npos_r, dx, blk, lse_c_blk, npos_c_blk, dy, q_res, k == 0, s, t, rules
+        )
         return ((dx, dls + dls_blk), k + 1), dy
 
     init = ((jnp.zeros_like(x), jnp.zeros((), jnp.float32)), 0)
-    ((dx, dls), _), dy = _rotate(n, step, init, (((y, pr, q_trav), lse_c, npos_c),
-                                                 jnp.zeros_like(y)), axes)
+    ((dx, dls), _), dy = _rotate(
+        n, step, init, (((y, pr, q_trav), lse_c, npos_c), jnp.zeros_like(y)), axes
+    )
     scale = g / (2 * b_global)
     return scale * s * dx, scale * s * dy, (scale * dls)[None]
 
@@ -364,50 +393,75 @@ def _infonce_ring_rules(img, txt, logit_scale, mesh, axes, n, queue, tile, rules
     b_global = img.shape[0]
     pairs = pairs or PairInfo()
     # Only what the rules read is sent around the ring.
-    pr = (pairs.group if rules.group_positives else None,
-          pairs.ema_image if rules.duplicate_threshold is not None else None,
-          pairs.ema_text if rules.duplicate_threshold is not None else None)
+    pr = (
+        pairs.group if rules.group_positives else None,
+        pairs.ema_image if rules.duplicate_threshold is not None else None,
+        pairs.ema_text if rules.duplicate_threshold is not None else None,
+    )
     pr = tuple(None if a is None else lax.stop_gradient(a) for a in pr)
     q = None
     if queue is not None and queue.image.shape[0] > 0:
         check_divisible(queue.image.shape[0], n, "queue size")
-        q = (lax.stop_gradient(queue.image).astype(jnp.float32),
-             lax.stop_gradient(queue.text).astype(jnp.float32),
-             queue.group if rules.group_positives else None, queue_mask(queue))
+        q = (
+            lax.stop_gradient(queue.image).astype(jnp.float32),
+            lax.stop_gradient(queue.text).astype(jnp.float32),
+            queue.group if rules.group_positives else None,
+            queue_mask(queue),
+        )
     aux, aux_tree = jax.tree.flatten((pr, q))
     spec = P(axes)
     aux_specs = jax.tree.unflatten(aux_tree, [spec] * len(aux))
-    fwd_map = jax.shard_map(partial(_rules_fwd_body, axes=axes, n=n, tile=tile, rules=rules),
-                            mesh=mesh, in_specs=(spec, spec, P()) + aux_specs,
-                            out_specs=(spec,) * 7, check_vma=False)
+    fwd_map = jax.shard_map(
+        partial(_rules_fwd_body, axes=axes, n=n, tile=tile, rules=rules),
+        mesh=mesh,
+        in_specs=(spec, spec, P()) + aux_specs,
+        out_specs=(spec,) * 7,
+        check_vma=False,
+    )
     bwd_map = jax.shard_map(
         partial(_rules_bwd_body, axes=axes, n=n, tile=tile, rules=rules, b_global=b_global),
-        mesh=mesh, in_specs=(spec, spec, P()) + aux_specs + (spec,) * 4 + (P(),),
-        out_specs=(spec, spec, spec), check_vma=False)
+        mesh=mesh,
+        in_specs=(spec, spec, P()) + aux_specs + (spec,) * 4 + (P(),),
+        out_specs=(spec, spec, spec),
+        check_vma=False,
+    )
 
     def forward(x, y, ls, *aux):
         part, lse_r, lse_c, np_r, np_c, c_i2t, c_t2i = fwd_map(
-            x, y, ls, *jax.tree.unflatten(aux_tree, aux))
+            x, y, ls, *jax.tree.unflatten(aux_tree, aux)
+        )
         out = (part.sum() / (2 * b_global), c_i2t.sum() / b_global, c_t2i.sum() / b_global)
         return out, (x, y, ls, aux, lse_r, lse_c, np_r, np_c)
 
     def backward(res, cts):
         x, y, ls, aux, lse_r, lse_c, np_r, np_c = res
-        dx, dy, dls = bwd_map(x, y, ls, *jax.tree.unflatten(aux_tree, aux), lse_r, lse_c, np_r,
-                              np_c, cts[0])
+        dx, dy, dls = bwd_map(
+            x, y, ls, *jax.tree.unflatten(aux_tree, aux), lse_r, lse_c, np_r, np_c, cts[0]
+        )
         return (dx, dy, dls.sum()) + (None,) * len(aux)
 
     ring = jax.custom_vjp(lambda x, y, ls, *aux: forward(x, y, ls, *aux)[0])
     ring.defvjp(forward, backward)
-    loss, acc_i2t, acc_t2i = ring(img.astype(jnp.float32), txt.astype(jnp.float32),
-                                  jnp.asarray(logit_scale, jnp.float32), *aux)
+    loss, acc_i2t, acc_t2i = ring(
+        img.astype(jnp.float32),
+        txt.astype(jnp.float32),
+        jnp.asarray(logit_scale, jnp.float32),
+        *aux,
+    )
     return loss, {"i2t_acc": acc_i2t, "t2i_acc": acc_t2i}
 
 
-def infonce_ring(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, mesh: Mesh,
-                 batch_axes: str | Sequence[str] = BATCH_AXES, queue: QueueState | None = None,
-                 tile: int | None = None, rules: PairRules = PairRules(),
-                 pairs: PairInfo | None = None) -> tuple[jax.Array, dict]:
+def infonce_ring(
+    img: jax.Array,
+    txt: jax.Array,
+    logit_scale: jax.Array,
+    mesh: Mesh,
+    batch_axes: str | Sequence[str] = BATCH_AXES,
+    queue: QueueState | None = None,
+    tile: int | None = None,
+    rules: PairRules = PairRules(),
+    pairs: PairInfo | None = None,
+) -> tuple[jax.Array, dict]:
     """Ring InfoNCE; equals `infonce_reference` in value and gradient, with the same `rules` and
     `pairs`. `tile` bounds the image rows per logit block inside a shard (the largest divisor
     of b not above it is used)."""
@@ -418,22 +472,31 @@ def infonce_ring(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, mesh: M
     b_global = img.shape[0]
     check_divisible(b_global, n, "global batch size")
     if not rules.plain:
-        return _infonce_ring_rules(img, txt, logit_scale, mesh, axes, n, queue, tile, rules,
-                                   pairs)
+        return _infonce_ring_rules(img, txt, logit_scale, mesh, axes, n, queue, tile, rules, pairs)
     qargs = ()
     if queue is not None and queue.image.shape[0] > 0:
         check_divisible(queue.image.shape[0], n, "queue size")
-        qargs = (lax.stop_gradient(queue.image).astype(jnp.float32),
-                 lax.stop_gradient(queue.text).astype(jnp.float32), queue_mask(queue))
+        qargs = (
+            lax.stop_gradient(queue.image).astype(jnp.float32),
+            lax.stop_gradient(queue.text).astype(jnp.float32),
+            queue_mask(queue),
+        )
     spec = P(axes)
     qspecs = (spec,) * len(qargs)
-    fwd_map = jax.shard_map(partial(_ring_fwd_body, axes=axes, n=n, tile=tile), mesh=mesh,
-                            in_specs=(spec, spec, P()) + qspecs, out_specs=(spec,) * 5,
-                            check_vma=False)
+    fwd_map = jax.shard_map(
+        partial(_ring_fwd_body, axes=axes, n=n, tile=tile),
+        mesh=mesh,
+        in_specs=(spec, spec, P()) + qspecs,
+        out_specs=(spec,) * 5,
+        check_vma=False,
+    )
     bwd_map = jax.shard_map(
-        partial(_ring_bwd_body, axes=axes, n=n, tile=tile, b_global=b_global), mesh=mesh,
-        in_specs=(spec, spec, P(), spec, spec, P()) + qspecs, out_specs=(spec, spec, spec),
-        check_vma=False)
+        partial(_ring_bwd_body, axes=axes, n=n, tile=tile, b_global=b_global),
+        mesh=mesh,
+        in_specs=(spec, spec, P(), spec, spec, P()) + qspecs,
+        out_specs=(spec, spec, spec),
+        check_vma=False,
+    )
 
     def forward(x, y, ls, *q):
         part, lse_r, lse_c, c_i2t, c_t2i = fwd_map(x, y, ls, *q)
@@ -447,6 +510,10 @@ def infonce_ring(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, mesh: M
 
     ring = jax.custom_vjp(lambda x, y, ls, *q: forward(x, y, ls, *q)[0])
     ring.defvjp(forward, backward)
-    loss, acc_i2t, acc_t2i = ring(img.astype(jnp.float32), txt.astype(jnp.float32),
-                                  jnp.asarray(logit_scale, jnp.float32), *qargs)
+    loss, acc_i2t, acc_t2i = ring(
+        img.astype(jnp.float32),
+        txt.astype(jnp.float32),
+        jnp.asarray(logit_scale, jnp.float32),
+        *qargs,
+    )
     return loss, {"i2t_acc": acc_i2t, "t2i_acc": acc_t2i}

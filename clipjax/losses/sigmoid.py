@@ -15,10 +15,19 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from clipjax.losses.common import (BATCH_AXES, as_axes, batch_axis_size, check_divisible,
-                                   check_pair, from_tiles, tile_size, to_tiles)
+from clipjax.losses.common import (
+    BATCH_AXES,
+    as_axes,
+    batch_axis_size,
+    check_divisible,
+    check_pair,
+    from_tiles,
+    tile_size,
+    to_tiles,
+)
 from clipjax.losses.ring import _rotate
 
 
@@ -28,8 +37,9 @@ def _bias(logit_bias) -> jax.Array:
     return jnp.asarray(logit_bias, jnp.float32)
 
 
-def sigmoid_reference(img: jax.Array, txt: jax.Array, logit_scale: jax.Array,
-                      logit_bias: jax.Array | None) -> tuple[jax.Array, dict]:
+def sigmoid_reference(
+    img: jax.Array, txt: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array | None
+) -> tuple[jax.Array, dict]:
     """Oracle: the full B x B matrix with explicit +-1 labels."""
     check_pair(img, txt)
     b = img.shape[0]
@@ -55,14 +65,23 @@ def _prepare(img, txt, mesh, batch_axes):
     return axes, n, img.astype(jnp.float32), txt.astype(jnp.float32)
 
 
-def sigmoid_gathered(img: jax.Array, txt: jax.Array, logit_scale: jax.Array,
-                     logit_bias: jax.Array | None, mesh: Mesh,
-                     batch_axes: str | Sequence[str] = BATCH_AXES) -> tuple[jax.Array, dict]:
+def sigmoid_gathered(
+    img: jax.Array,
+    txt: jax.Array,
+    logit_scale: jax.Array,
+    logit_bias: jax.Array | None,
+    mesh: Mesh,
+    batch_axes: str | Sequence[str] = BATCH_AXES,
+) -> tuple[jax.Array, dict]:
     """All-gather the texts; each shard computes its b x B block. Per-shard memory O(b * B)."""
     axes, _, x, y = _prepare(img, txt, mesh, batch_axes)
     spec = P(axes)
-    fn = jax.shard_map(partial(_gathered_body, axes=axes), mesh=mesh,
-                       in_specs=(spec, spec, P(), P()), out_specs=spec)
+    fn = jax.shard_map(
+        partial(_gathered_body, axes=axes),
+        mesh=mesh,
+        in_specs=(spec, spec, P(), P()),
+        out_specs=spec,
+    )
     part = fn(x, y, jnp.asarray(logit_scale, jnp.float32), _bias(logit_bias))
     return part.sum() / img.shape[0], {}
 
@@ -98,16 +117,21 @@ def _ring_bwd_body(x, y, logit_scale, logit_bias, g, *, axes, n, tile, b_global)
             x_t, dx_t = inp
             cos = x_t @ y_blk.T
             p = jax.nn.sigmoid(s * cos + logit_bias)  # d softplus(L) / dL
-            return (dy + s * p.T @ x_t, dls + s * jnp.sum(p * cos), dbias + jnp.sum(p)), \
-                dx_t + s * p @ y_blk
+            return (
+                dy + s * p.T @ x_t,
+                dls + s * jnp.sum(p * cos),
+                dbias + jnp.sum(p),
+            ), dx_t + s * p @ y_blk
 
-        (dy, dls, dbias), dx_t = lax.scan(row_tile, (dy, dls, dbias),
-                                          (to_tiles(x, t), to_tiles(dx, t)))
+        (dy, dls, dbias), dx_t = lax.scan(
+            row_tile, (dy, dls, dbias), (to_tiles(x, t), to_tiles(dx, t))
+        )
         return (from_tiles(dx_t), dls, dbias), dy
 
     zero = jnp.zeros((), jnp.float32)
-    (dx, dls, dbias), dy = _rotate(n, step, (jnp.zeros_like(x), zero, zero),
-                                   (y, jnp.zeros_like(y)), axes)
+    (dx, dls, dbias), dy = _rotate(
+        n, step, (jnp.zeros_like(x), zero, zero), (y, jnp.zeros_like(y)), axes
+    )
     scale = g / b_global
     # The positives contribute -L_ii.
     dx = scale * (dx - s * y)
@@ -117,19 +141,33 @@ def _ring_bwd_body(x, y, logit_scale, logit_bias, g, *, axes, n, tile, b_global)
     return dx, dy, dls[None], dbias[None]
 
 
-def sigmoid_ring(img: jax.Array, txt: jax.Array, logit_scale: jax.Array,
-                 logit_bias: jax.Array | None, mesh: Mesh,
-                 batch_axes: str | Sequence[str] = BATCH_AXES,
-                 tile: int | None = None) -> tuple[jax.Array, dict]:
+def sigmoid_ring(
+    img: jax.Array,
+    txt: jax.Array,
+    logit_scale: jax.Array,
+    logit_bias: jax.Array | None,
+    mesh: Mesh,
+    batch_axes: str | Sequence[str] = BATCH_AXES,
+    tile: int | None = None,
+) -> tuple[jax.Array, dict]:
     """Chunked ring SigLIP with a custom VJP; equals `sigmoid_reference` in value and gradient."""
     axes, n, x, y = _prepare(img, txt, mesh, batch_axes)
     b_global = img.shape[0]
     spec = P(axes)
-    fwd_map = jax.shard_map(partial(_ring_fwd_body, axes=axes, n=n, tile=tile), mesh=mesh,
-                            in_specs=(spec, spec, P(), P()), out_specs=spec, check_vma=False)
+    fwd_map = jax.shard_map(
+        partial(_ring_fwd_body, axes=axes, n=n, tile=tile),
+        mesh=mesh,
+        in_specs=(spec, spec, P(), P()),
+        out_specs=spec,
+        check_vma=False,
+    )
     bwd_map = jax.shard_map(
-        partial(_ring_bwd_body, axes=axes, n=n, tile=tile, b_global=b_global), mesh=mesh,
-        in_specs=(spec, spec, P(), P(), P()), out_specs=(spec,) * 4, check_vma=False)
+        partial(_ring_bwd_body, axes=axes, n=n, tile=tile, b_global=b_global),
+        mesh=mesh,
+        in_specs=(spec, spec, P(), P(), P()),
+        out_specs=(spec,) * 4,
+        check_vma=False,
+    )
 
     def forward(x, y, ls, bias):
         return fwd_map(x, y, ls, bias).sum() / b_global, (x, y, ls, bias)

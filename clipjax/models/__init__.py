@@ -3,10 +3,29 @@
 May import jax/flax/numpy only (never clipjax.train, .data, .losses). Parameter logical axis names
 are listed in `clipjax.models.layers.LOGICAL_AXES`.
 """
-from clipjax.models.clip import CLIP, CLIPConfig, abstract_variables, dummy_inputs, l2_normalize, num_params
-from clipjax.models.layers import LOGICAL_AXES, count_params, stack_layer_params, unstack_layer_params
-from clipjax.models.presets import (PRESETS, SPEC_FIELDS, build_config, config_from_spec,
-                                    create_model, get_preset)
+
+from clipjax.models.clip import (
+    CLIP,
+    CLIPConfig,
+    abstract_variables,
+    dummy_inputs,
+    l2_normalize,
+    num_params,
+)
+from clipjax.models.layers import (
+    LOGICAL_AXES,
+    count_params,
+    stack_layer_params,
+    unstack_layer_params,
+)
+from clipjax.models.presets import (
+    PRESETS,
+    SPEC_FIELDS,
+    build_config,
+    config_from_spec,
+    create_model,
+    get_preset,
+)
 
 __all__ = [
     "CLIP",

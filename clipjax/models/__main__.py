@@ -1,4 +1,6 @@
-"""`python -m clipjax.models`: list the presets with parameter counts (computed without allocating)."""
+"""`python -m clipjax.models`: list the presets with parameter counts
+(computed without allocating)."""
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 `CLIP.__call__(images, text)` returns the output dict every loss consumes (see `CLIP.__call__`);
 `encode_image` / `encode_text` give L2-normalised joint-space embeddings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,8 @@ class CLIPConfig:
     """Architecture and numerics of a CLIP model. Immutable; use `dataclasses.replace` to vary.
 
     ViT towers: `vision_layers` is an int and `patch_size` is used. ResNet towers
-    (`vision_type='resnet'`): `vision_layers` is the 4 stage depths and `vision_width` the stem width.
+    (`vision_type='resnet'`): `vision_layers` is the 4 stage depths and `vision_width` the stem
+    width.
     """
 
     embed_dim: int = 512
@@ -71,20 +73,39 @@ class CLIPConfig:
             raise bad("remat", self.remat, f"one of {REMAT_POLICIES}")
         if self.act not in ACTIVATIONS:
             raise bad("act", self.act, f"one of {ACTIVATIONS}")
-        for key in ("embed_dim", "image_size", "vision_width", "context_length", "vocab_size",
-                    "text_width", "text_layers", "text_heads"):
+        for key in (
+            "embed_dim",
+            "image_size",
+            "vision_width",
+            "context_length",
+            "vocab_size",
+            "text_width",
+            "text_layers",
+            "text_heads",
+        ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise bad(key, getattr(self, key), "a positive int")
         if self.vision_type == "vit":
             if not isinstance(self.vision_layers, int) or self.vision_layers <= 0:
                 raise bad("vision_layers", self.vision_layers, "a positive int for a ViT tower")
             if self.patch_size <= 0 or self.image_size % self.patch_size:
-                raise bad("patch_size", self.patch_size, f"a positive divisor of image_size={self.image_size}")
+                raise bad(
+                    "patch_size",
+                    self.patch_size,
+                    f"a positive divisor of image_size={self.image_size}",
+                )
             default_heads = self.vision_width // 64
         else:
-            if (not isinstance(self.vision_layers, tuple) or len(self.vision_layers) != 4
-                    or not all(isinstance(n, int) and n > 0 for n in self.vision_layers)):
-                raise bad("vision_layers", self.vision_layers, "4 positive stage depths for a ResNet tower")
+            if (
+                not isinstance(self.vision_layers, tuple)
+                or len(self.vision_layers) != 4
+                or not all(isinstance(n, int) and n > 0 for n in self.vision_layers)
+            ):
+                raise bad(
+                    "vision_layers",
+                    self.vision_layers,
+                    "4 positive stage depths for a ResNet tower",
+                )
             if self.image_size % 32:
                 raise bad("image_size", self.image_size, "a multiple of 32 for a ResNet tower")
             default_heads = self.vision_width * 32 // 64
@@ -92,7 +113,9 @@ class CLIPConfig:
             object.__setattr__(self, "vision_heads", max(default_heads, 1))
         pool_width = self.vision_width * (32 if self.vision_type == "resnet" else 1)
         if pool_width % self.vision_heads:
-            raise bad("vision_heads", self.vision_heads, f"a divisor of the vision width {pool_width}")
+            raise bad(
+                "vision_heads", self.vision_heads, f"a divisor of the vision width {pool_width}"
+            )
         if self.text_width % self.text_heads:
             raise bad("text_heads", self.text_heads, f"a divisor of text_width={self.text_width}")
 
@@ -130,8 +153,14 @@ class CLIP(nn.Module):
         cfg = self.config
         dtype = cfg.compute_dtype
         # Settings both transformer stacks share.
-        stack = dict(mlp_ratio=cfg.mlp_ratio, act=cfg.act, eps=cfg.layer_norm_eps, dtype=dtype,
-                     scan_layers=cfg.scan_layers, remat=cfg.remat)
+        stack = dict(
+            mlp_ratio=cfg.mlp_ratio,
+            act=cfg.act,
+            eps=cfg.layer_norm_eps,
+            dtype=dtype,
+            scan_layers=cfg.scan_layers,
+            remat=cfg.remat,
+        )
         if cfg.vision_type == "vit":
             self.visual = VisionTransformer(
                 image_size=cfg.image_size,
@@ -182,14 +211,17 @@ class CLIP(nn.Module):
         return l2_normalize(self.text(text)[0])
 
     def logit_params(self) -> tuple[jax.Array, jax.Array | None]:
-        """(log temperature clamped at logit_scale_max, logit bias or None), both float32 scalars."""
+        """(log temperature clamped at logit_scale_max, logit bias or None), both float32
+        scalars."""
         scale = jnp.minimum(self.logit_scale, self.config.logit_scale_max).astype(jnp.float32)
         bias = None
         if self.config.logit_bias_init is not None:
             bias = self.logit_bias.astype(jnp.float32)
         return scale, bias
 
-    def __call__(self, images: jax.Array, text: jax.Array, train: bool = False) -> dict[str, jax.Array | None]:
+    def __call__(
+        self, images: jax.Array, text: jax.Array, train: bool = False
+    ) -> dict[str, jax.Array | None]:
         """Both towers. Returns the dict of the shared model contract:
 
         image_embeds [B, D], text_embeds [B, D], image_tokens [B, N, D], text_tokens [B, L, D] (all
@@ -211,7 +243,8 @@ class CLIP(nn.Module):
 
 
 def dummy_inputs(cfg: CLIPConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Zero images [B, S, S, 3] float32 and text [B, context_length] int32, for init / eval_shape."""
+    """Zero images [B, S, S, 3] float32 and text [B, context_length] int32,
+    for init / eval_shape."""
     images = jnp.zeros((batch, cfg.image_size, cfg.image_size, 3), jnp.float32)
     text = jnp.zeros((batch, cfg.context_length), jnp.int32)
     return images, text

@@ -10,6 +10,7 @@ bfloat16); layer norms and the attention softmax run in float32.
 Every parameter carries logical axis names (see `LOGICAL_AXES`) so that sharding rules can map them
 onto mesh axes without the model knowing about the mesh.
 """
+
 from __future__ import annotations
 
 import re
@@ -66,7 +67,10 @@ def logical(init: Callable, names: tuple[str | None, ...]) -> Callable:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis computed in float32, result cast to `dtype`. Params: scale, bias."""
+    """LayerNorm over the last axis computed in float32, result cast to `dtype`.
+
+    Params: scale, bias.
+    """
 
     eps: float = 1e-5
     dtype: Any = jnp.float32
@@ -190,7 +194,10 @@ class MLP(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x)). Returns (x, None) to be scan-compatible."""
+    """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x)).
+
+    Returns (x, None) to be scan-compatible.
+    """
 
     num_heads: int
     mlp_dim: int
@@ -270,7 +277,9 @@ class Transformer(nn.Module):
         )
         block_cls = ResidualBlock
         if self.remat != "none":
-            block_cls = nn.remat(block_cls, policy=_remat_policy(self.remat), prevent_cse=not self.scan_layers)
+            block_cls = nn.remat(
+                block_cls, policy=_remat_policy(self.remat), prevent_cse=not self.scan_layers
+            )
         if self.scan_layers:
             stack = nn.scan(
                 block_cls,
@@ -298,7 +307,8 @@ def _unbox(tree: Any) -> Any:
 
 
 def stack_layer_params(params: Any) -> Any:
-    """Looped layout -> scanned layout: every {'block_0'..'block_{L-1}'} becomes {'blocks': stacked}."""
+    """Looped layout -> scanned layout: every {'block_0'..'block_{L-1}'} becomes
+    {'blocks': stacked}."""
     params = _unbox(params)
     if not isinstance(params, dict):
         return params

@@ -12,6 +12,7 @@ Spatial tokens: each spatial feature (plus its positional embedding) is sent thr
 pool's value and output projections, i.e. what the pooled output would be if that location got all
 the attention weight. They live in the same joint space as the pooled embedding.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -41,7 +42,8 @@ def _conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1) ->
 
 
 def _batch_norm(x: jax.Array, train: bool, name: str, zero_init: bool = False) -> jax.Array:
-    """BatchNorm in float32 (params scale/bias, stats in 'batch_stats'); call inside a compact method."""
+    """BatchNorm in float32 (params scale/bias, stats in 'batch_stats'); call inside a compact
+    method."""
     y = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,  # = PyTorch's momentum 0.1
@@ -98,7 +100,9 @@ class AttentionPool2d(nn.Module):
         x = x.reshape(b, h * w, c)
         x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)  # [B, 1 + HW, C]
         pos = self.param(
-            "positional_embedding", logical(nn.initializers.normal(std), ("pos", "embed")), (h * w + 1, c)
+            "positional_embedding",
+            logical(nn.initializers.normal(std), ("pos", "embed")),
+            (h * w + 1, c),
         )
         x = x + pos.astype(self.dtype)
 

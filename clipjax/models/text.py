@@ -7,6 +7,7 @@ The pooled output is taken at the end-of-text token, which has the highest id in
 Only a causal mask is applied: padding comes after the end-of-text token, so by causality it cannot
 change any real position (token outputs at padded positions are meaningless; see `text_mask`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,7 +45,9 @@ class TextTransformer(nn.Module):
     def __call__(self, text: jax.Array) -> tuple[jax.Array, jax.Array]:
         b, seq = text.shape
         if seq > self.context_length:
-            raise ValueError(f"text has length {seq}, more than the context length {self.context_length}")
+            raise ValueError(
+                f"text has length {seq}, more than the context length {self.context_length}"
+            )
         tok = self.param(
             "token_embedding",
             logical(nn.initializers.normal(0.02), ("vocab", "embed")),

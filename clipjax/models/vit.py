@@ -4,6 +4,7 @@ Patch conv (no bias) -> [class token; patches] + learned positions -> ln_pre -> 
 ln_post -> projection (no bias). The pooled output is the class token; the patch sequence is
 ln_post applied to every patch token, through the same projection.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -42,7 +43,8 @@ class PatchEmbedding(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Returns (pooled [B, D], patch tokens [B, N, D]), both projected, not normalised, in `dtype`."""
+    """Returns (pooled [B, D], patch tokens [B, N, D]), both projected, not normalised,
+    in `dtype`."""
 
     image_size: int
     patch_size: int
@@ -92,7 +94,9 @@ class VisionTransformer(nn.Module):
         )(x)
         x = LayerNorm(self.eps, self.dtype, name="ln_post")(x)
         proj = self.param(
-            "proj", logical(nn.initializers.normal(scale), ("embed", "proj")), (self.width, self.output_dim)
+            "proj",
+            logical(nn.initializers.normal(scale), ("embed", "proj")),
+            (self.width, self.output_dim),
         )
         x = x @ proj.astype(self.dtype)  # [B, 1 + N, D]
         return x[:, 0], x[:, 1:]

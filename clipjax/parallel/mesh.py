@@ -8,9 +8,10 @@ import os
 from collections.abc import Mapping, Sequence
 
 import jax
-from jax.experimental import mesh_utils
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -33,17 +34,21 @@ def resolve_axis_sizes(axis_sizes: Mapping[str, int] | None, num_devices: int) -
     if -1 in sizes:
         if num_devices % fixed:
             raise ValueError(
-                f"mesh: {num_devices} devices are not divisible by the fixed axes {dict(axis_sizes)}")
+                f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                f"{dict(axis_sizes)}"
+            )
         sizes[sizes.index(-1)] = num_devices // fixed
     if math.prod(sizes) != num_devices:
         raise ValueError(
             f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices, "
-            f"but {num_devices} are available; use -1 for one axis to take the rest")
+            f"but {num_devices} are available; use -1 for one axis to take the rest"
+        )
     return tuple(sizes)
 
 
-def make_mesh(axis_sizes: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    axis_sizes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A mesh over `devices` (default: all) with Auto axis types, e.g. {'data': -1, 'fsdp': 2}."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_axis_sizes(axis_sizes, len(devices))
@@ -69,25 +74,39 @@ def batch_axis_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """Start JAX's multi-controller runtime when launched as several processes.
 
     Explicit arguments win; otherwise TPU VM pods and SLURM jobs are auto-detected by
     `jax.distributed.initialize()`. A single plain process is left alone.
     """
     explicit = coordinator is not None or num_processes is not None
-    detected = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                             "CLOUD_TPU_TASK_ID", "JAX_COORDINATOR_ADDRESS"))
+    detected = any(
+        k in os.environ
+        for k in (
+            "SLURM_JOB_ID",
+            "TPU_WORKER_HOSTNAMES",
+            "CLOUD_TPU_TASK_ID",
+            "JAX_COORDINATOR_ADDRESS",
+        )
+    )
     if explicit:
         if coordinator is None or num_processes is None or process_id is None:
-            raise ValueError("distributed: give all of --coordinator, --num_processes and "
-                             "--process_id, or none of them for auto-detection")
-        jax.distributed.initialize(coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+            raise ValueError(
+                "distributed: give all of --coordinator, --num_processes and "
+                "--process_id, or none of them for auto-detection"
+            )
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     elif detected and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
         jax.distributed.initialize()
     else:
         return
-    log.info("process %d/%d, %d local of %d devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d/%d, %d local of %d devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

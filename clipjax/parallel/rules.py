@@ -16,7 +16,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clipjax.parallel.mesh import BATCH_AXES
 
@@ -64,8 +65,10 @@ def _check_mesh_axes(name: str, axes: Any) -> None:
     flat = (axes,) if axes is None or isinstance(axes, str) else tuple(axes)
     bad = [a for a in flat if a is not None and a not in MESH_AXES]
     if bad:
-        raise ValueError(f"sharding rule {name!r} -> {axes!r}: unknown mesh axis {bad}; "
-                         f"expected None or names from {MESH_AXES}")
+        raise ValueError(
+            f"sharding rule {name!r} -> {axes!r}: unknown mesh axis {bad}; "
+            f"expected None or names from {MESH_AXES}"
+        )
 
 
 def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Rules) -> P:
@@ -110,8 +113,11 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
         if _is_partitioned(leaf):
             names = leaf.names
             value = leaf.value
-            spec = (logical_to_spec(names, rules) if isinstance(leaf, nn.LogicallyPartitioned)
-                    else P(*names))
+            spec = (
+                logical_to_spec(names, rules)
+                if isinstance(leaf, nn.LogicallyPartitioned)
+                else P(*names)
+            )
         else:
             value, spec = leaf, P()
         return NamedSharding(mesh, fit_spec(spec, value.shape, mesh))

@@ -1,4 +1,6 @@
-"""Image search: embed an image collection into an on-disk index; exact top-k query by text or image.
+"""Image search: embed an image collection into an on-disk index; exact top-k query by text or
+image.
 
-May import clipjax.models, clipjax.data, clipjax.export and clipjax.evaluate.embed; never clipjax.train.
+May import clipjax.models, clipjax.data, clipjax.export and clipjax.evaluate.embed;
+never clipjax.train.
 """

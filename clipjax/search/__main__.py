@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clipjax.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m clipjax.search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     ix = sub.add_parser("index", help="embed images into an index (resumable, incremental)")
     ix.add_argument("--model", required=True, help="model dir, HF CLIP dir, workdir, state dict")
@@ -36,14 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--out", required=True, help="index directory (created or extended)")
     ix.add_argument("--float16", action="store_true", help="store embeddings as float16")
     ix.add_argument("--batch-size", type=int, default=64)
-    ix.add_argument("--chunk-size", type=int, default=1024,
-                    help="images per persisted chunk (work lost if killed is at most this)")
+    ix.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1024,
+        help="images per persisted chunk (work lost if killed is at most this)",
+    )
     ix.add_argument("--no-progress", action="store_true")
     add_trust_flag(ix)
     q = sub.add_parser("query", help="rank indexed images by a text and/or image query")
     q.add_argument("--index", required=True)
-    q.add_argument("--model", help="model to encode the query: the one the index was built "
-                                   "with (needed for text queries)")
+    q.add_argument(
+        "--model",
+        help="model to encode the query: the one the index was built "
+        "with (needed for text queries)",
+    )
     q.add_argument("text", nargs="?", help="text query")
     q.add_argument("--image", help="image query (a file; indexed images need no model)")
     q.add_argument("-k", type=int, default=10, help="number of results")
@@ -60,13 +70,23 @@ def run_index(args: argparse.Namespace) -> None:
         raise ValueError("--batch-size and --chunk-size must be positive")
     paths = list_images(args.images)  # fails fast, before the model is loaded
     model, params, preprocess = load(args.model, trust_torchscript=args.trust_torchscript)
-    stats = build_index(args.out, paths, model=model, params=params, preprocess=preprocess,
-                        fingerprint=model_fingerprint(model.config, params),
-                        model_path=os.path.abspath(args.model), float16=args.float16,
-                        batch_size=args.batch_size, chunk_size=args.chunk_size,
-                        progress=not args.no_progress)
-    print(f"{args.out}: {stats.index_size} images indexed ({stats.added} added, "
-          f"{stats.already} already present, {stats.failed} unreadable skipped)")
+    stats = build_index(
+        args.out,
+        paths,
+        model=model,
+        params=params,
+        preprocess=preprocess,
+        fingerprint=model_fingerprint(model.config, params),
+        model_path=os.path.abspath(args.model),
+        float16=args.float16,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{args.out}: {stats.index_size} images indexed ({stats.added} added, "
+        f"{stats.already} already present, {stats.failed} unreadable skipped)"
+    )
 
 
 def _index_model_path(args: argparse.Namespace, index) -> str:
@@ -74,17 +94,22 @@ def _index_model_path(args: argparse.Namespace, index) -> str:
     recorded = index.meta.model_path
     if not args.trust_torchscript:
         built = f" (it records {recorded})" if recorded else ""
-        raise ValueError(f"{args.index}: this query needs the model the index was built with"
-                         f"{built}; pass --model PATH. The index's own record is not opened "
-                         f"unasked, since an index can name any file; --trust-torchscript "
-                         f"opens it")
+        raise ValueError(
+            f"{args.index}: this query needs the model the index was built with"
+            f"{built}; pass --model PATH. The index's own record is not opened "
+            f"unasked, since an index can name any file; --trust-torchscript "
+            f"opens it"
+        )
     if not recorded:
         raise ValueError(f"{args.index}: the index does not record its model; pass --model")
     if not os.path.exists(recorded):
-        raise FileNotFoundError(f"{recorded}: the model this index was built with is gone; "
-                                f"pass --model with the same model")
-    log.warning("loading the model the index %s records, %s (--trust-torchscript)", args.index,
-                recorded)
+        raise FileNotFoundError(
+            f"{recorded}: the model this index was built with is gone; "
+            f"pass --model with the same model"
+        )
+    log.warning(
+        "loading the model the index %s records, %s (--trust-torchscript)", args.index, recorded
+    )
     return recorded
 
 
@@ -103,8 +128,12 @@ def _encode_queries(args: argparse.Namespace, index) -> np.ndarray:
 
         model_path = args.model or _index_model_path(args, index)
         model, params, preprocess = load(model_path, trust_torchscript=args.trust_torchscript)
-        check_compatible(index.meta, model_fingerprint(model.config, params),
-                         model.config.embed_dim, where=args.index)
+        check_compatible(
+            index.meta,
+            model_fingerprint(model.config, params),
+            model.config.embed_dim,
+            where=args.index,
+        )
         encoder = Encoder(model, params, batch_size=1)
         if args.text is not None:
             from clipjax.data.tokenizer import tokenize
@@ -134,8 +163,11 @@ def run_query(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     scores, ids = index.search(query, args.k)
     ms = 1000 * (time.perf_counter() - start)
-    label = " + ".join(x for x in (repr(args.text) if args.text else "",
-                                   f"image {args.image}" if args.image else "") if x)
+    label = " + ".join(
+        x
+        for x in (repr(args.text) if args.text else "", f"image {args.image}" if args.image else "")
+        if x
+    )
     print(f"{label}: top {len(ids)} of {len(index)} images ({ms:.1f} ms)")
     for rank, (s, i) in enumerate(zip(scores, ids), start=1):
         print(f"{rank:4d}  {s:.4f}  {index.paths[i]}")

@@ -27,14 +27,25 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 def list_images(spec: str) -> list[str]:
     """Absolute paths of the images under a directory (recursively) or matching a glob."""
     if os.path.isdir(spec):
-        found = [os.path.join(root, f) for root, _, files in os.walk(spec) for f in files
-                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found = [
+            os.path.join(root, f)
+            for root, _, files in os.walk(spec)
+            for f in files
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
         if not found:
-            raise ValueError(f"--images {spec}: directory holds no images "
-                             f"({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(
+                f"--images {spec}: directory holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
     else:
-        found = expand_globs([spec], files_only=True, recursive=True, missing=lambda p: ValueError(
-            f"--images {p!r}: matches no files; expected a directory or a glob of images"))
+        found = expand_globs(
+            [spec],
+            files_only=True,
+            recursive=True,
+            missing=lambda p: ValueError(
+                f"--images {p!r}: matches no files; expected a directory or a glob of images"
+            ),
+        )
     return sorted(os.path.abspath(p) for p in found)
 
 
@@ -54,23 +65,41 @@ class BuildStats:
     index_size: int
 
 
-def build_index(out: str, paths: Sequence[str], *, model: Any, params: Any,
-                preprocess: Callable, fingerprint: str, model_path: str = "",
-                float16: bool = False, batch_size: int = 64, chunk_size: int = 1024,
-                mesh: Any = None, progress: bool = True, threads: int = 8) -> BuildStats:
+def build_index(
+    out: str,
+    paths: Sequence[str],
+    *,
+    model: Any,
+    params: Any,
+    preprocess: Callable,
+    fingerprint: str,
+    model_path: str = "",
+    float16: bool = False,
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+    mesh: Any = None,
+    progress: bool = True,
+    threads: int = 8,
+) -> BuildStats:
     """Add every path not yet in the index at `out` (created if missing)."""
     from clipjax.evaluate.embed import Encoder
 
     cfg = model.config
-    writer = IndexWriter(out, dim=cfg.embed_dim, dtype="float16" if float16 else "float32",
-                         model_fingerprint=fingerprint, model_path=model_path,
-                         image_size=cfg.image_size)
+    writer = IndexWriter(
+        out,
+        dim=cfg.embed_dim,
+        dtype="float16" if float16 else "float32",
+        model_fingerprint=fingerprint,
+        model_path=model_path,
+        image_size=cfg.image_size,
+    )
     done = writer.indexed_paths()
     todo = [p for p in paths if p not in done]
     already = len(paths) - len(todo)
     if already:
-        log.info("%s: %d of %d images already indexed; embedding %d", out, already, len(paths),
-                 len(todo))
+        log.info(
+            "%s: %d of %d images already indexed; embedding %d", out, already, len(paths), len(todo)
+        )
     encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size)
     bar = _progress(len(todo), progress)
     added = failed = 0
@@ -91,15 +120,19 @@ def build_index(out: str, paths: Sequence[str], *, model: Any, params: Any,
                 else:
                     ok_paths.append(path)
                     images.append(image)
-            emb = (encoder.images(np.stack(images)) if images
-                   else np.zeros((0, cfg.embed_dim), np.float32))
+            emb = (
+                encoder.images(np.stack(images))
+                if images
+                else np.zeros((0, cfg.embed_dim), np.float32)
+            )
             writer.add_chunk(ok_paths, emb, failed=bad)
             added += len(ok_paths)
             failed += len(bad)
             bar.update(len(chunk))
     bar.close()
-    return BuildStats(total=len(paths), already=already, added=added, failed=failed,
-                      index_size=writer.meta.count)
+    return BuildStats(
+        total=len(paths), already=already, added=added, failed=failed, index_size=writer.meta.count
+    )
 
 
 def _progress(total: int, enabled: bool):

@@ -33,11 +33,16 @@ def results_page(query: str, results: Sequence[tuple[float, str]], html_path: st
     for rank, (score, path) in enumerate(results, start=1):
         uri = thumbnail_data_uri(path)
         link = html.escape(os.path.relpath(path, base))
-        img = (f'<img src="{uri}" alt="{html.escape(os.path.basename(path))}">' if uri
-               else '<div class="missing">image not readable</div>')
-        cards.append(f'<figure><a href="{link}">{img}</a><figcaption>#{rank} '
-                     f'<b>{score:.4f}</b><br>{html.escape(os.path.basename(path))}</figcaption>'
-                     f'</figure>')
+        img = (
+            f'<img src="{uri}" alt="{html.escape(os.path.basename(path))}">'
+            if uri
+            else '<div class="missing">image not readable</div>'
+        )
+        cards.append(
+            f'<figure><a href="{link}">{img}</a><figcaption>#{rank} '
+            f"<b>{score:.4f}</b><br>{html.escape(os.path.basename(path))}</figcaption>"
+            f"</figure>"
+        )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>clipjax search: {html.escape(query)}</title>
 <style>

@@ -48,11 +48,21 @@ class IndexMeta:
         return sum(c["count"] for c in self.chunks)
 
     def to_json(self) -> str:
-        return json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION, "dim": self.dim,
-                           "dtype": self.dtype, "model_fingerprint": self.model_fingerprint,
-                           "model_path": self.model_path, "image_size": self.image_size,
-                           "count": self.count, "chunks": self.chunks, "failed": self.failed},
-                          indent=1)
+        return json.dumps(
+            {
+                "format": INDEX_FORMAT,
+                "version": INDEX_VERSION,
+                "dim": self.dim,
+                "dtype": self.dtype,
+                "model_fingerprint": self.model_fingerprint,
+                "model_path": self.model_path,
+                "image_size": self.image_size,
+                "count": self.count,
+                "chunks": self.chunks,
+                "failed": self.failed,
+            },
+            indent=1,
+        )
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "IndexMeta":
@@ -61,14 +71,24 @@ class IndexMeta:
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
         if d.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{where}: not a clipjax image index (format={d.get('format')!r}, "
-                             f"expected {INDEX_FORMAT!r})")
+            raise ValueError(
+                f"{where}: not a clipjax image index (format={d.get('format')!r}, "
+                f"expected {INDEX_FORMAT!r})"
+            )
         if d.get("version") != INDEX_VERSION:
-            raise ValueError(f"{where}: index version {d.get('version')} is not supported "
-                             f"(expected {INDEX_VERSION})")
-        return cls(dim=int(d["dim"]), dtype=d["dtype"], model_fingerprint=d["model_fingerprint"],
-                   model_path=d.get("model_path", ""), image_size=int(d.get("image_size", 0)),
-                   chunks=list(d["chunks"]), failed=dict(d.get("failed", {})))
+            raise ValueError(
+                f"{where}: index version {d.get('version')} is not supported "
+                f"(expected {INDEX_VERSION})"
+            )
+        return cls(
+            dim=int(d["dim"]),
+            dtype=d["dtype"],
+            model_fingerprint=d["model_fingerprint"],
+            model_path=d.get("model_path", ""),
+            image_size=int(d.get("image_size", 0)),
+            chunks=list(d["chunks"]),
+            failed=dict(d.get("failed", {})),
+        )
 
 
 def meta_path(index_dir: str) -> str:
@@ -87,28 +107,47 @@ def read_meta(index_dir: str) -> IndexMeta:
 class IndexWriter:
     """Appends chunks of (paths, embeddings) to a new or existing index directory."""
 
-    def __init__(self, index_dir: str, *, dim: int, dtype: str, model_fingerprint: str,
-                 model_path: str = "", image_size: int = 0):
+    def __init__(
+        self,
+        index_dir: str,
+        *,
+        dim: int,
+        dtype: str,
+        model_fingerprint: str,
+        model_path: str = "",
+        image_size: int = 0,
+    ):
         if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"index dtype {dtype!r} not supported; expected one of "
-                             f"{STORAGE_DTYPES}")
+            raise ValueError(
+                f"index dtype {dtype!r} not supported; expected one of {STORAGE_DTYPES}"
+            )
         self.index_dir = index_dir
         if os.path.exists(meta_path(index_dir)):
             meta = read_meta(index_dir)
             check_compatible(meta, model_fingerprint, dim, where=index_dir)
             if meta.dtype != dtype:
-                raise ValueError(f"{index_dir}: index stores {meta.dtype}, but {dtype} was "
-                                 f"requested; use the same --float16 setting as when it was "
-                                 f"created, or a new --out")
+                raise ValueError(
+                    f"{index_dir}: index stores {meta.dtype}, but {dtype} was "
+                    f"requested; use the same --float16 setting as when it was "
+                    f"created, or a new --out"
+                )
             self.meta = meta
         else:
-            if os.path.exists(index_dir) and (not os.path.isdir(index_dir)
-                                              or os.listdir(index_dir)):
-                raise FileExistsError(f"{index_dir}: exists and is not a clipjax image index; "
-                                      f"choose a new or empty --out")
+            if os.path.exists(index_dir) and (
+                not os.path.isdir(index_dir) or os.listdir(index_dir)
+            ):
+                raise FileExistsError(
+                    f"{index_dir}: exists and is not a clipjax image index; "
+                    f"choose a new or empty --out"
+                )
             os.makedirs(index_dir, exist_ok=True)
-            self.meta = IndexMeta(dim=dim, dtype=dtype, model_fingerprint=model_fingerprint,
-                                  model_path=model_path, image_size=image_size)
+            self.meta = IndexMeta(
+                dim=dim,
+                dtype=dtype,
+                model_fingerprint=model_fingerprint,
+                model_path=model_path,
+                image_size=image_size,
+            )
             self._write_meta()
 
     def indexed_paths(self) -> set[str]:
@@ -118,20 +157,25 @@ class IndexWriter:
             done.update(_read_paths(self.index_dir, chunk["name"]))
         return done
 
-    def add_chunk(self, paths: Sequence[str], embeddings: np.ndarray,
-                  failed: dict[str, str] | None = None) -> None:
+    def add_chunk(
+        self, paths: Sequence[str], embeddings: np.ndarray, failed: dict[str, str] | None = None
+    ) -> None:
         """Persist one chunk, then record it (and any unreadable paths) in meta.json."""
         embeddings = np.asarray(embeddings)
         if embeddings.shape != (len(paths), self.meta.dim):
-            raise ValueError(f"chunk embeddings have shape {embeddings.shape}, expected "
-                             f"({len(paths)}, {self.meta.dim})")
+            raise ValueError(
+                f"chunk embeddings have shape {embeddings.shape}, expected "
+                f"({len(paths)}, {self.meta.dim})"
+            )
         if paths:
             name = f"chunk-{self._next_chunk_id():05d}"
             with atomic_path(os.path.join(self.index_dir, name + ".npy")) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, embeddings.astype(self.meta.dtype))
-            write_text(os.path.join(self.index_dir, name + ".paths"),
-                       "".join(_escape(p) + "\n" for p in paths))
+            write_text(
+                os.path.join(self.index_dir, name + ".paths"),
+                "".join(_escape(p) + "\n" for p in paths),
+            )
             self.meta.chunks.append({"name": name, "count": len(paths)})
         if failed:
             self.meta.failed.update(failed)
@@ -146,18 +190,22 @@ class IndexWriter:
         write_text(meta_path(self.index_dir), self.meta.to_json())
 
 
-def check_compatible(meta: IndexMeta, model_fingerprint: str | None, dim: int | None,
-                     where: str) -> None:
+def check_compatible(
+    meta: IndexMeta, model_fingerprint: str | None, dim: int | None, where: str
+) -> None:
     """Raise IndexMismatchError when the index was not built with this model."""
     if dim is not None and meta.dim != dim:
-        raise IndexMismatchError(f"{where}: index embeddings have dimension {meta.dim}, but the "
-                                 f"model produces {dim}; rebuild the index with this model")
+        raise IndexMismatchError(
+            f"{where}: index embeddings have dimension {meta.dim}, but the "
+            f"model produces {dim}; rebuild the index with this model"
+        )
     if model_fingerprint is not None and meta.model_fingerprint != model_fingerprint:
         raise IndexMismatchError(
             f"{where}: index was built with a different model (fingerprint "
             f"{meta.model_fingerprint[:12]}, built from {meta.model_path or 'unknown'}) than the "
             f"one given (fingerprint {model_fingerprint[:12]}); query with the model the index "
-            f"was built with, or rebuild the index")
+            f"was built with, or rebuild the index"
+        )
 
 
 class Index:
@@ -178,16 +226,20 @@ class Index:
         for chunk in meta.chunks:
             npy = os.path.join(index_dir, chunk["name"] + ".npy")
             if not os.path.isfile(npy):
-                raise FileNotFoundError(f"{npy}: chunk listed in {meta_path(index_dir)} is "
-                                        f"missing; the index is damaged, rebuild it")
+                raise FileNotFoundError(
+                    f"{npy}: chunk listed in {meta_path(index_dir)} is "
+                    f"missing; the index is damaged, rebuild it"
+                )
             mat = np.load(npy)
             chunk_paths = _read_paths(index_dir, chunk["name"])
             if mat.shape != (chunk["count"], meta.dim) or len(chunk_paths) != chunk["count"]:
-                raise ValueError(f"{npy}: holds {mat.shape} embeddings and {len(chunk_paths)} "
-                                 f"paths, expected {chunk['count']} x {meta.dim}")
+                raise ValueError(
+                    f"{npy}: holds {mat.shape} embeddings and {len(chunk_paths)} "
+                    f"paths, expected {chunk['count']} x {meta.dim}"
+                )
             mats.append(mat)
             paths.extend(chunk_paths)
-        emb = (np.concatenate(mats) if mats else np.zeros((0, meta.dim), meta.dtype))
+        emb = np.concatenate(mats) if mats else np.zeros((0, meta.dim), meta.dtype)
         emb = np.ascontiguousarray(emb, dtype=dtype)
         return cls(emb, paths, meta)
 
@@ -207,8 +259,9 @@ class Index:
         return None
 
 
-def exact_topk(embeddings: np.ndarray, queries: np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+    embeddings: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows of `embeddings` by dot product, best first. One matmul + argpartition."""
     queries = np.asarray(queries, dtype=embeddings.dtype)
     single = queries.ndim == 1
@@ -240,12 +293,13 @@ def _escape(path: str) -> str:
 def _read_paths(index_dir: str, chunk_name: str) -> list[str]:
     p = os.path.join(index_dir, chunk_name + ".paths")
     if not os.path.isfile(p):
-        raise FileNotFoundError(f"{p}: paths file of a listed chunk is missing; the index is "
-                                f"damaged, rebuild it")
+        raise FileNotFoundError(
+            f"{p}: paths file of a listed chunk is missing; the index is damaged, rebuild it"
+        )
     with open(p, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f if line != "\n"]
 
 
 def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]

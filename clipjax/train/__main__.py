@@ -19,12 +19,19 @@ if TYPE_CHECKING:
     from clipjax.train.hooks import Hook
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. experiments/demo.py or experiments/x.py:arg",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config "
-                               "go here; an existing workdir is resumed.")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-process "
-                                   "runs without auto-detection).")
+    "config",
+    None,
+    "Experiment config file, e.g. experiments/demo.py or experiments/x.py:arg",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Checkpoints, metrics and the resolved config go here; an existing workdir is resumed.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "HOST:PORT of process 0 (multi-process runs without auto-detection)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -48,8 +55,11 @@ def main(argv: list[str], hooks: Sequence[Hook] = ()) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax
 
-    if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1 and (
-            jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")).startswith("cpu"):
+    if (
+        _NUM_PROCESSES.value
+        and _NUM_PROCESSES.value > 1
+        and (jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")).startswith("cpu")
+    ):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from clipjax.parallel.mesh import initialize_distributed
 
@@ -67,8 +77,10 @@ def main(argv: list[str], hooks: Sequence[Hook] = ()) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     if jax.process_index() == 0:
-        print(f"{result.status} at step {result.step}; last checkpoint: "
-              f"{result.last_checkpoint}; workdir: {_WORKDIR.value}")
+        print(
+            f"{result.status} at step {result.step}; last checkpoint: "
+            f"{result.last_checkpoint}; workdir: {_WORKDIR.value}"
+        )
         for k, v in sorted(result.eval_metrics.items()):
             print(f"  {k}: {v:.4f}")
     return 0

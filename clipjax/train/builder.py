@@ -18,8 +18,13 @@ from clipjax.parallel.rules import Rules, make_rules
 from clipjax.train import config as config_lib
 from clipjax.train.optimizer import Optimizer, make_optimizer
 from clipjax.train.state import TrainState, make_state_init
-from clipjax.train.step import (jit_train_step, make_embed_fn, make_grad_fn, make_train_step,
-                                used_outputs)
+from clipjax.train.step import (
+    jit_train_step,
+    make_embed_fn,
+    make_grad_fn,
+    make_train_step,
+    used_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,9 @@ class Trainer:
         return self.init(jax.random.PRNGKey(self.config.seed))
 
 
-def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh,
-                  has_labels: bool = False) -> Trainer:
+def build_trainer(
+    config: ml_collections.ConfigDict, mesh: Mesh, has_labels: bool = False
+) -> Trainer:
     """Model, optimizer, loss, state layout and jitted step for `config` on `mesh`.
     `has_labels`: the training batches carry a 'label' array (labelled shards)."""
     mcfg = config_lib.model_config(config)
@@ -60,8 +66,9 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh,
     loss = make_loss(config.loss, mesh, has_labels=has_labels)
 
     compiler_options = dict(config.compiler_options) or None
-    init, state_sh = make_state_init(model, optimizer, loss, mesh, rules,
-                                     compiler_options=compiler_options)
+    init, state_sh = make_state_init(
+        model, optimizer, loss, mesh, rules, compiler_options=compiler_options
+    )
     keys = ("image", "text", "label") if has_labels else ("image", "text")
     batch_sh = {k: batch_sharding(mesh) for k in keys}
     microbatches = int(config.microbatches)
@@ -69,29 +76,47 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh,
     cached = None
     if microbatches > 1:
         cached = _cached_outputs(model, loss, init, embed, config.batch_size, batch_sh)
-        log.info("gradient accumulation over %d microbatches caches %s", microbatches,
-                 sorted(cached))
+        log.info(
+            "gradient accumulation over %d microbatches caches %s", microbatches, sorted(cached)
+        )
     grad_fn = make_grad_fn(model, optimizer, loss, mesh, microbatches, cached)
     step = make_train_step(model, optimizer, loss, grad_fn, embed)
-    return Trainer(config=config, model_config=mcfg, model=model, mesh=mesh, rules=rules,
-                   optimizer=optimizer, loss=loss, init=init,
-                   train_step=jit_train_step(step, state_sh, batch_sh, rules, compiler_options),
-                   state_shardings=state_sh, batch_shardings=batch_sh, grad_fn=grad_fn)
+    return Trainer(
+        config=config,
+        model_config=mcfg,
+        model=model,
+        mesh=mesh,
+        rules=rules,
+        optimizer=optimizer,
+        loss=loss,
+        init=init,
+        train_step=jit_train_step(step, state_sh, batch_sh, rules, compiler_options),
+        state_shardings=state_sh,
+        batch_shardings=batch_sh,
+        grad_fn=grad_fn,
+    )
 
 
-def _cached_outputs(model: CLIP, loss: Loss, init: Callable, embed: Callable, batch_size: int,
-                    batch_sh: dict) -> frozenset[str]:
+def _cached_outputs(
+    model: CLIP, loss: Loss, init: Callable, embed: Callable, batch_size: int, batch_sh: dict
+) -> frozenset[str]:
     """The model outputs the loss reads, found by tracing it on abstract values."""
     mcfg = model.config
     state = jax.eval_shape(init, jax.random.PRNGKey(0))
     images, text = dummy_inputs(mcfg, batch_size)
-    batch = {"image": images, "text": text, "label": jax.ShapeDtypeStruct((batch_size,),
-                                                                          jnp.int32)}
+    batch = {"image": images, "text": text, "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     batch = {k: jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype) for k in batch_sh}
     outputs = jax.eval_shape(
         lambda p, ms, b: model.apply({"params": p, **ms}, b["image"], b["text"]),
-        state.params, state.model_state, batch)
+        state.params,
+        state.model_state,
+        batch,
+    )
     loss_state, info = jax.eval_shape(
         lambda st, p, ms, b: loss.prepare(st, p, b, lambda q, bb: embed(q, ms, bb)),
-        state.loss_state, state.params, state.model_state, batch)
+        state.loss_state,
+        state.params,
+        state.model_state,
+        batch,
+    )
     return used_outputs(loss.loss_fn, outputs, loss_state, info, batch)

@@ -21,6 +21,7 @@ from clipjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
+
 def checkpoint_dir(workdir: str) -> epath.Path:
     """`<workdir>/checkpoints`; a local workdir is made absolute, as orbax requires."""
     if "://" not in workdir:
@@ -42,7 +43,8 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta"))
+            self.directory, options=options, item_names=("state", "meta")
+        )
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step (temporary, half-written ones are ignored)."""
@@ -56,17 +58,25 @@ class Checkpointer:
         """Start an async save of `state` at `step` (returns once the arrays are copied off)."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state.to_dict()),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state.to_dict()), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Restore step `step` onto the shardings/dtypes of `target` (an abstract or real state)."""
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            target.to_dict())
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target.to_dict()
+        )
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
         return TrainState.from_dict(out["state"]), dict(out["meta"])
 
     def wait(self) -> None:
@@ -92,6 +102,8 @@ def read_state_arrays(workdir: str, step: int, item: str = "params") -> Any:
         raise KeyError(f"{path}: no {item!r} in the checkpointed state (has {sorted(tree)})")
     target = {item: tree[item]}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
+    out = checkpointer.restore(
+        path,
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+    )
     return out[item]

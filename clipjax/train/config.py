@@ -32,9 +32,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"
     c.model.dtype = "float32"  # compute dtype; params stay float32
-    c.model.scan_layers = True  # one compiled block: faster steps and ~6x faster compile (RESULTS.md)
-    # none | full | dots | dots_no_batch. "dots" saves only matmul outputs for the backward pass: less
-    # memory and, with layer scan, fewer stacked residual buffers to write and read (faster, not slower).
+    c.model.scan_layers = (
+        True  # one compiled block: faster steps and ~6x faster compile (RESULTS.md)
+    )
+    # none | full | dots | dots_no_batch. "dots" saves only matmul outputs for the backward pass:
+    # less memory and, with layer scan, fewer stacked residual buffers to write and read (faster,
+    # not slower).
     c.model.remat = "dots"
     c.model.overrides = ml_collections.ConfigDict()  # any other CLIPConfig field
 
@@ -104,9 +107,12 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     from clipjax.losses import LOSS_DEFAULTS
 
     none_types = {"tile": int, "duplicate_threshold": float}
-    return ml_collections.ConfigDict({
-        k: (ml_collections.FieldReference(None, field_type=none_types[k]) if v is None else v)
-        for k, v in LOSS_DEFAULTS.items()})
+    return ml_collections.ConfigDict(
+        {
+            k: (ml_collections.FieldReference(None, field_type=none_types[k]) if v is None else v)
+            for k, v in LOSS_DEFAULTS.items()
+        }
+    )
 
 
 def parse_config_arg(arg: str | None, where: str, **defaults: Any) -> dict[str, Any]:
@@ -123,8 +129,9 @@ def parse_config_arg(arg: str | None, where: str, **defaults: Any) -> dict[str, 
             continue
         key, eq, value = part.partition("=")
         if key not in defaults:
-            raise ValueError(f"{where}: unknown arg {key!r}; expected key=value with a key in "
-                             f"{sorted(defaults)}")
+            raise ValueError(
+                f"{where}: unknown arg {key!r}; expected key=value with a key in {sorted(defaults)}"
+            )
         kind = type(defaults[key])
         if not eq:
             if kind is not bool:
@@ -138,8 +145,9 @@ def parse_config_arg(arg: str | None, where: str, **defaults: Any) -> dict[str, 
             try:
                 out[key] = kind(value) if defaults[key] is not None else value
             except ValueError:
-                raise ValueError(f"{where}: {key}={value!r}: expected a value of type "
-                                 f"{kind.__name__}") from None
+                raise ValueError(
+                    f"{where}: {key}={value!r}: expected a value of type {kind.__name__}"
+                ) from None
     return out
 
 
@@ -164,11 +172,24 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
     return dict(zip(MESH_AXES, sizes))
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1,
-             check_files: bool = True) -> dict[str, int]:
+def validate(
+    config: ml_collections.ConfigDict,
+    num_devices: int,
+    process_count: int = 1,
+    check_files: bool = True,
+) -> dict[str, int]:
     """Check a resolved config before any compilation; returns the mesh shape it implies."""
-    for key in ("num_steps", "batch_size", "microbatches", "log_every", "max_nonfinite",
-                "checkpoint.keep", "eval.batch_size", "data.shuffle_buffer", "data.read_windows"):
+    for key in (
+        "num_steps",
+        "batch_size",
+        "microbatches",
+        "log_every",
+        "max_nonfinite",
+        "checkpoint.keep",
+        "eval.batch_size",
+        "data.shuffle_buffer",
+        "data.read_windows",
+    ):
         _positive_int(config, key)
     for key in ("checkpoint.every_steps", "eval.every_steps", "optimizer.warmup_steps"):
         _positive_int(config, key, allow_zero=True)
@@ -181,20 +202,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     batch_shards = math.prod(shape[a] for a in BATCH_AXES)
     per_step = batch_shards * config.microbatches
     if config.batch_size % per_step:
-        raise _fail("batch_size", config.batch_size,
-                    f"must be divisible by the batch axes {'x'.join(BATCH_AXES)}="
-                    f"{batch_shards} times microbatches={config.microbatches} (= {per_step}); "
-                    f"use a multiple of {per_step}")
+        raise _fail(
+            "batch_size",
+            config.batch_size,
+            f"must be divisible by the batch axes {'x'.join(BATCH_AXES)}="
+            f"{batch_shards} times microbatches={config.microbatches} (= {per_step}); "
+            f"use a multiple of {per_step}",
+        )
     if config.batch_size % process_count:
-        raise _fail("batch_size", config.batch_size,
-                    f"must be divisible by the number of processes ({process_count})")
+        raise _fail(
+            "batch_size",
+            config.batch_size,
+            f"must be divisible by the number of processes ({process_count})",
+        )
     if config.loss.queue_size:
         if config.loss.queue_size < config.batch_size:
-            raise _fail("loss.queue_size", config.loss.queue_size,
-                        f"a momentum queue must hold at least one batch ({config.batch_size})")
+            raise _fail(
+                "loss.queue_size",
+                config.loss.queue_size,
+                f"a momentum queue must hold at least one batch ({config.batch_size})",
+            )
         if config.loss.queue_size % batch_shards:
-            raise _fail("loss.queue_size", config.loss.queue_size,
-                        f"must be divisible by the batch shards ({batch_shards})")
+            raise _fail(
+                "loss.queue_size",
+                config.loss.queue_size,
+                f"must be divisible by the batch shards ({batch_shards})",
+            )
     try:
         from clipjax.losses import validate_loss_config
 
@@ -220,13 +253,17 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     known = {f for f in CLIPConfig.__dataclass_fields__}
     for key in config.model.overrides:
         if key not in known:
-            raise _fail(f"model.overrides.{key}", config.model.overrides[key],
-                        f"not a CLIPConfig field; known fields: {sorted(known)}")
+            raise _fail(
+                f"model.overrides.{key}",
+                config.model.overrides[key],
+                f"not a CLIPConfig field; known fields: {sorted(known)}",
+            )
     for key in SPEC_FIELDS:
         if key in config.model.overrides and config.model.overrides[key] != config.model[key]:
             raise ConfigError(
                 f"config.model.{key}={config.model[key]!r} and config.model.overrides.{key}="
-                f"{config.model.overrides[key]!r} disagree; set config.model.{key} only")
+                f"{config.model.overrides[key]!r} disagree; set config.model.{key} only"
+            )
     try:
         model_config(config)
     except (ValueError, TypeError) as e:
@@ -240,17 +277,26 @@ def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
     if o.schedule not in SCHEDULES:
         raise _fail("optimizer.schedule", o.schedule, f"expected one of {SCHEDULES}")
     if o.warmup_steps > config.num_steps:
-        raise _fail("optimizer.warmup_steps", o.warmup_steps,
-                    f"longer than the run (num_steps={config.num_steps})")
+        raise _fail(
+            "optimizer.warmup_steps",
+            o.warmup_steps,
+            f"longer than the run (num_steps={config.num_steps})",
+        )
     if not 0.0 <= float(o.min_lr_ratio) <= 1.0:
         raise _fail("optimizer.min_lr_ratio", o.min_lr_ratio, "expected a value in [0, 1]")
     if float(o.weight_decay) < 0 or float(o.clip_norm) < 0:
-        raise _fail("optimizer.weight_decay/clip_norm", (o.weight_decay, o.clip_norm),
-                    "expected values >= 0")
+        raise _fail(
+            "optimizer.weight_decay/clip_norm",
+            (o.weight_decay, o.clip_norm),
+            "expected values >= 0",
+        )
     for tower in o.lr_mult:
         if tower not in o.towers:
-            raise _fail(f"optimizer.lr_mult.{tower}", o.lr_mult[tower],
-                        f"unknown tower; optimizer.towers has {sorted(o.towers)}")
+            raise _fail(
+                f"optimizer.lr_mult.{tower}",
+                o.lr_mult[tower],
+                f"unknown tower; optimizer.towers has {sorted(o.towers)}",
+            )
     if o.lock_image and "image" not in o.towers:
         raise _fail("optimizer.lock_image", True, "needs optimizer.towers.image (a path regex)")
 
@@ -260,10 +306,15 @@ def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool
         if not config.data.train:
             raise _fail("data.train", config.data.train, "give a glob of TFRecord shards")
         if not expand_globs(config.data.train):
-            raise _fail("data.train", config.data.train,
-                        "matches no files; expected a glob of TFRecord shards")
+            raise _fail(
+                "data.train",
+                config.data.train,
+                "matches no files; expected a glob of TFRecord shards",
+            )
         for key in ("eval.zeroshot.shards", "eval.retrieval.shards"):
-            spec = config.eval.zeroshot.shards if "zeroshot" in key else config.eval.retrieval.shards
+            spec = (
+                config.eval.zeroshot.shards if "zeroshot" in key else config.eval.retrieval.shards
+            )
             if spec and not expand_globs(spec):
                 raise _fail(key, spec, "matches no files; expected a glob of TFRecord shards")
     if config.eval.zeroshot.shards and not config.eval.zeroshot.classnames:

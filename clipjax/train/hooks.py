@@ -71,8 +71,9 @@ class Hook:
         """Always, when the run ends."""
 
 
-def check_divergence(metrics: dict[str, jax.Array], step: int, limit: int,
-                     ckpt: Checkpointer) -> None:
+def check_divergence(
+    metrics: dict[str, jax.Array], step: int, limit: int, ckpt: Checkpointer
+) -> None:
     """Raise TrainingDiverged when the metrics' non-finite streak reached `limit`."""
     streak = int(jax.device_get(metrics["nonfinite_streak"]))
     if streak >= limit:
@@ -83,7 +84,8 @@ def check_divergence(metrics: dict[str, jax.Array], step: int, limit: int,
             f"(max_nonfinite={limit}); those updates were skipped, so the params are those of "
             f"step {step - streak}. The last checkpoint is "
             f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}; lower "
-            "optimizer.lr or check the data before resuming")
+            "optimizer.lr or check the data before resuming"
+        )
 
 
 class DivergenceCheck(Hook):
@@ -95,8 +97,9 @@ class DivergenceCheck(Hook):
 
     def after_step(self, run: RunContext) -> None:
         if self._pending is not None:
-            check_divergence(self._pending, run.step - 1, run.config.max_nonfinite,
-                             run.checkpointer)
+            check_divergence(
+                self._pending, run.step - 1, run.config.max_nonfinite, run.checkpointer
+            )
         self._pending = run.metrics
 
     def end(self, run: RunContext) -> None:
@@ -168,8 +171,7 @@ class SaveCheckpoints(Hook):
                 hook.after_save(run)
         if run.preempted:
             run.stop = True
-            log.warning("stopped at step %d after a preemption notice; checkpoint saved",
-                        run.step)
+            log.warning("stopped at step %d after a preemption notice; checkpoint saved", run.step)
 
 
 class Evaluate(Hook):
@@ -200,22 +202,32 @@ def run_evals(trainer: Trainer, params: Any) -> dict[str, float]:
     cfg, mcfg, out = trainer.config.eval, trainer.model_config, {}
 
     def pipeline(shards: str) -> EvalPipeline:
-        return EvalPipeline(shards, global_batch=cfg.batch_size, image_size=mcfg.image_size,
-                            context_length=mcfg.context_length)
+        return EvalPipeline(
+            shards,
+            global_batch=cfg.batch_size,
+            image_size=mcfg.image_size,
+            context_length=mcfg.context_length,
+        )
 
     if cfg.zeroshot.shards:
         from clipjax.evaluate.zeroshot import zeroshot_accuracy
 
         templates = _names(cfg.zeroshot.templates or "openai_imagenet_templates.txt", "|")
-        res = zeroshot_accuracy(trainer.model, params, pipeline(cfg.zeroshot.shards),
-                                _names(cfg.zeroshot.classnames, ","), templates,
-                                mesh=trainer.mesh)
+        res = zeroshot_accuracy(
+            trainer.model,
+            params,
+            pipeline(cfg.zeroshot.shards),
+            _names(cfg.zeroshot.classnames, ","),
+            templates,
+            mesh=trainer.mesh,
+        )
         out.update({f"zeroshot/{k}": v for k, v in res.items()})
     if cfg.retrieval.shards:
         from clipjax.evaluate.retrieval import retrieval_recall
 
-        res = retrieval_recall(trainer.model, params, pipeline(cfg.retrieval.shards),
-                               mesh=trainer.mesh)
+        res = retrieval_recall(
+            trainer.model, params, pipeline(cfg.retrieval.shards), mesh=trainer.mesh
+        )
         out.update({f"retrieval/{k}": v for k, v in res.items()})
     return out
 
@@ -267,9 +279,11 @@ class ClusterWatch(Hook):
         if share <= max(2 * expected, expected + 0.1):
             return None
         self.warned = True
-        return (f"training batches are clustered: {100 * share:.0f}% of in-batch pairs share a "
-                f"{self._kind}, random batches of this data would give {100 * expected:.0f}%. "
-                "Plain InfoNCE then treats true matches as negatives. Re-write the shards with "
-                "make_shards (it shuffles by default), raise data.shuffle_buffer above the size "
-                "of a category, or train with the setting for clustered data (README: 'Batches "
-                "of one category')")
+        return (
+            f"training batches are clustered: {100 * share:.0f}% of in-batch pairs share a "
+            f"{self._kind}, random batches of this data would give {100 * expected:.0f}%. "
+            "Plain InfoNCE then treats true matches as negatives. Re-write the shards with "
+            "make_shards (it shuffles by default), raise data.shuffle_buffer above the size "
+            "of a category, or train with the setting for clustered data (README: 'Batches "
+            "of one category')"
+        )

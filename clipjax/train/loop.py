@@ -23,9 +23,18 @@ from clipjax.parallel.mesh import make_mesh
 from clipjax.train import config as config_lib
 from clipjax.train.builder import Trainer, build_trainer
 from clipjax.train.checkpoint import Checkpointer
-from clipjax.train.hooks import (ClusterWatch, DivergenceCheck, Evaluate, Hook, LogMetrics,
-                                 PreemptionWatch, RunContext, SaveCheckpoints, TrainingDiverged,
-                                 run_evals)
+from clipjax.train.hooks import (
+    ClusterWatch,
+    DivergenceCheck,
+    Evaluate,
+    Hook,
+    LogMetrics,
+    PreemptionWatch,
+    RunContext,
+    SaveCheckpoints,
+    TrainingDiverged,
+    run_evals,
+)
 from clipjax.train.metrics import MetricWriter, Progress
 from clipjax.train.state import TrainState
 
@@ -43,23 +52,37 @@ class TrainResult:
     eval_metrics: dict[str, float]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          hooks: Sequence[Hook] = ()) -> TrainResult:
+def train(
+    config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook] = ()
+) -> TrainResult:
     """Train (or resume) `config` in `workdir`; `hooks` run after each step, before the
     built-in ones (see clipjax.train.hooks)."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
     trainer = setup(config, workdir)
-    ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
-                        config.checkpoint.async_save)
+    ckpt = Checkpointer(
+        workdir, config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save
+    )
     state, data_state = restore_or_init(trainer, ckpt, workdir)
     step = int(jax.device_get(state.step))
-    run = RunContext(trainer=trainer, checkpointer=ckpt, state=state, step=step,
-                     total=int(config.num_steps),
-                     writer=MetricWriter(workdir, tensorboard=config.tensorboard),
-                     progress=Progress(int(config.num_steps), config.batch_size, start_step=step))
+    run = RunContext(
+        trainer=trainer,
+        checkpointer=ckpt,
+        state=state,
+        step=step,
+        total=int(config.num_steps),
+        writer=MetricWriter(workdir, tensorboard=config.tensorboard),
+        progress=Progress(int(config.num_steps), config.batch_size, start_step=step),
+    )
     clusters = ClusterWatch()
-    run.hooks = [DivergenceCheck(), *hooks, PreemptionWatch(), LogMetrics(), clusters,
-                 SaveCheckpoints(), Evaluate()]
+    run.hooks = [
+        DivergenceCheck(),
+        *hooks,
+        PreemptionWatch(),
+        LogMetrics(),
+        clusters,
+        SaveCheckpoints(),
+        Evaluate(),
+    ]
     try:
         if step < run.total:
             run_steps(run, train_batches(trainer, data_state, observe=clusters.observe))
@@ -75,8 +98,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
     """The mesh and the compiled trainer; the run files written to the workdir."""
     mesh = make_mesh(dict(config.mesh))
-    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
-             jax.process_count())
+    log.info(
+        "mesh %s over %d devices (%d processes)",
+        dict(mesh.shape),
+        jax.device_count(),
+        jax.process_count(),
+    )
     from clipjax.data.shards import list_shards, validate_shards
 
     has_labels = validate_shards(list_shards(config.data.train)).has_label
@@ -88,40 +115,52 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
         from clipjax.parallel.rules import describe
 
         like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
-        log.debug("param layout:\n%s", "\n".join(
-            describe(trainer.state_shardings.params, like.params)))
+        log.debug(
+            "param layout:\n%s", "\n".join(describe(trainer.state_shardings.params, like.params))
+        )
     write_run_files(config, trainer, workdir)
     return trainer
 
 
-def restore_or_init(trainer: Trainer, ckpt: Checkpointer,
-                    workdir: str) -> tuple[TrainState, dict | None]:
+def restore_or_init(
+    trainer: Trainer, ckpt: Checkpointer, workdir: str
+) -> tuple[TrainState, dict | None]:
     """The newest complete checkpoint's state and data position, or a fresh state."""
     latest = ckpt.latest_step()
     if latest is None:
         log.info("starting from scratch in %s", workdir)
         return trainer.init_state(), None
     like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
-    abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            trainer.state_shardings, like)
+    abstract = jax.tree.map(
+        lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        trainer.state_shardings,
+        like,
+    )
     state, meta = ckpt.restore(latest, abstract)
     log.info("resumed from the checkpoint of step %d in %s", latest, workdir)
     return state, meta.get("data")
 
 
-def train_batches(trainer: Trainer, data_state: dict | None,
-                  observe: Callable[[dict], None] = lambda batch: None) -> Iterator:
+def train_batches(
+    trainer: Trainer, data_state: dict | None, observe: Callable[[dict], None] = lambda batch: None
+) -> Iterator:
     """(global batch, host data state) pairs from the position `data_state` (None: the start);
     `observe` sees each host batch (labels included) first."""
     from clipjax.data.train_pipeline import TrainPipeline
     from clipjax.parallel.placement import prefetch_to_device
 
     config, mcfg = trainer.config, trainer.model_config
-    pipeline = TrainPipeline(config.data.train, global_batch=config.batch_size,
-                             image_size=mcfg.image_size, context_length=mcfg.context_length,
-                             seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
-                             read_windows=config.data.read_windows,
-                             crop_scale=tuple(config.data.crop_scale), state=data_state)
+    pipeline = TrainPipeline(
+        config.data.train,
+        global_batch=config.batch_size,
+        image_size=mcfg.image_size,
+        context_length=mcfg.context_length,
+        seed=config.seed,
+        shuffle_buffer=config.data.shuffle_buffer,
+        read_windows=config.data.read_windows,
+        crop_scale=tuple(config.data.crop_scale),
+        state=data_state,
+    )
 
     def step_batches():
         for batch, state in pipeline:
@@ -154,9 +193,13 @@ def finish(run: RunContext) -> TrainResult:
         export_model(run.trainer, run.state, config.export.dir, config.export.format)
     run.writer.close()
     run.checkpointer.close()
-    return TrainResult(step=run.step, status="preempted" if run.preempted else "completed",
-                       last_checkpoint=run.checkpointer.latest_step(),
-                       final_metrics=run.last_metrics, eval_metrics=run.eval_metrics)
+    return TrainResult(
+        step=run.step,
+        status="preempted" if run.preempted else "completed",
+        last_checkpoint=run.checkpointer.latest_step(),
+        final_metrics=run.last_metrics,
+        eval_metrics=run.eval_metrics,
+    )
 
 
 def write_run_files(config: ml_collections.ConfigDict, trainer: Trainer, workdir: str) -> None:

@@ -1,4 +1,5 @@
-"""Metric writers: console progress line, TensorBoard event files, metrics.jsonl (process 0 only)."""
+"""Metric writers: console progress line, TensorBoard event files, metrics.jsonl
+(process 0 only)."""
 
 from __future__ import annotations
 
@@ -78,8 +79,12 @@ class MetricWriter:
         if self._tb is not None:
             with self._tb.as_default():
                 for k, v in values.items():
-                    self._tf.summary.write(k, self._tf.constant(v, self._tf.float32),
-                                           step=int(step), metadata=self._scalar_meta)
+                    self._tf.summary.write(
+                        k,
+                        self._tf.constant(v, self._tf.float32),
+                        step=int(step),
+                        metadata=self._scalar_meta,
+                    )
             self._tb.flush()
 
     def close(self) -> None:
@@ -130,13 +135,20 @@ class Progress:
         self._waited = 0.0
         elapsed, done = now - self._t0, step - self._s0
         eta = (self.total - step) * elapsed / done if done > 0 else float("nan")
-        return {"images_per_sec": ips, "data_wait_frac": wait, "eta_sec": eta,
-                "elapsed_sec": elapsed}
+        return {
+            "images_per_sec": ips,
+            "data_wait_frac": wait,
+            "eta_sec": eta,
+            "elapsed_sec": elapsed,
+        }
 
     def line(self, step: int, m: Mapping[str, Any]) -> str:
         width = len(str(self.total))
-        parts = [f"step {step:>{width}}/{self.total}", f"loss {_scalar(m['loss']):.4f}",
-                 f"lr {_scalar(m['lr']):.2e}"]
+        parts = [
+            f"step {step:>{width}}/{self.total}",
+            f"loss {_scalar(m['loss']):.4f}",
+            f"lr {_scalar(m['lr']):.2e}",
+        ]
         if "temperature" in m:
             parts.append(f"temp {_scalar(m['temperature']):.4f}")
         parts.append(f"{_scalar(m.get('images_per_sec', float('nan'))):.1f} img/s")
@@ -150,4 +162,3 @@ class Progress:
         if _scalar(m.get("nonfinite_total", 0)) > 0:
             parts.append(f"skipped {int(_scalar(m['nonfinite_total']))}")
         return " | ".join(parts)
-

@@ -37,7 +37,8 @@ def path_str(path: PathTuple) -> str:
 def _flat_names(boxed_params: Params) -> dict[PathTuple, tuple[Any, tuple[str | None, ...] | None]]:
     """{path: (array or ShapeDtypeStruct, logical names or None)} from a flax-boxed param tree."""
     flat = traverse_util.flatten_dict(
-        boxed_params, is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned | nn.Partitioned))
+        boxed_params, is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned | nn.Partitioned)
+    )
     out = {}
     for path, leaf in flat.items():
         if isinstance(leaf, nn.LogicallyPartitioned | nn.Partitioned):
@@ -113,8 +114,9 @@ def frozen_patterns(cfg: ml_collections.ConfigDict) -> list[str]:
     return patterns
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, boxed_params: Params,
-                   num_steps: int) -> Optimizer:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, boxed_params: Params, num_steps: int
+) -> Optimizer:
     """Build the optimizer for `config.optimizer` given (abstract, boxed) model params."""
     flat = _flat_names(boxed_params)
     patterns = frozen_patterns(cfg)
@@ -127,12 +129,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, boxed_params: Params,
     mults = dict(cfg.lr_mult)
     unknown = set(mults) - set(towers)
     if unknown:
-        raise ValueError(f"optimizer.lr_mult has towers {sorted(unknown)} not in optimizer.towers "
-                         f"{sorted(towers)}")
+        raise ValueError(
+            f"optimizer.lr_mult has towers {sorted(unknown)} not in optimizer.towers "
+            f"{sorted(towers)}"
+        )
     decay_tree = traverse_util.unflatten_dict(
-        {p: decays(p, tuple(v.shape), names) for p, (v, names) in trainable.items()})
+        {p: decays(p, tuple(v.shape), names) for p, (v, names) in trainable.items()}
+    )
     mult_tree = traverse_util.unflatten_dict(
-        {p: float(mults.get(tower_of(p, towers), 1.0)) for p in trainable})
+        {p: float(mults.get(tower_of(p, towers), 1.0)) for p in trainable}
+    )
 
     schedule = make_schedule(cfg, num_steps)
     parts = []
@@ -149,7 +155,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, boxed_params: Params,
 
 
 def scale_by_tree(factors: Params) -> optax.GradientTransformation:
-    """Multiply each update leaf by a fixed per-leaf factor (per-tower learning-rate multipliers)."""
+    """Multiply each update leaf by a fixed per-leaf factor (per-tower learning-rate
+    multipliers)."""
 
     def update(updates: Params, params: Params | None = None) -> Params:
         del params

@@ -31,12 +31,25 @@ class TrainState:
     nonfinite_total: jax.Array
 
     @classmethod
-    def create(cls, params: Any, opt_state: Any, rng: jax.Array, model_state: Any = None,
-               loss_state: Any = None) -> "TrainState":
+    def create(
+        cls,
+        params: Any,
+        opt_state: Any,
+        rng: jax.Array,
+        model_state: Any = None,
+        loss_state: Any = None,
+    ) -> "TrainState":
         zero = jnp.zeros((), jnp.int32)
-        return cls(step=zero, params=params, model_state=model_state or {}, opt_state=opt_state,
-                   rng=rng, loss_state=loss_state or {}, nonfinite_streak=zero,
-                   nonfinite_total=zero)
+        return cls(
+            step=zero,
+            params=params,
+            model_state=model_state or {},
+            opt_state=opt_state,
+            rng=rng,
+            loss_state=loss_state or {},
+            nonfinite_streak=zero,
+            nonfinite_total=zero,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of the fields (the checkpointed form)."""
@@ -47,8 +60,14 @@ class TrainState:
         return cls(**{f: d[f] for f in cls.__dataclass_fields__})
 
 
-def make_state_init(model: Any, optimizer: Any, loss: Any, mesh: Any, rules: Any,
-                    compiler_options: dict | None = None) -> tuple[Any, Any]:
+def make_state_init(
+    model: Any,
+    optimizer: Any,
+    loss: Any,
+    mesh: Any,
+    rules: Any,
+    compiler_options: dict | None = None,
+) -> tuple[Any, Any]:
     """(jitted init(rng) -> TrainState placed on the mesh, the state's NamedShardings).
 
     Params follow the logical-axis rules; optimizer moments follow their parameter; the loss
@@ -56,7 +75,8 @@ def make_state_init(model: Any, optimizer: Any, loss: Any, mesh: Any, rules: Any
     """
     import flax.linen as nn
     import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from clipjax.models import dummy_inputs
     from clipjax.parallel.rules import tree_shardings
@@ -70,9 +90,13 @@ def make_state_init(model: Any, optimizer: Any, loss: Any, mesh: Any, rules: Any
         variables = dict(nn.meta.unbox(model.init(init_rng, images, text)))
         params = variables.pop("params")
         trainable, _ = optimizer.split(params)
-        return TrainState.create(params, optimizer.tx.init(trainable), state_rng,
-                                 model_state=variables,
-                                 loss_state=loss.init_state(params, cfg.embed_dim))
+        return TrainState.create(
+            params,
+            optimizer.tx.init(trainable),
+            state_rng,
+            model_state=variables,
+            loss_state=loss.init_state(params, cfg.embed_dim),
+        )
 
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, text)
     var_shardings = tree_shardings(boxed, mesh, rules)
@@ -80,13 +104,21 @@ def make_state_init(model: Any, optimizer: Any, loss: Any, mesh: Any, rules: Any
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     train_sh, _ = optimizer.split(param_sh)
     opt_sh = optax.tree_map_params(
-        optimizer.tx, lambda _, s: s, abstract.opt_state, train_sh,
+        optimizer.tx,
+        lambda _, s: s,
+        abstract.opt_state,
+        train_sh,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
     shardings = TrainState(
-        step=replicated, params=param_sh,
+        step=replicated,
+        params=param_sh,
         model_state={k: v for k, v in var_shardings.items() if k != "params"},
-        opt_state=opt_sh, rng=replicated,
+        opt_state=opt_sh,
+        rng=replicated,
         loss_state=loss.state_shardings(param_sh, abstract.loss_state),
-        nonfinite_streak=replicated, nonfinite_total=replicated)
+        nonfinite_streak=replicated,
+        nonfinite_total=replicated,
+    )
     return jax.jit(init, out_shardings=shardings, compiler_options=compiler_options), shardings

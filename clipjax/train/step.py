@@ -32,7 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clipjax.losses import Loss
 from clipjax.parallel.mesh import BATCH_AXES, batch_axis_size
@@ -49,13 +50,15 @@ def _is_float(x: Any) -> bool:
     return x is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
-def _apply(model: nn.Module, params: Any, model_state: dict, batch: Batch
-           ) -> tuple[dict[str, Any], dict]:
+def _apply(
+    model: nn.Module, params: Any, model_state: dict, batch: Batch
+) -> tuple[dict[str, Any], dict]:
     """Model forward in training mode; returns (outputs, updated non-param collections)."""
     variables = {"params": params, **model_state}
     if model_state:  # e.g. BatchNorm statistics of a ResNet tower
-        outputs, updates = model.apply(variables, batch["image"], batch["text"], train=True,
-                                       mutable=list(model_state))
+        outputs, updates = model.apply(
+            variables, batch["image"], batch["text"], train=True, mutable=list(model_state)
+        )
         return outputs, dict(updates)
     return model.apply(variables, batch["image"], batch["text"]), {}
 
@@ -81,8 +84,9 @@ def join_microbatches(y: jax.Array, n_shards: int, mesh: Mesh) -> jax.Array:
     return _batch_constraint(x.reshape((m * bm,) + y.shape[2:]), mesh)
 
 
-def used_outputs(loss_of: Callable, abstract_outputs: dict[str, Any], *abstract_args
-                 ) -> frozenset[str]:
+def used_outputs(
+    loss_of: Callable, abstract_outputs: dict[str, Any], *abstract_args
+) -> frozenset[str]:
     """Names of model outputs that `loss_of(outputs, *args)` actually reads (traced once,
     abstractly). Gradient caching then caches only those (e.g. token sequences only for a
     token-wise loss)."""
@@ -125,8 +129,14 @@ def make_embed_fn(model: nn.Module, mesh: Mesh, microbatches: int) -> Callable:
     return embed
 
 
-def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss: Loss, mesh: Mesh,
-                 microbatches: int = 1, cached_keys: frozenset[str] | None = None) -> Callable:
+def make_grad_fn(
+    model: nn.Module,
+    optimizer: Optimizer,
+    loss: Loss,
+    mesh: Mesh,
+    microbatches: int = 1,
+    cached_keys: frozenset[str] | None = None,
+) -> Callable:
     """fn(trainable, frozen, model_state, batch, loss_state, info) -> (loss, metrics, log_scale,
     new_model_state, grads w.r.t. trainable): the whole batch at once, or gradient caching over
     `microbatches` (same value and gradient; see the module docstring).
@@ -142,8 +152,9 @@ def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss: Loss, mesh: Mesh,
             value, metrics = loss.loss_fn(outputs, loss_state, info, batch)
             return value, (metrics, outputs, new_ms)
 
-        (value, (metrics, outputs, new_ms)), grads = jax.value_and_grad(
-            loss_of, has_aux=True)(trainable)
+        (value, (metrics, outputs, new_ms)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            trainable
+        )
         return value, metrics, outputs["logit_scale"], new_ms, grads
 
     def accumulated_grads(trainable, frozen, model_state, batch, loss_state, info):
@@ -151,8 +162,11 @@ def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss: Loss, mesh: Mesh,
         params_sg = jax.lax.stop_gradient(optimizer.merge(trainable, frozen))
 
         def keep(outputs):
-            return {k: v for k, v in outputs.items()
-                    if _is_float(v) and (cached_keys is None or k in cached_keys)}
+            return {
+                k: v
+                for k, v in outputs.items()
+                if _is_float(v) and (cached_keys is None or k in cached_keys)
+            }
 
         # Pass 1: every microbatch's outputs without gradients; BatchNorm statistics (if any)
         # are threaded through the microbatches in order.
@@ -162,8 +176,10 @@ def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss: Loss, mesh: Mesh,
             return (new_ms if model_state else ms), (keep(outputs), other)
 
         new_ms, (stacked, stacked_other) = jax.lax.scan(fwd_nograd, model_state, micro)
-        full = {k: (v[0] if k in _SCALAR_OUTPUTS else join_microbatches(v, n_shards, mesh))
-                for k, v in stacked.items()}
+        full = {
+            k: (v[0] if k in _SCALAR_OUTPUTS else join_microbatches(v, n_shards, mesh))
+            for k, v in stacked.items()
+        }
         nondiff = {k: join_microbatches(v, n_shards, mesh) for k, v in stacked_other.items()}
 
         def loss_of_outputs(diff):
@@ -174,9 +190,14 @@ def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss: Loss, mesh: Mesh,
         ct_full = vjp(jnp.ones((), value.dtype))
         # Scalar outputs (temperature, bias) are shared by all microbatches: their cotangent is
         # applied once (microbatch 0), not m times.
-        ct_stacked = {k: (jnp.zeros((m,) + v.shape, v.dtype).at[0].set(v) if k in _SCALAR_OUTPUTS
-                          else split_microbatches(v, n_shards, m, mesh))
-                      for k, v in ct_full.items()}
+        ct_stacked = {
+            k: (
+                jnp.zeros((m,) + v.shape, v.dtype).at[0].set(v)
+                if k in _SCALAR_OUTPUTS
+                else split_microbatches(v, n_shards, m, mesh)
+            )
+            for k, v in ct_full.items()
+        }
 
         # Pass 2: recompute each microbatch with gradients and pull back its cotangent slice.
         def bwd(acc, xs):
@@ -197,19 +218,21 @@ def make_grad_fn(model: nn.Module, optimizer: Optimizer, loss: Loss, mesh: Mesh,
     return full_batch_grads if m == 1 else accumulated_grads
 
 
-def make_train_step(model: nn.Module, optimizer: Optimizer, loss: Loss, grad_fn: Callable,
-                    embed: Callable
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+    model: nn.Module, optimizer: Optimizer, loss: Loss, grad_fn: Callable, embed: Callable
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure train step for `model` under `optimizer` and `loss`; `grad_fn` from
     `make_grad_fn`, `embed` from `make_embed_fn` (used by losses with EMA encoders)."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, _ = jax.random.split(state.rng)
         trainable, frozen = optimizer.split(state.params)
-        loss_state, info = loss.prepare(state.loss_state, state.params, batch,
-                                        lambda p, b: embed(p, state.model_state, b))
-        value, metrics, log_scale, new_ms, grads = grad_fn(trainable, frozen, state.model_state,
-                                                           batch, loss_state, info)
+        loss_state, info = loss.prepare(
+            state.loss_state, state.params, batch, lambda p, b: embed(p, state.model_state, b)
+        )
+        value, metrics, log_scale, new_ms, grads = grad_fn(
+            trainable, frozen, state.model_state, batch, loss_state, info
+        )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
 
@@ -224,8 +247,9 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, loss: Loss, grad_fn:
 
         # A conditional, not a select of new vs old: the update runs in place on the donated
         # buffers instead of keeping copies of the old params and moments alive.
-        new_trainable, new_opt = jax.lax.cond(finite, apply_update, keep,
-                                              (grads, state.opt_state, trainable))
+        new_trainable, new_opt = jax.lax.cond(
+            finite, apply_update, keep, (grads, state.opt_state, trainable)
+        )
 
         new_loss_state = loss.update_state(loss_state, info)
 
@@ -268,8 +292,13 @@ def _vjp_with_aux(f, primal):
     return (loss, aux), vjp
 
 
-def jit_train_step(train_step: Callable, state_shardings: Any, batch_shardings: Any,
-                   rules: Any, compiler_options: dict | None = None) -> Callable:
+def jit_train_step(
+    train_step: Callable,
+    state_shardings: Any,
+    batch_shardings: Any,
+    rules: Any,
+    compiler_options: dict | None = None,
+) -> Callable:
     """jit with explicit in/out shardings; the donated state is updated in place."""
 
     @functools.wraps(train_step)
@@ -277,6 +306,10 @@ def jit_train_step(train_step: Callable, state_shardings: Any, batch_shardings: 
         with nn.logical_axis_rules(rules):
             return train_step(state, batch)
 
-    return jax.jit(traced, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,),
-                   compiler_options=compiler_options)
+    return jax.jit(
+        traced,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+        compiler_options=compiler_options,
+    )

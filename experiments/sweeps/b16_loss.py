@@ -10,7 +10,12 @@ CONFIG = "experiments/b16_laion.py"
 
 
 def get_sweep():
-    losses = zipped({"loss.name": ["softmax", "sigmoid"], "loss.impl": ["ring", "ring"],
-                     "model.overrides.logit_bias_init": [None, -10.0]})
+    losses = zipped(
+        {
+            "loss.name": ["softmax", "sigmoid"],
+            "loss.impl": ["ring", "ring"],
+            "model.overrides.logit_bias_init": [None, -10.0],
+        }
+    )
     lrs = grid({"optimizer.lr": [5e-4, 1e-3]})
     return [{**loss, **lr} for loss in losses for lr in lrs]

@@ -1,6 +1,6 @@
 """Learning rate x weight decay on the demo (6 runs, each a few minutes on a CPU).
 
-  python -m clipjax.launch.sweep experiments/sweeps/demo_lr.py --launcher local [--dry-run]
+python -m clipjax.launch.sweep experiments/sweeps/demo_lr.py --launcher local [--dry-run]
 """
 
 from clipjax.launch.sweep import grid
