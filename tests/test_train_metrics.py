@@ -1,6 +1,9 @@
-"""Progress bookkeeping: throughput, and time spent waiting for the input pipeline."""
+"""Progress bookkeeping (throughput, time spent waiting for the input pipeline) and the
+clustered-batch warning."""
 
 import time
+
+import numpy as np
 
 from clipjax.train.metrics import Progress
 
@@ -26,3 +29,28 @@ def test_data_wait_counts_time_blocked_on_the_iterator_not_the_step():
     assert 30 < compute_bound["images_per_sec"] <= 80  # 4 steps of 4 images in ~0.2 s
     line = progress.line(8, {"loss": 1.0, "lr": 1e-3, **compute_bound})
     assert "img/s" in line and "data wait " in line
+
+
+def test_cluster_watch_warns_on_clustered_batches_only():
+    """Batches of one label warn (once); random batches of the same labels do not."""
+    from clipjax.losses.pairs import equal_pair_share
+    from clipjax.train.hooks import ClusterWatch
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 64)
+
+    def share(batch_labels):
+        return float(equal_pair_share(np.asarray(batch_labels, np.int32)[:, None]))
+
+    for order, clustered in ((labels, True), (rng.permutation(labels), False)):
+        watch = ClusterWatch()
+        warnings = []
+        for i in range(0, len(order), 32):
+            batch = {"label": order[i : i + 32], "text": np.zeros((32, 4), np.int32)}
+            watch.observe(batch)
+            warnings.append(watch.check({"batch/same_label": share(batch["label"])}))
+        found = [w for w in warnings if w]
+        assert len(found) == (1 if clustered else 0), found
+        if clustered:
+            assert "share a label" in found[0]
+            assert "data.read_windows" in found[0]

@@ -283,7 +283,6 @@ class ClusterWatch(Hook):
             f"training batches are clustered: {100 * share:.0f}% of in-batch pairs share a "
             f"{self._kind}, random batches of this data would give {100 * expected:.0f}%. "
             "Plain InfoNCE then treats true matches as negatives. Re-write the shards with "
-            "make_shards (it shuffles by default), raise data.shuffle_buffer above the size "
-            "of a category, or train with the setting for clustered data (README: 'Batches "
-            "of one category')"
+            "make_shards (it shuffles by default), or read them with data.read_windows=16 and "
+            "train with loss.positives=auto (README: 'Batches of one category')"
         )
