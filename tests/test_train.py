@@ -316,8 +316,9 @@ def test_config_overrides_and_lr_mult_keys():
     assert validate(c, num_devices=8, check_files=False) == {"data": 2, "fsdp": 4, "tensor": 1}
 
 
-def test_momentum_queue_and_ema_in_state():
-    """With loss.queue_size the state carries a FIFO of EMA embeddings and the EMA params."""
+def test_momentum_queue_and_ema_in_state(tmp_path):
+    """With loss.queue_size the state carries a FIFO of EMA embeddings and the EMA params, and
+    the state checkpoints (no zero-size arrays: orbax refuses them)."""
     trainer = build_trainer(
         tiny_config(**{"loss.queue_size": 32, "loss.momentum": 0.5}), mesh_of(data=2)
     )
@@ -355,6 +356,19 @@ def test_momentum_queue_and_ema_in_state():
     plain = loss_with(queue_init(32, TINY["embed_dim"]))
     with_queue = loss_with(state.loss_state["queue"])
     assert float(with_queue) > float(plain) + 1e-3
+    from clipjax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
+    ckpt.save(2, state, {"step": 2})
+    like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
+    abstract = jax.tree.map(
+        lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        trainer.state_shardings,
+        like,
+    )
+    restored, _ = ckpt.restore(2, abstract)
+    ckpt.close()
+    np.testing.assert_array_equal(restored.loss_state["queue"].text, q.text)
     state, m = trainer.train_step(state, put(trainer, data[2]))
     np.testing.assert_allclose(float(m["loss"]), float(with_queue), rtol=1e-5)
 

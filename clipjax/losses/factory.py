@@ -185,28 +185,30 @@ class Loss:
 
     # -- state --------------------------------------------------------------------------------
     def init_state(self, params: Any, embed_dim: int) -> dict:
-        if not self.uses_ema:
-            return {}
-        return {
-            "ema_params": params,
-            "queue": queue_init(self.config["queue_size"], embed_dim, group_width=self.group_width),
-        }
+        state = {"ema_params": params} if self.uses_ema else {}
+        if self.config["queue_size"]:
+            state["queue"] = queue_init(
+                self.config["queue_size"], embed_dim, group_width=self.group_width
+            )
+        return state
 
     def state_shardings(self, param_shardings: Any, abstract_state: dict) -> dict:
         """NamedShardings of `init_state`'s tree: EMA params as the params, queue rows split on
         the batch axes (when they divide), counters replicated."""
-        if not abstract_state:
-            return {}
-        replicated = NamedSharding(self.mesh, P())
-        n = batch_axis_size(self.mesh, BATCH_AXES)
-        q = abstract_state["queue"]
-        rows = NamedSharding(self.mesh, P(BATCH_AXES) if q.image.shape[0] % n == 0 else P())
-        return {
-            "ema_params": param_shardings,
-            "queue": QueueState(
-                image=rows, text=rows, group=rows, ptr=replicated, count=replicated
-            ),
-        }
+        out = {"ema_params": param_shardings} if "ema_params" in abstract_state else {}
+        if "queue" in abstract_state:
+            q = abstract_state["queue"]
+            n = batch_axis_size(self.mesh, BATCH_AXES)
+            rows = NamedSharding(self.mesh, P(BATCH_AXES) if q.image.shape[0] % n == 0 else P())
+            replicated = NamedSharding(self.mesh, P())
+            out["queue"] = QueueState(
+                image=rows,
+                text=rows,
+                group=None if q.group is None else rows,
+                ptr=replicated,
+                count=replicated,
+            )
+        return out
 
     def groups(self, batch: Mapping[str, jax.Array]) -> jax.Array | None:
         if self.positives == "caption":

@@ -117,7 +117,7 @@ def _gathered_body(x, y, logit_scale, pair, queue, *, axes, rules):
     all_x, all_y = gather(x), gather(y)  # [B, D]
     all_pair = tuple(None if a is None else gather(a) for a in pair)
     if queue is not None:
-        queue = tuple(gather(a) for a in queue)
+        queue = tuple(None if a is None else gather(a) for a in queue)
     total, (hit_i2t, hit_t2i) = _directions(
         x,
         y,

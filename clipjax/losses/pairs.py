@@ -62,7 +62,13 @@ def check_pair_info(rules: PairRules, pairs: PairInfo | None, batch: int, queue=
                 f"group positives need PairInfo.group [{batch}, G], got "
                 f"{None if pairs.group is None else pairs.group.shape}"
             )
-        if queue is not None and queue.group.shape[1] != pairs.group.shape[1]:
+        if queue is not None and queue.image.shape[0] and queue.group is None:
+            raise ValueError("group positives need a queue with groups (queue_init group_width)")
+        if (
+            queue is not None
+            and queue.group is not None
+            and (queue.group.shape[1] != pairs.group.shape[1])
+        ):
             raise ValueError(
                 f"queue groups have width {queue.group.shape[1]}, the batch's "
                 f"{pairs.group.shape[1]}"

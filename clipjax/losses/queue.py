@@ -17,13 +17,14 @@ import jax.numpy as jnp
 class QueueState(NamedTuple):
     image: jax.Array  # [K, D] f32, EMA image embeddings
     text: jax.Array  # [K, D] f32, EMA text embeddings
-    group: jax.Array  # [K, G] int32, the entries' groups (see clipjax.losses.pairs)
+    group: jax.Array | None  # [K, G] int32, the entries' groups (clipjax.losses.pairs), or None
     ptr: jax.Array  # int32 scalar: next slot to write
     count: jax.Array  # int32 scalar: filled slots (<= K); slots [0, count) are valid
 
 
 def queue_init(size: int, dim: int, dtype=jnp.float32, group_width: int = 0) -> QueueState:
-    """An empty queue of `size` slots of `dim`-d embeddings (and `group_width` group ids)."""
+    """An empty queue of `size` slots of `dim`-d embeddings (and `group_width` group ids; none
+    when 0, as checkpoints cannot hold zero-size arrays)."""
     if size < 0 or dim <= 0 or group_width < 0:
         raise ValueError(
             f"queue_init: expected size >= 0, dim > 0, group_width >= 0, got "
@@ -32,7 +33,7 @@ def queue_init(size: int, dim: int, dtype=jnp.float32, group_width: int = 0) -> 
     return QueueState(
         image=jnp.zeros((size, dim), dtype),
         text=jnp.zeros((size, dim), dtype),
-        group=jnp.zeros((size, group_width), jnp.int32),
+        group=jnp.zeros((size, group_width), jnp.int32) if group_width else None,
         ptr=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32),
     )
@@ -56,16 +57,20 @@ def queue_push(
         raise ValueError(f"queue_push: batch {b} is larger than the queue ({k} slots)")
     image = jax.lax.stop_gradient(image).astype(queue.image.dtype)
     text = jax.lax.stop_gradient(text).astype(queue.text.dtype)
-    width = queue.group.shape[1]
-    if group is None:
-        group = jnp.zeros((b, width), jnp.int32)
-    if group.shape != (b, width):
-        raise ValueError(f"queue_push: expected groups [{b}, {width}], got {group.shape}")
     slots = (queue.ptr + jnp.arange(b)) % k
+    groups = None
+    if queue.group is not None:
+        width = queue.group.shape[1]
+        if group is None or group.shape != (b, width):
+            raise ValueError(
+                f"queue_push: expected groups [{b}, {width}], got "
+                f"{None if group is None else group.shape}"
+            )
+        groups = queue.group.at[slots].set(group.astype(jnp.int32))
     return QueueState(
         image=queue.image.at[slots].set(image),
         text=queue.text.at[slots].set(text),
-        group=queue.group.at[slots].set(group.astype(jnp.int32)),
+        group=groups,
         ptr=((queue.ptr + b) % k).astype(jnp.int32),
         count=jnp.minimum(queue.count + b, k).astype(jnp.int32),
     )
