@@ -78,6 +78,23 @@ def run(trainer, data):
     return state, losses
 
 
+def loss_and_grads(trainer, state, batch, loss_state=None):
+    """(loss, grads) of the step's differentiated function on `batch`, with `loss_state`
+    (default: the state's) going through the loss's own `prepare`."""
+    from clipjax.train.step import make_embed_fn
+
+    embed = make_embed_fn(trainer.model, trainer.mesh, trainer.config.microbatches)
+
+    def fn(s, ls, b):
+        ls, info = trainer.loss.prepare(ls, s.params, b, lambda p, bb: embed(p, {}, bb))
+        trainable, frozen = trainer.optimizer.split(s.params)
+        out = trainer.grad_fn(trainable, frozen, {}, b, ls, info)
+        return out[0], out[-1]
+
+    loss_state = state.loss_state if loss_state is None else loss_state
+    return jax.device_get(jax.jit(fn)(state, loss_state, put(trainer, batch)))
+
+
 @pytest.fixture(scope="module")
 def single():
     """The 1-device trainer of tiny_config(), compiled once for the tests that share it."""
@@ -339,19 +356,9 @@ def test_momentum_queue_and_ema_in_state(tmp_path):
     assert not np.array_equal(ema, p0["visual"]["proj"]) and not np.array_equal(ema, now)
     # A queue full of earlier embeddings adds negatives: the loss differs from the plain one.
     from clipjax.losses import queue_init
-    from clipjax.train.step import make_embed_fn
-
-    embed = make_embed_fn(trainer.model, trainer.mesh, 1)
 
     def loss_with(queue):
-        def fn(s, b):
-            loss_state, info = trainer.loss.prepare(
-                {**s.loss_state, "queue": queue}, s.params, b, lambda p, bb: embed(p, {}, bb)
-            )
-            trainable, frozen = trainer.optimizer.split(s.params)
-            return trainer.grad_fn(trainable, frozen, {}, b, loss_state, info)[0]
-
-        return jax.jit(fn)(state, put(trainer, data[2]))
+        return loss_and_grads(trainer, state, data[2], {**state.loss_state, "queue": queue})[0]
 
     plain = loss_with(queue_init(32, TINY["embed_dim"]))
     with_queue = loss_with(state.loss_state["queue"])
@@ -386,8 +393,6 @@ def test_false_negative_rules_through_the_step():
     """Label positives, near-duplicate masking and queue-only negatives in the real step: the
     queue records the labels, and gradient caching over 2 microbatches gives the full-batch
     loss and gradient."""
-    from clipjax.train.step import make_embed_fn
-
     loss_cfg = {
         "loss.positives": "label",
         "loss.queue_size": 32,
@@ -404,22 +409,8 @@ def test_false_negative_rules_through_the_step():
     q = jax.device_get(state.loss_state["queue"])
     np.testing.assert_array_equal(q.group[:B, 0], data[0]["label"])
     assert 0 < float(m["batch/same_label"]) < 1 and math.isfinite(float(m["loss"]))
-
-    def loss_and_grads(trainer):
-        embed = make_embed_fn(trainer.model, trainer.mesh, trainer.config.microbatches)
-
-        def fn(s, b):
-            loss_state, info = trainer.loss.prepare(
-                s.loss_state, s.params, b, lambda p, bb: embed(p, {}, bb)
-            )
-            trainable, frozen = trainer.optimizer.split(s.params)
-            out = trainer.grad_fn(trainable, frozen, {}, b, loss_state, info)
-            return out[0], out[-1]
-
-        return jax.device_get(jax.jit(fn)(state, put(trainer, data[1])))
-
-    loss1, g1 = loss_and_grads(full)
-    loss2, g2 = loss_and_grads(accum)
+    loss1, g1 = loss_and_grads(full, state, data[1])
+    loss2, g2 = loss_and_grads(accum, state, data[1])
     assert float(loss1) > 0 and abs(float(loss1) - float(loss2)) < 1e-5 * float(loss1)
     flat1, flat2 = traverse_util.flatten_dict(g1), traverse_util.flatten_dict(g2)
     scale = max(np.abs(v).max() for v in flat1.values())

@@ -104,8 +104,9 @@ def _cached_outputs(
     mcfg = model.config
     state = jax.eval_shape(init, jax.random.PRNGKey(0))
     images, text = dummy_inputs(mcfg, batch_size)
-    batch = {"image": images, "text": text, "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-    batch = {k: jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype) for k in batch_sh}
+    batch = {"image": images, "text": text}
+    if "label" in batch_sh:
+        batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     outputs = jax.eval_shape(
         lambda p, ms, b: model.apply({"params": p, **ms}, b["image"], b["text"]),
         state.params,

@@ -58,11 +58,14 @@ def train(
     """Train (or resume) `config` in `workdir`; `hooks` run after each step, before the
     built-in ones (see clipjax.train.hooks)."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    trainer = setup(config, workdir)
+    pipeline = train_pipeline(config)  # lists and checks the shards, before any compiling
+    trainer = setup(config, workdir, has_labels=pipeline.info.has_label)
     ckpt = Checkpointer(
         workdir, config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save
     )
     state, data_state = restore_or_init(trainer, ckpt, workdir)
+    if data_state is not None:
+        pipeline.restore(data_state)
     step = int(jax.device_get(state.step))
     run = RunContext(
         trainer=trainer,
@@ -85,7 +88,7 @@ def train(
     ]
     try:
         if step < run.total:
-            run_steps(run, train_batches(trainer, data_state, observe=clusters.observe))
+            run_steps(run, train_batches(trainer, pipeline, observe=clusters.observe))
     finally:
         ckpt.wait()
         for hook in run.hooks:
@@ -95,8 +98,9 @@ def train(
     return finish(run)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
-    """The mesh and the compiled trainer; the run files written to the workdir."""
+def setup(config: ml_collections.ConfigDict, workdir: str, has_labels: bool = False) -> Trainer:
+    """The mesh and the compiled trainer (`has_labels`: the shards carry labels); the run files
+    written to the workdir."""
     mesh = make_mesh(dict(config.mesh))
     log.info(
         "mesh %s over %d devices (%d processes)",
@@ -104,9 +108,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
         jax.device_count(),
         jax.process_count(),
     )
-    from clipjax.data.shards import list_shards, validate_shards
-
-    has_labels = validate_shards(list_shards(config.data.train)).has_label
     try:
         trainer = build_trainer(config, mesh, has_labels=has_labels)
     except ValueError as e:  # e.g. loss.positives='label' on shards without labels
@@ -141,16 +142,12 @@ def restore_or_init(
     return state, meta.get("data")
 
 
-def train_batches(
-    trainer: Trainer, data_state: dict | None, observe: Callable[[dict], None] = lambda batch: None
-) -> Iterator:
-    """(global batch, host data state) pairs from the position `data_state` (None: the start);
-    `observe` sees each host batch (labels included) first."""
+def train_pipeline(config: ml_collections.ConfigDict):
+    """This host's TrainPipeline over `config.data.train`, at the start of the data."""
     from clipjax.data.train_pipeline import TrainPipeline
-    from clipjax.parallel.placement import prefetch_to_device
 
-    config, mcfg = trainer.config, trainer.model_config
-    pipeline = TrainPipeline(
+    mcfg = config_lib.model_config(config)
+    return TrainPipeline(
         config.data.train,
         global_batch=config.batch_size,
         image_size=mcfg.image_size,
@@ -159,8 +156,15 @@ def train_batches(
         shuffle_buffer=config.data.shuffle_buffer,
         read_windows=config.data.read_windows,
         crop_scale=tuple(config.data.crop_scale),
-        state=data_state,
     )
+
+
+def train_batches(
+    trainer: Trainer, pipeline, observe: Callable[[dict], None] = lambda batch: None
+) -> Iterator:
+    """(global batch, host data state) pairs from `pipeline`'s position; `observe` sees each host
+    batch (labels included) first."""
+    from clipjax.parallel.placement import prefetch_to_device
 
     def step_batches():
         for batch, state in pipeline:
