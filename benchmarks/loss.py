@@ -1,6 +1,6 @@
 """Contrastive loss memory/time on 8 fake CPU devices: reference vs gathered vs ring InfoNCE.
 
-    python benchmarks/loss.py [--quick] [--steps N] [--tile T]
+    python benchmarks/loss.py [--quick | --accelerator] [--steps N] [--tile T]
 
 For each (implementation, global batch B, dim D) it jit-compiles forward+backward (value and grads
 w.r.t. both embeddings and the log temperature), reads the per-device temporary memory from XLA's
@@ -9,6 +9,8 @@ now - runs it, reporting time per step and the peak RSS of a fresh process (each
 its own subprocess, so peaks do not mix). Bytes communicated per device are computed from the
 collectives each implementation issues (reference: XLA chooses, not counted). Configs that would
 not fit are reported as 'does not fit' without running. `--quick` (< 1 min) ends with one JSON line.
+`--accelerator` runs gathered vs ring at 64k and 256k global batch (D=512) on the real devices
+(e.g. one GPU), checking the fit against the device's memory instead of host RAM.
 """
 
 import argparse
@@ -39,6 +41,12 @@ QUICK = [
     ("gathered", 4096, 128),
     ("ring", 4096, 128),
 ]
+ACCELERATOR = [
+    ("gathered", 65536, 512),
+    ("ring", 65536, 512),
+    ("gathered", 262144, 512),
+    ("ring", 262144, 512),
+]
 SLOW_STEP_S = 20.0  # a warm-up call slower than this is itself the timing (saves minutes)
 
 
@@ -63,11 +71,12 @@ def mem_available() -> int:
     raise RuntimeError("MemAvailable not found in /proc/meminfo")
 
 
-def run_one(impl: str, b_global: int, d: int, steps: int, tile: int) -> dict:
+def run_one(impl: str, b_global: int, d: int, steps: int, tile: int, accelerator: bool) -> dict:
     """Compile, check the fit, time; runs inside a fresh subprocess."""
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
-    )
+    if not accelerator:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
+        )
     import resource
 
     import jax
@@ -78,7 +87,9 @@ def run_one(impl: str, b_global: int, d: int, steps: int, tile: int) -> dict:
 
     from clipjax.losses import infonce_gathered, infonce_reference, infonce_ring
 
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+    devices = np.array(jax.devices())
+    n = devices.size
+    mesh = Mesh(devices.reshape(1, n) if accelerator else devices.reshape(2, 4), ("data", "fsdp"))
     fns = {
         "reference": lambda x, y, s: infonce_reference(x, y, s)[0],
         "gathered": lambda x, y, s: infonce_gathered(x, y, s, mesh)[0],
@@ -93,21 +104,29 @@ def run_one(impl: str, b_global: int, d: int, steps: int, tile: int) -> dict:
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     per_device = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    need = N_DEVICES * per_device + (1 << 30)  # + ~1 GiB for the runtime itself
+    if accelerator:  # each device's own memory
+        need = per_device
+        stats = jax.devices()[0].memory_stats() or {}  # none on CPU: host RAM
+        avail = stats.get("bytes_limit") or mem_available()
+        where = f"{jax.devices()[0].device_kind} memory"
+    else:  # the fake devices share the host's RAM
+        need = N_DEVICES * per_device + (1 << 30)  # + ~1 GiB for the runtime itself
+        avail = mem_available()
+        where = "RAM"
     row = {
         "impl": impl,
         "B": b_global,
         "D": d,
         "tile": tile if impl == "ring" else None,
         "temp_bytes_per_device": int(mem.temp_size_in_bytes),
-        "comm_bytes_per_device": comm_bytes(impl, b_global, d),
+        "comm_bytes_per_device": comm_bytes(impl, b_global, d, n),
         "compile_s": compile_s,
     }
-    avail = mem_available()
     if need > 0.9 * avail:
         row.update(
             fits=False,
-            note=f"does not fit: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available",
+            note=f"does not fit: needs ~{need / 2**30:.1f} GiB, "
+            f"{avail / 2**30:.1f} GiB {where} available",
         )
         return row
 
@@ -135,10 +154,13 @@ def run_one(impl: str, b_global: int, d: int, steps: int, tile: int) -> dict:
         loss=float(loss),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
+    if accelerator:
+        stats = jax.devices()[0].memory_stats() or {}
+        row["device_peak_bytes"] = stats.get("peak_bytes_in_use")
     return row
 
 
-def spawn(impl, b_global, d, steps, tile, timeout) -> dict:
+def spawn(impl, b_global, d, steps, tile, timeout, accelerator) -> dict:
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -148,7 +170,7 @@ def spawn(impl, b_global, d, steps, tile, timeout) -> dict:
         str(steps),
         "--tile",
         str(tile),
-    ]
+    ] + (["--accelerator"] if accelerator else [])
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -170,7 +192,7 @@ def fmt_bytes(v):
 
 def print_header():
     print(
-        f"{'impl':<10}{'B':>8}{'D':>5}  {'temp/device':>14}  {'peak RSS':>13}  "
+        f"{'impl':<10}{'B':>8}{'D':>5}  {'temp/device':>14}  {'peak mem':>13}  "
         f"{'step s':>8}  {'comm/device':>12}  note"
     )
 
@@ -179,7 +201,7 @@ def print_row(r):
     step = f"{r['step_s']:.3f}" if r.get("step_s") is not None else "-"
     print(
         f"{r['impl']:<10}{r['B']:>8}{r['D']:>5}  {fmt_bytes(r.get('temp_bytes_per_device')):>14}"
-        f"  {fmt_bytes(r.get('peak_rss_bytes')):>13}  {step:>8}  "
+        f"  {fmt_bytes(r.get('device_peak_bytes', r.get('peak_rss_bytes'))):>13}  {step:>8}  "
         f"{fmt_bytes(r.get('comm_bytes_per_device')):>12}  {r.get('note', '')}"
     )
 
@@ -202,6 +224,11 @@ def compare(rows, b_global):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, < 1 min, one JSON line")
+    p.add_argument(
+        "--accelerator",
+        action="store_true",
+        help="gathered vs ring at 64k/256k on the real devices (peak mem: device memory)",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps per config (median)")
     p.add_argument("--tile", type=int, default=1024, help="ring: image rows per logit block")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per config")
@@ -211,27 +238,33 @@ def main():
         p.error(f"--tile must be positive, got {args.tile}")
     if args.one:
         impl, b_global, d = args.one.split(",")
-        print(json.dumps(run_one(impl, int(b_global), int(d), args.steps or 1, args.tile)))
+        row = run_one(impl, int(b_global), int(d), args.steps or 1, args.tile, args.accelerator)
+        print(json.dumps(row))
         return
-    configs = QUICK if args.quick else FULL
-    steps = args.steps or (3 if args.quick else 2)
+    configs = ACCELERATOR if args.accelerator else QUICK if args.quick else FULL
+    steps = args.steps or (3 if args.quick or args.accelerator else 2)
+    devices = (
+        "the real devices, mesh (data=1, fsdp=all); peak mem: the device's"
+        if args.accelerator
+        else f"{N_DEVICES} fake CPU devices, mesh (data=2, fsdp=4); peak mem: process RSS"
+    )
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores, "
-        f"{mem_available() / 2**30:.1f} GiB available; {N_DEVICES} fake CPU devices, "
-        f"mesh (data=2, fsdp=4); python {platform.python_version()}"
+        f"{mem_available() / 2**30:.1f} GiB available; {devices}; "
+        f"python {platform.python_version()}"
     )
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date: {datetime.date.today()}; fwd+bwd, f32, median of {steps} steps after warm-up")
     print_header()
     rows = []
     for impl, b_global, d in configs:
-        rows.append(spawn(impl, b_global, d, steps, args.tile, args.timeout))
+        rows.append(spawn(impl, b_global, d, steps, args.tile, args.timeout, args.accelerator))
         print_row(rows[-1])
         sys.stdout.flush()
     comparisons = [c for c in (compare(rows, b) for b in sorted({r["B"] for r in rows})) if c]
     for c in comparisons:
         print("ring vs gathered:", json.dumps(c))
-    if args.quick:
+    if args.quick or args.accelerator:
         print(json.dumps({"benchmark": "loss", "rows": rows, "comparisons": comparisons}))
 
 

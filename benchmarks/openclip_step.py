@@ -7,7 +7,8 @@ Builds open_clip's CLIP with the architecture of the given clipjax config (rando
 tower, causal text tower, QuickGELU), then times the training step open_clip's own loop runs:
 forward under bf16 autocast when dtype is bfloat16 (float32 otherwise), its ClipLoss, backward,
 gradient clipping at 1.0, AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2 on matrices), and the
-logit-scale clamp. Prints one line 'RESULT {json}'. Needs the `bench` extra.
+logit-scale clamp. Runs on the GPU when torch sees one (as clipjax's side runs on jax's default
+device), else on the CPU. Prints one line 'RESULT {json}'. Needs the `bench` extra.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main() -> None:
         quick_gelu=True,
         init_logit_scale=cfg["logit_scale_init"],
     )
-    model.train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [
         p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
@@ -103,12 +105,13 @@ def main() -> None:
     loss_fn = ClipLoss()
     host = synthetic_batch(cfg, b)
     images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2)))
-    tokens = torch.from_numpy(host["text"].astype(np.int64))
+    images = images.to(device)
+    tokens = torch.from_numpy(host["text"].astype(np.int64)).to(device)
     bf16 = spec["dtype"] == "bfloat16"
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             img, txt, scale = model(images, tokens)
             loss = loss_fn(img, txt, scale)
         loss.backward()
@@ -116,7 +119,7 @@ def main() -> None:
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        return float(loss)
+        return float(loss)  # waits for the step to finish on the device
 
     t0 = time.perf_counter()
     losses = [step()]
@@ -141,6 +144,9 @@ def main() -> None:
                 "num_params": sum(p.numel() for p in model.parameters()),
                 "named_config": matching_named_config(embed_dim, vision, text),
                 "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "device_peak_gib": torch.cuda.max_memory_allocated() / 2**30
+                if device.type == "cuda"
+                else None,
                 "loss": [losses[0], losses[-1]],
             }
         ),

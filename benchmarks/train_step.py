@@ -91,11 +91,14 @@ def train_step_flops(cfg: dict, batch: int) -> float:
 # Worker: one clipjax configuration, in its own process.
 
 
-def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
-    """FLOP/s of a jitted [n,n]x[n,n] matmul in `dtype` (bf16 accumulates in float32)."""
+def matmul_peak(dtype: str, seconds: float = 3.0) -> float:
+    """FLOP/s of a jitted [n,n]x[n,n] matmul in `dtype` (bf16 accumulates in float32); n = 2048
+    on a CPU, 8192 on an accelerator (large enough to reach its peak)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    n = 2048 if jax.default_backend() == "cpu" else 8192
 
     dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dt)
@@ -109,6 +112,15 @@ def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
         dt_s = time.perf_counter() - t0
         best, spent = min(best, dt_s), spent + dt_s
     return 2.0 * n**3 / best
+
+
+def peak_device_memory() -> float | None:
+    """Peak bytes allocated on the first device (GiB), where the backend reports it (GPU/TPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
 
 
 def synthetic_batch(cfg: dict, batch: int, seed: int = 0) -> dict:
@@ -196,6 +208,8 @@ def run_worker(spec: dict) -> dict:
         "xla_flops": xla_flops,
         "peak_flops": peak,
         "rss_gib": usage1.ru_maxrss / 2**20,
+        "device_peak_gib": peak_device_memory(),
+        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
         "page_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / spec["steps"],
         "sys_s_per_step": (usage1.ru_stime - usage0.ru_stime) / spec["steps"],
         "loss": [loss0, loss],
@@ -237,6 +251,8 @@ def merge_rounds(results: list[dict]) -> dict:
     out = dict(results[0])
     out["step_s"] = [t for r in results for t in r["step_s"]]
     out["rss_gib"] = max(r["rss_gib"] for r in results)
+    peaks = [r["device_peak_gib"] for r in results if r.get("device_peak_gib") is not None]
+    out["device_peak_gib"] = max(peaks) if peaks else None
     if "peak_flops" in out:
         out["peak_flops"] = max(r["peak_flops"] for r in results)
     return out
@@ -260,7 +276,13 @@ def summarise(r: dict, batch: int, flops: float, peak: float) -> dict:
         "compile_cpu_s": r.get("compile_cpu_s"),
         "first_step_s": r.get("first_step_s"),
         "rss_gib": r["rss_gib"],
+        "device_peak_gib": r.get("device_peak_gib"),
     }
+
+
+def device_memory(summary: dict) -> str:
+    peak = summary.get("device_peak_gib")
+    return "" if peak is None else f", device peak {peak:.1f} GiB"
 
 
 def parse_batches(spec: str) -> dict[str, int]:
@@ -358,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd_args = sys.argv[1:] if argv is None else argv
     print(f"command: python benchmarks/train_step.py {' '.join(cmd_args)}")
     print(
-        f"date: {datetime.date.today()}; single CPU device, layer scan={args.scan}, "
+        f"date: {datetime.date.today()}; one device, layer scan={args.scan}, "
         f"remat={args.remat}; huge-page malloc (both sides)={args.hugepages}; "
         f"FLOPs: analytic (3x forward matmuls); in brackets XLA's cost_analysis count "
         f"(it counts a scanned layer body once)"
@@ -419,7 +441,10 @@ def main(argv: list[str] | None = None) -> None:
                 "clipjax": summarise(r, b, flops, peak),
             }
             j = row["clipjax"]
+            row["device"] = r["device"]
             xla = f" [{r['xla_flops'] / 1e9:.0f}]" if r["xla_flops"] else ""
+            if not rows:
+                print(f"device: {r['device']}")
             print(
                 f"{name:5s} {dtype:8s} B={b:3d} clipjax: {j['images_per_s']:7.2f} img/s  "
                 f"step {j['step_s']:.3f}s (min {j['step_min_s']:.3f}s)  "
@@ -427,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"(step {flops / 1e9:.0f}{xla} GFLOP)  MFU {100 * j['mfu']:.0f}% of "
                 f"{peak / 1e9:.0f} GFLOP/s matmul peak  compile {j['compile_s']:.1f}s "
                 f"(CPU {j['compile_cpu_s']:.1f}s)  "
-                f"RSS {j['rss_gib']:.2f} GiB",
+                f"RSS {j['rss_gib']:.2f} GiB{device_memory(j)}",
                 flush=True,
             )
             if args.compare == "open_clip":
@@ -453,7 +478,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"step {oc['step_s']:.3f}s (min {oc['step_min_s']:.3f}s)  "
                     f"{oc['tflops'] * 1e3:6.1f} GFLOP/s  MFU "
                     f"{100 * oc['mfu']:.0f}%  first step {oc['first_step_s']:.1f}s  RSS "
-                    f"{oc['rss_gib']:.2f} GiB  ->  clipjax/open_clip = {row['ratio']:.2f}x "
+                    f"{oc['rss_gib']:.2f} GiB{device_memory(oc)}  ->  "
+                    f"clipjax/open_clip = {row['ratio']:.2f}x "
                     f"median step, {row['ratio_best_steps']:.2f}x best step  "
                     f"({o['num_params'] / 1e6:.1f}M params in both; open_clip "
                     f"{o['version']} {o['named_config'] or 'custom config'}, "

@@ -8,10 +8,11 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
+from clipjax.data import image as image_lib  # noqa: E402
 from clipjax.data import transforms as T  # noqa: E402
 
-MEAN = np.float32(T.CLIP_MEAN)
-STD = np.float32(T.CLIP_STD)
+MEAN = np.float32(image_lib.CLIP_MEAN)
+STD = np.float32(image_lib.CLIP_STD)
 
 
 def smooth_image(rng, height, width):
@@ -76,7 +77,7 @@ def test_eval_transform_matches_pil_reference(shape):
     for image in (smooth_image(rng, *shape), rng.integers(0, 256, (*shape, 3)).astype(np.uint8)):
         ours = T.eval_transform(tf.constant(image), 64)
         assert ours.dtype == tf.float32 and ours.shape.as_list() == [64, 64, 3]
-        reference = T.preprocess(Image.fromarray(image), 64)
+        reference = image_lib.preprocess(Image.fromarray(image), 64)
         assert reference.dtype == np.float32 and reference.shape == (64, 64, 3)
         diff = np.abs(to_levels(ours.numpy()) - to_levels(reference))
         assert diff.max() <= 2.01
@@ -90,7 +91,10 @@ def test_center_crop_offsets_and_normalisation():
     image[..., 0] = np.arange(width)[None, :] * 10
     image[..., 1] = np.arange(height)[:, None] * 20
     image[..., 2] = 200
-    for out in (T.eval_transform(image, size).numpy(), T.preprocess(Image.fromarray(image), size)):
+    for out in (
+        T.eval_transform(image, size).numpy(),
+        image_lib.preprocess(Image.fromarray(image), size),
+    ):
         expected = (image[:, 2:10].astype(np.float32) / 255.0 - MEAN) / STD
         np.testing.assert_allclose(out, expected, atol=1e-5)
     tall = np.transpose(image, (1, 0, 2)).copy()
@@ -111,7 +115,7 @@ def test_eval_transform_in_tf_data_with_unknown_shapes():
     assert ds.element_spec.shape.as_list() == [None, 32, 32, 3]
     batch = next(iter(ds)).numpy()
     for got, data in zip(batch, encoded):
-        expected = T.preprocess(Image.open(io.BytesIO(data)), 32)
+        expected = image_lib.preprocess(Image.open(io.BytesIO(data)), 32)
         assert np.abs(to_levels(got) - to_levels(expected)).max() <= 2.01
 
 
@@ -252,4 +256,4 @@ def test_bad_inputs_raise_clear_errors():
             tf.zeros([8, 8, 3], tf.uint8), 4, tf.constant([0, 0]), crop_scale=(0.9, 0.5)
         )
     with pytest.raises(TypeError, match="PIL"):
-        T.preprocess(np.zeros((8, 8, 3), np.uint8), 4)
+        image_lib.preprocess(np.zeros((8, 8, 3), np.uint8), 4)

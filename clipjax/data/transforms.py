@@ -1,9 +1,9 @@
-"""Image decoding and CLIP's image transforms as TensorFlow ops for tf.data, plus a PIL eval path.
+"""Image decoding and CLIP's image transforms as TensorFlow ops for tf.data.
 
 `eval_transform` reproduces OpenAI's eval preprocessing (bicubic resize of the short side, center
 crop, CLIP mean/std); `train_transform` is the training pipeline's stateless random resized crop,
-deterministic given its seed. `preprocess` is the same eval transform on a single PIL image (numpy
-out), for search/eval.
+deterministic given its seed. The same eval transform on one PIL image, without TensorFlow, is
+`clipjax.data.image.preprocess`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import functools
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from clipjax.data.image import CLIP_MEAN, CLIP_STD, check_size
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -51,12 +49,6 @@ def _check_image(image) -> tf.Tensor:
     return image
 
 
-def _check_size(size) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive int (output height = width), got {size!r}")
-    return int(size)
-
-
 def short_side_resize_shape(height: tf.Tensor, width: tf.Tensor, size: int) -> tuple:
     """(new_h, new_w) with the short side = size and the long side = floor(size * long / short),
     the rule of torchvision's Resize(int) used by OpenAI's preprocessing (float64, like Python)."""
@@ -81,7 +73,7 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
     then a center crop with torchvision's offsets.
     """
     image = _check_image(image)
-    size = _check_size(size)
+    size = check_size(size)
     shape = tf.shape(image)
     new_h, new_w = short_side_resize_shape(shape[0], shape[1], size)
     # Two separable passes, width then height, each rounded and clipped to uint8 levels: this is
@@ -149,7 +141,7 @@ def train_transform(
     a fraction of its cost (see benchmarks/RESULTS.md, "Input pipeline").
     """
     image = _check_image(image)
-    size = _check_size(size)
+    size = check_size(size)
     begin, crop_size = random_resized_crop_box(tf.shape(image), seed, crop_scale, ratio)
     crop = tf.cast(tf.slice(image, begin, crop_size), tf.float32)
     k = tf.maximum(tf.minimum(crop_size[0], crop_size[1]) // size, 1)
@@ -179,23 +171,3 @@ def _normalize_constants(size: int) -> tuple[np.ndarray, np.ndarray]:
         np.broadcast_to(1.0 / (255.0 * std), shape).copy(),
         np.broadcast_to(-mean / std, shape).copy(),
     )
-
-
-def preprocess(image: Image.Image, size: int) -> np.ndarray:
-    """The eval transform on one PIL image, as OpenAI's: -> np.float32 [size, size, 3] (HWC)."""
-    size = _check_size(size)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"preprocess expects a PIL.Image.Image, got {type(image).__name__}")
-    image = image.convert("RGB")
-    width, height = image.size
-    if width <= height:
-        new_w, new_h = size, int(size * height / width)
-    else:
-        new_w, new_h = int(size * width / height), size
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left = int(round((new_w - size) / 2.0))
-    top = int(round((new_h - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
-    pixels = np.asarray(image, np.float32) / 255.0
-    return ((pixels - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)).astype(np.float32)

@@ -64,7 +64,7 @@ class SourceBatches:
 
         from PIL import Image
 
-        from clipjax.data.transforms import preprocess
+        from clipjax.data.image import preprocess
 
         try:
             with Image.open(io.BytesIO(item.read())) as im:

@@ -112,7 +112,7 @@ def load(
     `trust_torchscript=True` allows torch.jit.load (which runs code stored in the file) for a
     TorchScript .pt that cannot be read as data only.
     """
-    from clipjax.data.transforms import preprocess as _preprocess
+    from clipjax.data.image import preprocess as _preprocess
 
     config, params = load_config_and_params(path, step=step, trust_torchscript=trust_torchscript)
     if dtype is not None:
