@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--quick] [--compare open_clip] [--presets tiny,B/32,B/16]
         [--dtypes float32,bfloat16] [--batch tiny=32,B/32=32,B/16=8] [--steps N] [--rounds N]
-        [--no-scan] [--remat dots] [--profile DIR]
+        [--no-scan] [--remat dots] [--attention xla|cudnn] [--profile DIR]
 
 Each (preset, dtype) runs the project's real jitted train step (`clipjax.train.build_trainer`:
 state creation, masked AdamW with clipping, gathered InfoNCE, the donated-state step) on one CPU
@@ -155,6 +155,7 @@ def run_worker(spec: dict) -> dict:
     c.model.dtype = spec["dtype"]
     c.model.scan_layers = spec["scan"]
     c.model.remat = spec["remat"]
+    c.model.attention = spec["attention"]
     c.batch_size = spec["batch"]
     c.num_steps = 10_000
     c.optimizer.warmup_steps = 10
@@ -313,6 +314,12 @@ def main(argv: list[str] | None = None) -> None:
         default="dots",
         help="remat policy of the transformer blocks (the trainer's default: dots)",
     )
+    p.add_argument(
+        "--attention",
+        choices=["xla", "cudnn"],
+        default="xla",
+        help="attention implementation of both towers (cudnn: GPU, bfloat16 only)",
+    )
     p.add_argument("--compare", choices=["open_clip"], default=None)
     p.add_argument(
         "--threads",
@@ -381,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: python benchmarks/train_step.py {' '.join(cmd_args)}")
     print(
         f"date: {datetime.date.today()}; one device, layer scan={args.scan}, "
-        f"remat={args.remat}; huge-page malloc (both sides)={args.hugepages}; "
+        f"remat={args.remat}, attention={args.attention}; "
+        f"huge-page malloc (both sides)={args.hugepages}; "
         f"FLOPs: analytic (3x forward matmuls); in brackets XLA's cost_analysis count "
         f"(it counts a scanned layer body once)"
     )
@@ -396,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
                 "steps": steps,
                 "scan": args.scan,
                 "remat": args.remat,
+                "attention": args.attention,
                 "peak_seconds": 1.5 if args.quick else 3.0,
                 "profile": os.path.join(args.profile, f"{name.replace('/', '')}-{dtype}")
                 if args.profile

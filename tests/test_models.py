@@ -125,6 +125,10 @@ def test_presets_and_overrides_validate():
         dataclasses.replace(SMALL_RN, vision_layers=(1, 1))
     assert create_model("tiny", dtype="bfloat16").config.dtype == "bfloat16"
     assert CLIPConfig.from_dict(SMALL_RN.to_dict()) == SMALL_RN
+    with pytest.raises(ValueError, match="attention"):
+        dataclasses.replace(SMALL, attention="flash")
+    with pytest.raises(ValueError, match="attention='cudnn' is invalid.*bf16"):
+        dataclasses.replace(SMALL, attention="cudnn")  # float32 compute
 
 
 # --- annotations ---------------------------------------------------------------------------------
@@ -258,6 +262,27 @@ def test_attention_matches_numpy_reference():
         heads.append((w / w.sum(-1, keepdims=True)) @ v)
     ref = sum(heads[h] @ p["out"]["kernel"][h] for h in range(2)) + p["out"]["bias"]
     np.testing.assert_allclose(out[0], ref, atol=1e-5)
+    causal = jax.jit(MultiHeadAttention(num_heads=2, causal=True).apply)
+    np.testing.assert_allclose(causal({"params": params["attn"]}, x)[0], ref, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs on GPUs only")
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_attention_equals_xla_value_and_grad(causal):
+    kwargs = dict(num_heads=4, dtype=jnp.bfloat16, causal=causal)
+    x = jax.random.normal(jax.random.key(0), (8, 50, 256))
+    xla, cudnn = MultiHeadAttention(**kwargs), MultiHeadAttention(**kwargs, attention="cudnn")
+    params = xla.init(jax.random.key(1), x)
+
+    def loss(module, params, x):
+        return jnp.sum(module.apply(params, x).astype(jnp.float32) ** 2)
+
+    ref_val, ref_grad = jax.jit(jax.value_and_grad(functools.partial(loss, xla)))(params, x)
+    val, grad = jax.jit(jax.value_and_grad(functools.partial(loss, cudnn)))(params, x)
+    np.testing.assert_allclose(val, ref_val, rtol=2e-2)
+    for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+        scale = float(jnp.max(jnp.abs(r))) + 1e-6
+        np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(r) / scale, atol=3e-2)
 
 
 def test_patch_embedding_equals_strided_convolution_value_and_grad():

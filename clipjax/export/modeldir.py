@@ -11,6 +11,7 @@ the model was trained with; `read_model_dir` stacks them again when the config s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -42,8 +43,11 @@ def is_variables(tree: Mapping[str, Any]) -> bool:
 
 
 def config_to_json(config: CLIPConfig) -> str:
+    """The model directory's config.json. The attention implementation is stored as the portable
+    'xla' (cuDNN's runs on GPUs only): a model dir loads anywhere."""
+    portable = dataclasses.replace(config, attention="xla")
     return json.dumps(
-        {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "config": config.to_dict()},
+        {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "config": portable.to_dict()},
         indent=1,
         sort_keys=True,
     )

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clipjax.models.layers import ACTIVATIONS, REMAT_POLICIES, logical
+from clipjax.models.layers import ACTIVATIONS, ATTENTION_IMPLS, REMAT_POLICIES, logical
 from clipjax.models.resnet import ModifiedResNet
 from clipjax.models.text import TextTransformer, text_mask_from_ids
 from clipjax.models.vit import VisionTransformer
@@ -58,6 +58,7 @@ class CLIPConfig:
     dtype: str = "float32"  # compute dtype; params are always float32
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "xla"  # 'cudnn': cuDNN flash attention (GPU, bfloat16)
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, expected: str) -> ValueError:
@@ -71,6 +72,10 @@ class CLIPConfig:
             raise bad("dtype", self.dtype, f"one of {tuple(DTYPES)}")
         if self.remat not in REMAT_POLICIES:
             raise bad("remat", self.remat, f"one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise bad("attention", self.attention, f"one of {ATTENTION_IMPLS}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise bad("attention", self.attention, "'xla' with float32 compute (cuDNN: bf16)")
         if self.act not in ACTIVATIONS:
             raise bad("act", self.act, f"one of {ACTIVATIONS}")
         for key in (
@@ -160,6 +165,7 @@ class CLIP(nn.Module):
             dtype=dtype,
             scan_layers=cfg.scan_layers,
             remat=cfg.remat,
+            attention=cfg.attention,
         )
         if cfg.vision_type == "vit":
             self.visual = VisionTransformer(

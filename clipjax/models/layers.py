@@ -40,6 +40,7 @@ LOGICAL_AXES: dict[str, str] = {
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "cudnn")
 # Large negative instead of -inf so that a fully masked row gives a uniform softmax, not NaN.
 _MASK_VALUE = -1e30
 
@@ -106,7 +107,10 @@ def make_attention_mask(
 class MultiHeadAttention(nn.Module):
     """Multi-head attention; q/k/v kernels [embed, heads, kv], output kernel [heads, kv, embed].
 
-    Softmax runs in float32 regardless of `dtype`.
+    `attention='xla'`: einsums with the softmax in float32 regardless of `dtype`; 'cudnn': cuDNN's
+    fused (flash) attention through `jax.nn.dot_product_attention` (GPU only; bf16/fp16 compute).
+    `causal` masks future keys (with either implementation); `mask` adds any other boolean mask
+    ('xla' only).
     """
 
     num_heads: int
@@ -115,6 +119,8 @@ class MultiHeadAttention(nn.Module):
     init_std: float | None = None
     out_init_std: float | None = None
     out_axis: str = "embed"
+    causal: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -143,12 +149,22 @@ class MultiHeadAttention(nn.Module):
         q = proj("query", x_q)  # [B, Q, H, Dh]
         k = proj("key", x_kv)  # [B, K, H, Dh]
         v = proj("value", x_kv)
-        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        if mask is not None:
-            logits = jnp.where(mask, logits, _MASK_VALUE)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        if self.attention == "cudnn":
+            if mask is not None:
+                raise ValueError("attention='cudnn' takes causal=True, not a mask")
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=self.causal, implementation="cudnn"
+            )
+        else:
+            if self.causal:
+                causal = make_attention_mask(q.shape[1], k.shape[1], causal=True)
+                mask = causal if mask is None else jnp.logical_and(mask, causal)
+            q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+            if mask is not None:
+                logits = jnp.where(mask, logits, _MASK_VALUE)
+            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return nn.DenseGeneral(
             features=out_features,
             axis=(-2, -1),
@@ -207,6 +223,8 @@ class ResidualBlock(nn.Module):
     attn_std: float | None = None
     proj_std: float | None = None
     fc_std: float | None = None
+    causal: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
@@ -216,6 +234,8 @@ class ResidualBlock(nn.Module):
             dtype=self.dtype,
             init_std=self.attn_std,
             out_init_std=self.proj_std,
+            causal=self.causal,
+            attention=self.attention,
             name="attn",
         )(h, mask=mask)
         x = x + h
@@ -258,6 +278,8 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: str = "none"
+    causal: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -274,6 +296,8 @@ class Transformer(nn.Module):
             attn_std=attn_std,
             proj_std=proj_std,
             fc_std=fc_std,
+            causal=self.causal,
+            attention=self.attention,
         )
         block_cls = ResidualBlock
         if self.remat != "none":

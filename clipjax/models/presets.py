@@ -76,7 +76,7 @@ def get_preset(name: str) -> CLIPConfig:
 
 
 # The fields a model spec (a train config's `model` section) sets besides `overrides`.
-SPEC_FIELDS = ("dtype", "scan_layers", "remat")
+SPEC_FIELDS = ("dtype", "scan_layers", "remat", "attention")
 
 
 def build_config(

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clipjax.models.layers import LayerNorm, Transformer, logical, make_attention_mask
+from clipjax.models.layers import LayerNorm, Transformer, logical
 
 
 def text_mask_from_ids(text: jax.Array) -> jax.Array:
@@ -40,6 +40,7 @@ class TextTransformer(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, text: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -69,8 +70,10 @@ class TextTransformer(nn.Module):
             dtype=self.dtype,
             scan_layers=self.scan_layers,
             remat=self.remat,
+            causal=True,
+            attention=self.attention,
             name="transformer",
-        )(x, mask=make_attention_mask(seq, seq, causal=True))
+        )(x)
         x = LayerNorm(self.eps, self.dtype, name="ln_final")(x)
         proj = self.param(
             "text_projection",

@@ -58,6 +58,7 @@ class VisionTransformer(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -90,6 +91,7 @@ class VisionTransformer(nn.Module):
             dtype=self.dtype,
             scan_layers=self.scan_layers,
             remat=self.remat,
+            attention=self.attention,
             name="transformer",
         )(x)
         x = LayerNorm(self.eps, self.dtype, name="ln_post")(x)

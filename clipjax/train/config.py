@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     # less memory and, with layer scan, fewer stacked residual buffers to write and read (faster,
     # not slower).
     c.model.remat = "dots"
+    c.model.attention = "xla"  # 'cudnn': cuDNN flash attention on GPUs (bfloat16)
     c.model.overrides = ml_collections.ConfigDict()  # any other CLIPConfig field
 
     # Passed to clipjax.losses.make_loss; keys and defaults are clipjax.losses.LOSS_DEFAULTS (name
