@@ -268,9 +268,10 @@ def test_attention_matches_numpy_reference():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs on GPUs only")
 @pytest.mark.parametrize("causal", [False, True])
-def test_cudnn_attention_equals_xla_value_and_grad(causal):
+@pytest.mark.parametrize("length", [50, 77])
+def test_cudnn_attention_equals_xla_value_and_grad(causal, length):
     kwargs = dict(num_heads=4, dtype=jnp.bfloat16, causal=causal)
-    x = jax.random.normal(jax.random.key(0), (8, 50, 256))
+    x = jax.random.normal(jax.random.key(0), (8, length, 256))
     xla, cudnn = MultiHeadAttention(**kwargs), MultiHeadAttention(**kwargs, attention="cudnn")
     params = xla.init(jax.random.key(1), x)
 
@@ -280,9 +281,11 @@ def test_cudnn_attention_equals_xla_value_and_grad(causal):
     ref_val, ref_grad = jax.jit(jax.value_and_grad(functools.partial(loss, xla)))(params, x)
     val, grad = jax.jit(jax.value_and_grad(functools.partial(loss, cudnn)))(params, x)
     np.testing.assert_allclose(val, ref_val, rtol=2e-2)
+    # One scale for all: the key bias's true gradient is zero (softmax ignores a shared shift),
+    # so both sides hold only rounding noise there.
+    scale = max(float(jnp.max(jnp.abs(r))) for r in jax.tree.leaves(ref_grad))
     for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
-        scale = float(jnp.max(jnp.abs(r))) + 1e-6
-        np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(r) / scale, atol=3e-2)
+        np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(r) / scale, atol=2e-2)
 
 
 def test_patch_embedding_equals_strided_convolution_value_and_grad():

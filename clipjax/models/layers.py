@@ -104,6 +104,22 @@ def make_attention_mask(
     return mask
 
 
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+    """cuDNN flash attention on [B, T, H, Dh]. Its training kernels take even lengths only (a
+    ViT's 197 tokens, CLIP's 77), so odd ones get one padding position, masked by length."""
+    batch, q_len, k_len = q.shape[0], q.shape[1], k.shape[1]
+    lengths = {}
+    if q_len % 2 or k_len % 2:
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))  # noqa: E731
+        q, k, v = pad(q), pad(k), pad(v)
+        lengths = dict(
+            query_seq_lengths=jnp.full((batch,), q_len, jnp.int32),
+            key_value_seq_lengths=jnp.full((batch,), k_len, jnp.int32),
+        )
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn", **lengths)
+    return out[:, :q_len]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention; q/k/v kernels [embed, heads, kv], output kernel [heads, kv, embed].
 
@@ -152,9 +168,7 @@ class MultiHeadAttention(nn.Module):
         if self.attention == "cudnn":
             if mask is not None:
                 raise ValueError("attention='cudnn' takes causal=True, not a mask")
-            out = jax.nn.dot_product_attention(
-                q, k, v, is_causal=self.causal, implementation="cudnn"
-            )
+            out = _cudnn_attention(q, k, v, self.causal)
         else:
             if self.causal:
                 causal = make_attention_mask(q.shape[1], k.shape[1], causal=True)
