@@ -6,7 +6,8 @@
 
 Formats: safetensors / msgpack write a clipjax model directory; hf a Hugging Face CLIP directory
 (config.json, flax_model.msgpack, model.safetensors); openai one .safetensors state dict with
-OpenAI CLIP names (what open_clip loads). Output directories appear whole or not at all.
+OpenAI CLIP names (what open_clip loads). Output directories appear whole or not at all;
+--overwrite replaces only a model directory (or an empty one), by swapping a complete new one in.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from clipjax.files import write_dir_atomically
+from clipjax.files import check_replaceable, write_dir_atomically
 
 EXPORT_FORMATS = ("safetensors", "msgpack", "hf", "openai")
 IMPORT_SOURCES = ("hf", "openai", "open_clip")
@@ -75,9 +76,23 @@ def add_trust_flag(p: argparse.ArgumentParser, also: str = "") -> None:
     )
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not overwrite:
+def _check_out(out: str, overwrite: bool, fmt: str) -> None:
+    """Stop before any loading if --out exists and may not be replaced: without --overwrite, or
+    (with it) when it is not a model directory (a folder of other files is never emptied)."""
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
         raise SystemExit(f"error: --out {out} already exists; pass --overwrite to replace it")
+    if fmt == "openai":
+        if os.path.isdir(out):
+            raise SystemExit(f"error: --out {out} is a directory; --format openai writes a file")
+        return
+    from clipjax.export.modeldir import is_replaceable
+
+    try:
+        check_replaceable(out, is_replaceable)
+    except FileExistsError as e:
+        raise SystemExit(f"error: --out {e}") from None
 
 
 def write_model(out: str, fmt: str, config, params, drop_logit_bias: bool = False) -> None:
@@ -85,24 +100,28 @@ def write_model(out: str, fmt: str, config, params, drop_logit_bias: bool = Fals
     if fmt in ("safetensors", "msgpack"):
         from clipjax.export.modeldir import save_model_dir
 
-        write_dir_atomically(out, lambda d: save_model_dir(d, config, params, fmt))
+        save_model_dir(out, config, params, fmt)
     elif fmt == "hf":
         from clipjax.export.hfdir import write_hf_dir
+        from clipjax.export.modeldir import is_replaceable
 
         write_dir_atomically(
-            out, lambda d: write_hf_dir(d, config, params, drop_logit_bias=drop_logit_bias)
+            out,
+            lambda d: write_hf_dir(d, config, params, drop_logit_bias=drop_logit_bias),
+            replaceable=is_replaceable,
         )
     elif fmt == "openai":
         from safetensors.numpy import save
 
         from clipjax.export.openai import to_openai_state_dict
-        from clipjax.files import write_bytes
+        from clipjax.files import clean_stale, write_bytes
 
         if not out.endswith(".safetensors"):
             raise SystemExit(
                 f"error: --format openai writes one file; --out must end in "
                 f".safetensors (got {out})"
             )
+        clean_stale(out)
         write_bytes(out, save(to_openai_state_dict(config, params)))
     else:
         raise SystemExit(f"error: unknown format {fmt!r}; expected one of {EXPORT_FORMATS}")
@@ -113,7 +132,7 @@ def run_export(args: argparse.Namespace) -> None:
 
     if args.step is not None and args.workdir is None:
         raise SystemExit("error: --step needs --workdir")
-    _check_out(args.out, args.overwrite)
+    _check_out(args.out, args.overwrite, args.format)
     src = args.workdir or args.model
     if args.workdir is not None and not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
         raise SystemExit(
@@ -128,7 +147,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_import(args: argparse.Namespace) -> None:
-    _check_out(args.out, args.overwrite)
+    _check_out(args.out, args.overwrite, args.format)
     if args.source == "hf":
         from clipjax.export.hfdir import is_hf_dir, read_hf_dir
 
@@ -165,7 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_import(import_parser().parse_args(argv[1:]))
         else:
             run_export(export_parser().parse_args(argv))
-    except (FileNotFoundError, ValueError, KeyError, ImportError, NotImplementedError) as e:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        KeyError,
+        ImportError,
+        NotImplementedError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

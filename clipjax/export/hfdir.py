@@ -24,6 +24,7 @@ FLAX_WEIGHTS = "flax_model.msgpack"
 TORCH_WEIGHTS = "model.safetensors"
 TORCH_BIN = "pytorch_model.bin"
 CONFIG_FILE = "config.json"
+HF_FILES = {CONFIG_FILE, FLAX_WEIGHTS, TORCH_WEIGHTS}  # what `write_hf_dir` writes
 
 # HF's PyTorch modules whose `weight` is a LayerNorm scale / an nn.Embedding table.
 _NORM_NAMES = ("layer_norm1", "layer_norm2", "final_layer_norm", "pre_layrnorm", "post_layernorm")

@@ -7,6 +7,8 @@
 
 Params are stored in the looped-layer layout ('block_0', 'block_1', ...), whatever `scan_layers`
 the model was trained with; `read_model_dir` stacks them again when the config scans layers.
+`save_model_dir` writes a sibling temporary directory and swaps it in: a reader (or a kill) sees
+the old model or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from clipjax.export import serialization as ser
-from clipjax.files import write_text
+from clipjax.files import write_dir_atomically, write_text
 from clipjax.models import CLIPConfig, stack_layer_params, unstack_layer_params
 
 MODEL_FORMAT = "clipjax-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHT_FORMATS = ("safetensors", "msgpack")
+WEIGHT_FILES = {c: {f"{c}.{f}" for f in WEIGHT_FORMATS} for c in ("params", "batch_stats")}
+MODEL_FILES = {CONFIG_FILE, *WEIGHT_FILES["params"], *WEIGHT_FILES["batch_stats"]}
 
 
 def variables_of(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,22 +81,37 @@ def is_model_dir(path: str) -> bool:
     return ser.json_field(os.path.join(path, CONFIG_FILE), "format") == MODEL_FORMAT
 
 
+def is_replaceable(path: str) -> bool:
+    """Whether an export may replace directory `path`: a clipjax or Hugging Face model directory
+    holding only files that exports write (so replacing it loses nothing of the user's)."""
+    from clipjax.export import hfdir
+
+    names = set(os.listdir(path))
+    if is_model_dir(path):
+        return names <= MODEL_FILES and bool(names & WEIGHT_FILES["params"])
+    if hfdir.is_hf_dir(path):
+        return names <= hfdir.HF_FILES and bool(names - {hfdir.CONFIG_FILE})
+    return False
+
+
 def save_model_dir(
     out_dir: str, config: CLIPConfig, params: Mapping[str, Any], fmt: str = "safetensors"
 ) -> None:
-    """Write config.json + weights. `params` may be bare params or a variables dict."""
+    """Write config.json + weights as directory `out_dir`, atomically (see
+    clipjax.files.write_dir_atomically). `params` may be bare params or a variables dict. An
+    existing `out_dir` is replaced only if it is empty or `is_replaceable`; otherwise
+    FileExistsError."""
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {fmt!r} not supported; expected one of {WEIGHT_FORMATS}")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir}: exists and is not a directory")
-    variables = variables_of(params)
-    os.makedirs(out_dir, exist_ok=True)
-    for collection in ("params", "batch_stats"):
-        for f in WEIGHT_FORMATS:  # drop stale weights of another format from an earlier export
-            stale = os.path.join(out_dir, f"{collection}.{f}")
-            if f != fmt and os.path.exists(stale):
-                os.remove(stale)
-    for collection, tree in variables.items():
+    write_dir_atomically(
+        out_dir, lambda d: _write_model_files(d, config, params, fmt), replaceable=is_replaceable
+    )
+
+
+def _write_model_files(
+    out_dir: str, config: CLIPConfig, params: Mapping[str, Any], fmt: str
+) -> None:
+    for collection, tree in variables_of(params).items():
         tree = unstack_layer_params(ser.unflatten_params(ser.flatten_params(tree)))
         path = os.path.join(out_dir, f"{collection}.{fmt}")
         if fmt == "safetensors":

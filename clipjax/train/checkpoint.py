@@ -2,24 +2,60 @@
 
 Each checkpoint `<workdir>/checkpoints/<step>/` holds two items: `state` (the TrainState pytree as
 global jax.Arrays: params, optimizer state, step, RNG, loss queue/EMA, non-finite counters) and
-`meta` (JSON: the data pipeline position, the step, and a config fingerprint). Orbax writes into a
-temporary directory and renames it when every host has finished, so a checkpoint that was being
-written when the process died is never listed and never picked for resume.
+`meta` (JSON: the step, the data pipeline position, the resolved model config and its
+fingerprint; see `model_meta`). Orbax writes into a temporary directory and renames it when every
+host has finished, so a checkpoint that was being written when the process died is never listed
+and never picked for resume.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from clipjax.models import CLIPConfig
 from clipjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+# CLIPConfig fields that only choose how the model computes (the params are the same): a resume
+# may change them.
+COMPUTE_FIELDS = ("dtype", "remat")
+
+
+def model_meta(config: CLIPConfig) -> dict[str, Any]:
+    """The checkpoint meta entries that identify the model: its resolved config and the
+    fingerprint of the fields that define its params."""
+    d = config.to_dict()
+    return {"model_config": d, "model_fingerprint": model_fingerprint(d)}
+
+
+def model_fingerprint(config: Mapping[str, Any]) -> str:
+    """sha256 of a CLIPConfig dict's params-defining fields (all but COMPUTE_FIELDS)."""
+    fields = {k: v for k, v in config.items() if k not in COMPUTE_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def model_changes(meta: Mapping[str, Any], config: CLIPConfig) -> list[tuple[str, Any, Any]]:
+    """(field, checkpoint value, current value) for each params-defining field that differs
+    between a checkpoint's meta and `config` (missing ones shown as '<unset>')."""
+    now = config.to_dict()
+    if meta["model_fingerprint"] == model_fingerprint(now):
+        return []
+    saved = meta["model_config"]
+    return [
+        (k, saved.get(k, "<unset>"), now.get(k, "<unset>"))
+        for k in sorted(set(saved) | set(now))
+        if k not in COMPUTE_FIELDS and saved.get(k, "<unset>") != now.get(k, "<unset>")
+    ]
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -65,6 +101,11 @@ class Checkpointer:
             ),
             force=True,
         )
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The `meta` item of checkpoint `step` alone (cheap: no arrays are read)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Restore step `step` onto the shardings/dtypes of `target` (an abstract or real state)."""

@@ -8,11 +8,12 @@ config against the devices and files at hand and raises `ConfigError` naming the
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import ml_collections
 
-from clipjax.files import expand_globs
+from clipjax.files import check_replaceable, expand_globs
 from clipjax.parallel.mesh import BATCH_AXES, MESH_AXES, resolve_axis_sizes
 from clipjax.train.optimizer import SCHEDULES
 
@@ -322,6 +323,13 @@ def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool
         raise _fail("eval.zeroshot.classnames", "", "needed when eval.zeroshot.shards is set")
     if config.export.format not in ("safetensors", "msgpack"):
         raise _fail("export.format", config.export.format, "expected 'safetensors' or 'msgpack'")
+    if check_files and config.export.dir:
+        from clipjax.export.modeldir import is_replaceable
+
+        try:  # the end-of-training export replaces only a model directory: say so now
+            check_replaceable(os.path.abspath(config.export.dir), is_replaceable)
+        except FileExistsError as e:
+            raise _fail("export.dir", config.export.dir, str(e)) from None
 
 
 def model_config(config: ml_collections.ConfigDict):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from clipjax.train.builder import Trainer
-from clipjax.train.checkpoint import Checkpointer
+from clipjax.train.checkpoint import Checkpointer, model_meta
 from clipjax.train.metrics import MetricWriter, Progress, progress_log
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,11 @@ class SaveCheckpoints(Hook):
         if run.checkpointer.should_save(run.step, run.total) or run.preempted:
             from clipjax.data.train_pipeline import gather_state
 
-            meta = {"step": run.step, "data": gather_state(run.data_state)}
+            meta = {
+                "step": run.step,
+                "data": gather_state(run.data_state),
+                **model_meta(run.trainer.model_config),
+            }
             run.checkpointer.save(run.step, run.state, meta)
             for hook in run.hooks:
                 hook.after_save(run)

@@ -2,9 +2,11 @@
 
 `train(config, workdir)` is what `python -m clipjax.train` runs. Restarting it with the same
 workdir resumes from the newest complete checkpoint: state, RNG and the data position are
-restored, so the continued run computes exactly what an uninterrupted one would have. Between
-steps the hooks of clipjax.train.hooks check divergence, watch for preemption, log, checkpoint
-and evaluate; callers may add their own.
+restored, so the continued run computes exactly what an uninterrupted one would have. A resume
+whose config describes another model stops with a ConfigError before compiling; the workdir's
+config.json / model_config.json are rewritten only once the state is restored (or initialised).
+Between steps the hooks of clipjax.train.hooks check divergence, watch for preemption, log,
+checkpoint and evaluate; callers may add their own.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from clipjax.files import write_text
 from clipjax.parallel.mesh import make_mesh
 from clipjax.train import config as config_lib
 from clipjax.train.builder import Trainer, build_trainer
-from clipjax.train.checkpoint import Checkpointer
+from clipjax.train.checkpoint import Checkpointer, model_changes
 from clipjax.train.hooks import (
     ClusterWatch,
     DivergenceCheck,
@@ -59,11 +61,17 @@ def train(
     built-in ones (see clipjax.train.hooks)."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
     pipeline = train_pipeline(config)  # lists and checks the shards, before any compiling
-    trainer = setup(config, workdir, has_labels=pipeline.info.has_label)
     ckpt = Checkpointer(
         workdir, config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save
     )
+    try:
+        check_same_model(config, ckpt)  # before compiling, and before the run files change
+    except config_lib.ConfigError:
+        ckpt.close()
+        raise
+    trainer = setup(config, has_labels=pipeline.info.has_label)
     state, data_state = restore_or_init(trainer, ckpt, workdir)
+    write_run_files(config, trainer, workdir)
     if data_state is not None:
         pipeline.restore(data_state)
     step = int(jax.device_get(state.step))
@@ -98,9 +106,8 @@ def train(
     return finish(run)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str, has_labels: bool = False) -> Trainer:
-    """The mesh and the compiled trainer (`has_labels`: the shards carry labels); the run files
-    written to the workdir."""
+def setup(config: ml_collections.ConfigDict, has_labels: bool = False) -> Trainer:
+    """The mesh and the compiled trainer (`has_labels`: the shards carry labels)."""
     mesh = make_mesh(dict(config.mesh))
     log.info(
         "mesh %s over %d devices (%d processes)",
@@ -119,8 +126,31 @@ def setup(config: ml_collections.ConfigDict, workdir: str, has_labels: bool = Fa
         log.debug(
             "param layout:\n%s", "\n".join(describe(trainer.state_shardings.params, like.params))
         )
-    write_run_files(config, trainer, workdir)
     return trainer
+
+
+def check_same_model(config: ml_collections.ConfigDict, ckpt: Checkpointer) -> None:
+    """ConfigError listing the changed fields if the newest checkpoint holds another model than
+    `config` describes (compute-only fields, like the rest of the train config, may change)."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return
+    meta = ckpt.read_meta(latest)
+    if "model_fingerprint" not in meta:
+        log.warning(
+            "the checkpoint of step %d records no model config (an older clipjax wrote it); "
+            "resuming without checking that config.model is unchanged",
+            latest,
+        )
+        return
+    changes = model_changes(meta, config_lib.model_config(config))
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} (checkpoint) -> {new!r} (now)" for k, old, new in changes)
+        raise config_lib.ConfigError(
+            f"config.model describes another model than the checkpoint of step {latest} in "
+            f"{ckpt.directory}: {listed}. Resume with the checkpoint's model (its config is in "
+            "the workdir's model_config.json) or train in a new workdir"
+        )
 
 
 def restore_or_init(
