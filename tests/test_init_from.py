@@ -4,6 +4,7 @@ loaded, locked image tower (bit-identical, no optimizer state, not differentiate
 
 import dataclasses
 import json
+import os
 
 import flax
 import jax
@@ -147,7 +148,8 @@ def test_init_from_each_source_with_include_exclude(source, kind, tmp_path):
     assert status["text/token_embedding"] == "fresh"
     assert report["source"]["path"] == str(root / kind)
     table = (tmp_path / init_from.REPORT_TXT).read_text()
-    assert "visual/transformer/block_*/mlp/proj/kernel x2" in table and "loaded" in table and table.endswith("unused 0\n")
+    assert "visual/transformer/block_*/mlp/proj/kernel x2" in table
+    assert table.endswith("loaded 38, resized 0, fresh 40, unused 0\n")
 
 
 def test_workdir_source_at_a_step_and_resume_never_reapplies_init(source, tmp_path):
@@ -277,6 +279,33 @@ def test_init_config_errors(source, changes, match, tmp_path):
 
 
 # --------------------------------------------------------------------------- LiT
+
+
+def experiment(name, arg):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", name)
+    spec = importlib.util.spec_from_file_location(name[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.parametrize("kind", ["model", "hf", "openai.safetensors"])
+def test_lit_and_finetune_experiments_take_the_source_architecture(source, kind):
+    from clipjax.train.config import model_config
+
+    root, _ = source
+    for name in ("lit.py", "finetune.py"):
+        c = experiment(name, f"path={root / kind},steps=100")
+        validate(c, 8, check_files=False)
+        got = dataclasses.replace(model_config(c), scan_layers=False, remat="none")
+        assert got == dataclasses.replace(SRC, remat="none"), name
+        assert c.init.path == str(root / kind)
+        assert c.optimizer.lock_image == (name == "lit.py")
+        assert c.init.include == ("^visual/" if name == "lit.py" else "")
+        with pytest.raises(ValueError, match="give path=MODEL"):
+            experiment(name, "steps=100")
 
 
 def _dots(jaxpr, out=None):

@@ -243,6 +243,43 @@ def load_source(init: ml_collections.ConfigDict) -> tuple[CLIPConfig, dict[str, 
     return config, variables_of(params), info
 
 
+def source_model_overrides(path: str, step: int | None = None) -> tuple[str, dict[str, Any]]:
+    """(preset, overrides) for `config.model` describing the architecture of the model at `path`,
+    so a run's model matches its init source: the preset equal to it if there is one (else B/16
+    or RN50 by image tower) and the fields that differ from that preset."""
+    import json
+
+    from clipjax.export import modeldir
+    from clipjax.export.load import detect_source, load_config_and_params, workdir_model_config
+    from clipjax.models import PRESETS
+
+    kind = detect_source(path)
+    if kind == "clipjax":
+        cfg_path = os.path.join(path, modeldir.CONFIG_FILE)
+        with open(cfg_path, encoding="utf-8") as f:
+            config = modeldir.config_from_json(f.read(), cfg_path)
+    elif kind == "hf":
+        from clipjax.export.hfdir import read_hf_config
+
+        config = read_hf_config(path)
+    elif kind == "workdir":
+        config = workdir_model_config(path)
+    else:  # a state dict: the architecture is inferred from its tensors' shapes
+        config, _ = load_config_and_params(path, step=step)
+    fields = {
+        k: v for k, v in config.to_dict().items() if k not in ("dtype", "scan_layers", "remat")
+    }
+    fields = json.loads(json.dumps(fields))  # tuples as lists, as a ConfigDict round-trips them
+    for name, preset in PRESETS.items():
+        if preset == dataclasses.replace(
+            config, dtype=preset.dtype, scan_layers=preset.scan_layers, remat=preset.remat
+        ):
+            return name, {}
+    name = "B/16" if config.vision_type == "vit" else "RN50"
+    base = json.loads(json.dumps(PRESETS[name].to_dict()))
+    return name, {k: v for k, v in fields.items() if base.get(k) != v}
+
+
 def config_differences(source: CLIPConfig, model: CLIPConfig) -> list[str]:
     """'field: source -> model' for the architecture fields that differ (compute settings such
     as dtype, scan_layers and remat are not architecture)."""
