@@ -7,8 +7,10 @@ config against the devices and files at hand and raises `ConfigError` naming the
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -16,6 +18,8 @@ import ml_collections
 from clipjax.files import check_replaceable, expand_globs
 from clipjax.parallel.mesh import BATCH_AXES, MESH_AXES, resolve_axis_sizes
 from clipjax.train.optimizer import SCHEDULES
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -72,8 +76,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.clip_norm = 1.0  # 0 disables clipping
     c.optimizer.towers = ml_collections.ConfigDict({"image": r"^visual/", "text": r"^text/"})
     c.optimizer.lr_mult = ml_collections.ConfigDict({"image": 1.0, "text": 1.0})
-    c.optimizer.lock_image = False  # LiT: image tower frozen (no grads, no optimizer state)
+    # LiT: image tower frozen (no grads, no optimizer state); give it weights with init.path.
+    c.optimizer.lock_image = False
     c.optimizer.freeze = ()  # extra regexes of param paths to freeze
+
+    # Start from another model's weights (a fresh run only; a resumed run restores its
+    # checkpoint). See clipjax.train.init_from for the matching and resizing rules.
+    c.init = ml_collections.ConfigDict()
+    c.init.path = ""  # anything clipjax.load reads; "" = random initialisation
+    c.init.step = ml_collections.FieldReference(None, field_type=int)  # workdir: that checkpoint
+    c.init.include = ""  # regex on '/'-joined param paths ("^visual/"); "" = every parameter
+    c.init.exclude = ""  # regex; "" = none
+    c.init.logit_scale = "keep"  # keep | reset (start from model's logit_scale/bias init)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
@@ -243,6 +257,7 @@ def validate(
     except ValueError as e:
         raise ConfigError(f"config.sharding_rules: {e}") from None
     _validate_optimizer(config)
+    _validate_init(config, check_files)
     _validate_data_and_eval(config, check_files)
     return shape
 
@@ -301,6 +316,38 @@ def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
             )
     if o.lock_image and "image" not in o.towers:
         raise _fail("optimizer.lock_image", True, "needs optimizer.towers.image (a path regex)")
+
+
+def _validate_init(config: ml_collections.ConfigDict, check_files: bool) -> None:
+    """config.init: the source exists and is a model; regexes compile; a known logit_scale mode.
+    The weights themselves are read (and their shapes checked) when a fresh run starts."""
+    init = config.init
+    for key in ("include", "exclude"):
+        try:
+            re.compile(init[key])
+        except (re.error, TypeError) as e:
+            raise _fail(f"init.{key}", init[key], f"not a regular expression ({e})") from None
+    if init.logit_scale not in ("keep", "reset"):
+        raise _fail("init.logit_scale", init.logit_scale, "expected 'keep' or 'reset'")
+    if init.step is not None and (not isinstance(init.step, int) or init.step < 0):
+        raise _fail("init.step", init.step, "expected a checkpoint step >= 0 (or None: latest)")
+    if not init.path:
+        if init.step is not None:
+            raise _fail("init.step", init.step, "set only with init.path (a training workdir)")
+        if config.optimizer.lock_image:
+            log.warning(
+                "optimizer.lock_image without init.path locks a randomly initialised image tower"
+            )
+        return
+    if check_files:
+        from clipjax.export.load import detect_source
+
+        try:
+            kind = detect_source(init.path)
+        except (OSError, ValueError) as e:
+            raise _fail("init.path", init.path, str(e)) from None
+        if init.step is not None and kind != "workdir":
+            raise _fail("init.step", init.step, f"applies to training workdirs; this is a {kind}")
 
 
 def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool) -> None:

@@ -37,6 +37,7 @@ from clipjax.train.hooks import (
     TrainingDiverged,
     run_evals,
 )
+from clipjax.train.init_from import fresh_state
 from clipjax.train.metrics import MetricWriter, Progress
 from clipjax.train.state import TrainState
 
@@ -158,9 +159,9 @@ def restore_or_init(
 ) -> tuple[TrainState, dict | None]:
     """The newest complete checkpoint's state and data position, or a fresh state."""
     latest = ckpt.latest_step()
-    if latest is None:
+    if latest is None:  # config.init applies to a fresh run only: a checkpoint wins
         log.info("starting from scratch in %s", workdir)
-        return trainer.init_state(), None
+        return fresh_state(trainer, workdir), None
     like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
     abstract = jax.tree.map(
         lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
