@@ -19,6 +19,7 @@ from clipjax.models.layers import (
     unstack_layer_params,
 )
 from clipjax.models.presets import (
+    COMPUTE_FIELDS,
     PRESETS,
     SPEC_FIELDS,
     build_config,
@@ -32,6 +33,7 @@ __all__ = [
     "CLIPConfig",
     "LOGICAL_AXES",
     "PRESETS",
+    "COMPUTE_FIELDS",
     "SPEC_FIELDS",
     "abstract_variables",
     "count_params",

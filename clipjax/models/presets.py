@@ -75,8 +75,11 @@ def get_preset(name: str) -> CLIPConfig:
         raise ValueError(f"unknown model preset {name!r}; known presets: {list(PRESETS)}") from None
 
 
-# The fields a model spec (a train config's `model` section) sets besides `overrides`.
-SPEC_FIELDS = ("dtype", "scan_layers", "remat", "attention")
+# CLIPConfig fields that only choose how the model computes: the params are the same.
+COMPUTE_FIELDS = ("dtype", "remat", "attention")
+# The fields a model spec (a train config's `model` section) sets besides `overrides`; layer scan
+# also changes the params' layout (stacked layers), not their values.
+SPEC_FIELDS = (*COMPUTE_FIELDS, "scan_layers")
 
 
 def build_config(

@@ -21,14 +21,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from clipjax.models import CLIPConfig
+from clipjax.models import COMPUTE_FIELDS, CLIPConfig
 from clipjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-# CLIPConfig fields that only choose how the model computes (the params are the same): a resume
-# may change them.
-COMPUTE_FIELDS = ("dtype", "remat")
 
 
 def model_meta(config: CLIPConfig) -> dict[str, Any]:
@@ -39,7 +35,8 @@ def model_meta(config: CLIPConfig) -> dict[str, Any]:
 
 
 def model_fingerprint(config: Mapping[str, Any]) -> str:
-    """sha256 of a CLIPConfig dict's params-defining fields (all but COMPUTE_FIELDS)."""
+    """sha256 of a CLIPConfig dict's params-defining fields (all but COMPUTE_FIELDS: a resume may
+    change those)."""
     fields = {k: v for k, v in config.items() if k not in COMPUTE_FIELDS}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
