@@ -252,9 +252,10 @@ def check_params(config: CLIPConfig, params: Mapping[str, Any], where: str) -> N
 def model_fingerprint(config: CLIPConfig, params: Mapping[str, Any]) -> str:
     """A hash of the architecture and every weight; names the model an index was built with.
 
-    Compute-only settings (dtype, scan_layers, remat) and the parameter layout do not change it.
+    Compute- and training-only settings (`NON_ARCH_FIELDS`: dtype, scan_layers, remat,
+    patch_dropout) and the parameter layout do not change it.
     """
-    arch = {k: v for k, v in config.to_dict().items() if k not in ("dtype", "scan_layers", "remat")}
+    arch = config.architecture()
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(arch, sort_keys=True).encode())
     variables = modeldir.variables_of(params)

@@ -76,7 +76,7 @@ def get_preset(name: str) -> CLIPConfig:
 
 
 # The fields a model spec (a train config's `model` section) sets besides `overrides`.
-SPEC_FIELDS = ("dtype", "scan_layers", "remat")
+SPEC_FIELDS = ("dtype", "scan_layers", "remat", "patch_dropout")
 
 
 def build_config(
@@ -105,7 +105,8 @@ def build_config(
 
 def config_from_spec(spec: Mapping[str, Any]) -> CLIPConfig:
     """The CLIPConfig of a model spec: {'preset', and optionally 'dtype', 'scan_layers', 'remat',
-    'overrides': {CLIPConfig field: value}} (the shape of a train config's `model` section)."""
+    'patch_dropout', 'overrides': {CLIPConfig field: value}} (the shape of a train config's
+    `model` section)."""
     if "preset" not in spec:
         raise ValueError(f"model spec has no 'preset'; got keys {sorted(spec)}")
     fields = {k: spec[k] for k in SPEC_FIELDS if k in spec}
