@@ -5,12 +5,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from test_export import TINY, TINY_RN, assert_trees_equal, init_params
 
 from clipjax.export import serialization as ser
 from clipjax.export.__main__ import main as export_main
 from clipjax.export.interpolate import interpolate_params
 from clipjax.export.modeldir import read_model_dir, save_model_dir
-from test_export import TINY, TINY_RN, assert_trees_equal, init_params
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from test_train import batches, mesh_of, put, tiny_config
 
 from clipjax.models import CLIP, CLIPConfig, dummy_inputs
 from clipjax.models import patch_dropout as pd
@@ -17,7 +18,6 @@ from clipjax.models.vit import PatchEmbedding
 from clipjax.train.builder import build_trainer
 from clipjax.train.config import ConfigError, validate
 from clipjax.train.step import _apply, join_microbatches, split_microbatches
-from test_train import batches, mesh_of, put, tiny_config
 
 CFG = CLIPConfig(
     embed_dim=16,
@@ -193,13 +193,13 @@ def test_train_config_validation_names_the_key():
 # ------------------------------------------------------------------------------ train step
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_train_steps_are_a_function_of_the_state(scan):
-    """p=0.5 on a data x fsdp mesh: finite loss and gradient; two runs from one state agree
-    bit for bit (the drop comes from the state's key, so a resumed run draws the same
-    patches); another state key gives another loss."""
+@pytest.mark.parametrize("scan, mesh", [(False, (1, 1, 1)), (True, (2, 2, 1))])
+def test_train_steps_are_a_function_of_the_state(scan, mesh):
+    """p=0.5, looped layers on one device and scanned ones on a data x fsdp mesh: finite loss
+    and gradient; two runs from one state agree bit for bit (the drop comes from the state's
+    key, so a resumed run draws the same patches); another state key gives another loss."""
     c = tiny_config(**{"model.patch_dropout": 0.5, "model.scan_layers": scan})
-    trainer = build_trainer(c, mesh_of(data=2, fsdp=2))
+    trainer = build_trainer(c, mesh_of(*mesh))
     data = batches(2)
 
     def run(state):
@@ -218,28 +218,17 @@ def test_train_steps_are_a_function_of_the_state(scan):
         np.testing.assert_array_equal(a, b)
     other = trainer.init_state()
     other = other.replace(rng=jax.random.fold_in(other.rng, 1))
-    _, l3 = run(other)
-    assert l3[0] != l1[0]
-
-
-def test_p0_step_with_a_key_equals_the_step_without():
-    trainer = build_trainer(tiny_config(), mesh_of())
-    state = trainer.init_state()
-    trainable, frozen = trainer.optimizer.split(state.params)
-    batch = put(trainer, batches(1)[0])
-    without = trainer.grad_fn(trainable, frozen, {}, batch, {}, None)
-    with_key = trainer.grad_fn(trainable, frozen, {}, batch, {}, None, rng=jax.random.PRNGKey(1))
-    np.testing.assert_array_equal(without[0], with_key[0])
-    for a, b in zip(jax.tree.leaves(without[-1]), jax.tree.leaves(with_key[-1])):
-        np.testing.assert_array_equal(a, b)
+    state, m = trainer.train_step(other, put(trainer, data[0]))
+    assert float(m["loss"]) != l1[0]
 
 
 def test_accumulated_gradients_with_patch_dropout_equal_a_reference():
-    """Gradient caching over 4 microbatches with p=0.5: the recomputed forward drops the same
+    """Gradient caching over 2 microbatches with p=0.5: the recomputed forward drops the same
     patches as the cached one, so value and gradient equal differentiating the loss of the
     joined microbatch outputs (microbatch j keyed by fold_in(key, j))."""
+    m = 2
     mesh = mesh_of(data=2)
-    trainer = build_trainer(tiny_config(**{"model.patch_dropout": 0.5, "microbatches": 4}), mesh)
+    trainer = build_trainer(tiny_config(**{"model.patch_dropout": 0.5, "microbatches": m}), mesh)
     state = trainer.init_state()
     trainable, frozen = trainer.optimizer.split(state.params)
     batch = put(trainer, batches(1, seed=3)[0])
@@ -247,7 +236,7 @@ def test_accumulated_gradients_with_patch_dropout_equal_a_reference():
     opt = trainer.optimizer
 
     def reference(tr, b):
-        micro = jax.tree.map(lambda x: split_microbatches(x, 2, 4, mesh), b)
+        micro = jax.tree.map(lambda x: split_microbatches(x, 2, m, mesh), b)
         outs = [
             _apply(
                 trainer.model,
@@ -256,7 +245,7 @@ def test_accumulated_gradients_with_patch_dropout_equal_a_reference():
                 jax.tree.map(lambda x, j=j: x[j], micro),
                 jax.random.fold_in(key, j),
             )[0]
-            for j in range(4)
+            for j in range(m)
         ]
         joined = {
             k: join_microbatches(jnp.stack([o[k] for o in outs]), 2, mesh)

@@ -52,9 +52,7 @@ def _flat(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
-def interpolate_params(
-    a: Mapping[str, Any], b: Mapping[str, Any], alpha: float
-) -> dict[str, Any]:
+def interpolate_params(a: Mapping[str, Any], b: Mapping[str, Any], alpha: float) -> dict[str, Any]:
     """`(1 - alpha) * a + alpha * b` leaf by leaf (computed in float64, stored in each leaf's
     dtype), in the looped-layer layout; non-float leaves must be equal and are copied. Params or
     variables dicts (ResNet); the two trees must have the same paths, shapes and dtypes."""

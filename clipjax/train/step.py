@@ -171,9 +171,9 @@ def make_grad_fn(
     def accumulated_grads(trainable, frozen, model_state, batch, loss_state, info, rng=None):
         micro = jax.tree.map(lambda x: split_microbatches(x, n_shards, m, mesh), batch)
         # One key per microbatch (or none), scanned alongside it in both passes.
-        keys = None if rng is None else jax.vmap(lambda j: jax.random.fold_in(rng, j))(
-            jnp.arange(m)
-        )
+        keys = None
+        if rng is not None:
+            keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(m))
         params_sg = jax.lax.stop_gradient(optimizer.merge(trainable, frozen))
 
         def keep(outputs):
