@@ -1,14 +1,16 @@
 """The open_clip side of `benchmarks/train_step.py --compare open_clip` (run by it as a subprocess).
 
     python benchmarks/openclip_step.py '{"config": {...clipjax CLIPConfig dict...}, "batch": 32,
-                                         "dtype": "bfloat16", "steps": 3, "threads": 2}'
+                                         "dtype": "bfloat16", "steps": 3, "threads": 2,
+                                         "patch_dropout": 0.0}'
 
 Builds open_clip's CLIP with the architecture of the given clipjax config (random init; ViT image
 tower, causal text tower, QuickGELU), then times the training step open_clip's own loop runs:
 forward under bf16 autocast when dtype is bfloat16 (float32 otherwise), its ClipLoss, backward,
 gradient clipping at 1.0, AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2 on matrices), and the
-logit-scale clamp. Runs on the GPU when torch sees one (as clipjax's side runs on jax's default
-device), else on the CPU. Prints one line 'RESULT {json}'. Needs the `bench` extra.
+logit-scale clamp. `patch_dropout` (optional, default 0) is open_clip's
+`CLIPVisionCfg(patch_dropout=p)`. Runs on the GPU when torch sees one (as clipjax's side runs on
+jax's default device), else on the CPU. Prints one line 'RESULT {json}'. Needs the `bench` extra.
 """
 
 from __future__ import annotations
@@ -83,9 +85,10 @@ def main() -> None:
     torch.manual_seed(0)
     cfg, b = spec["config"], int(spec["batch"])
     embed_dim, vision, text = open_clip_configs(cfg)
+    pdrop = float(spec.get("patch_dropout", 0.0))
     model = CLIP(
         embed_dim,
-        CLIPVisionCfg(**vision),
+        CLIPVisionCfg(**vision, patch_dropout=pdrop),
         CLIPTextCfg(**text),
         quick_gelu=True,
         init_logit_scale=cfg["logit_scale_init"],

@@ -2,7 +2,8 @@
 
     python benchmarks/train_step.py [--quick] [--compare open_clip] [--presets tiny,B/32,B/16]
         [--dtypes float32,bfloat16] [--batch tiny=32,B/32=32,B/16=8] [--steps N] [--rounds N]
-        [--no-scan] [--remat dots] [--attention xla|cudnn] [--profile DIR]
+        [--no-scan] [--remat dots] [--attention xla|cudnn] [--patch-dropout 0,0.5,0.75]
+        [--profile DIR]
 
 Each (preset, dtype) runs the project's real jitted train step (`clipjax.train.build_trainer`:
 state creation, masked AdamW with clipping, gathered InfoNCE, the donated-state step) on one CPU
@@ -25,6 +26,9 @@ and best step both reported): on a shared machine whose speed drifts, one back-t
 off by 30%.
 Both subprocesses run with glibc's huge-page malloc tunable (`clipjax.hostmem`; what `make demo`
 uses) unless `--no-hugepages` is given.
+`--patch-dropout P1,P2,..` adds rows per patch-dropout rate (FLIP: clipjax's
+`model.patch_dropout`, open_clip's `CLIPVisionCfg(patch_dropout=p)`); the analytic FLOPs count
+the image transformer on the kept tokens.
 `--quick` (about a minute) runs the tiny preset only and ends with one JSON line.
 """
 
@@ -68,10 +72,12 @@ def forward_flops_per_example(cfg: dict) -> dict[str, float]:
     if cfg["vision_type"] != "vit":
         raise ValueError(f"FLOP count supports ViT image towers only, got {cfg['vision_type']!r}")
     patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    # Patch dropout: every patch is embedded, the transformer sees the kept ones (as open_clip).
+    kept = max(1, int(patches * (1.0 - cfg.get("patch_dropout", 0.0))))
     vw, tw, d = cfg["vision_width"], cfg["text_width"], cfg["embed_dim"]
     image = (
         2 * patches * cfg["patch_size"] ** 2 * 3 * vw
-        + transformer_flops(patches + 1, vw, cfg["vision_layers"], cfg["mlp_ratio"])
+        + transformer_flops(kept + 1, vw, cfg["vision_layers"], cfg["mlp_ratio"])
         + 2 * vw * d
     )
     text = (
@@ -156,6 +162,7 @@ def run_worker(spec: dict) -> dict:
     c.model.scan_layers = spec["scan"]
     c.model.remat = spec["remat"]
     c.model.attention = spec["attention"]
+    c.model.patch_dropout = float(spec.get("patch_dropout", 0.0))
     c.batch_size = spec["batch"]
     c.num_steps = 10_000
     c.optimizer.warmup_steps = 10
@@ -320,6 +327,11 @@ def main(argv: list[str] | None = None) -> None:
         default="xla",
         help="attention implementation of both towers (cudnn: GPU, bfloat16 only)",
     )
+    p.add_argument(
+        "--patch-dropout",
+        default="0",
+        help="comma-separated patch-dropout rates in [0, 1), one row each (e.g. 0,0.5,0.75)",
+    )
     p.add_argument("--compare", choices=["open_clip"], default=None)
     p.add_argument(
         "--threads",
@@ -373,6 +385,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds < 1:
         raise SystemExit("--rounds: expected >= 1")
     batches = parse_batches(args.batch)
+    try:
+        pdrops = [float(x) for x in args.patch_dropout.split(",") if x]
+    except ValueError:
+        raise SystemExit(f"--patch-dropout: expected numbers, got {args.patch_dropout!r}") from None
+    if not pdrops or not all(0.0 <= x < 1.0 for x in pdrops):
+        raise SystemExit(f"--patch-dropout: expected rates in [0, 1), got {args.patch_dropout!r}")
     steps = 2 if args.quick else args.steps
     if args.compare == "open_clip":
         try:
@@ -396,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in presets:
         b = batches.get(name, 8)
-        for dtype in dtypes:
+        for dtype, pdrop in [(d, x) for d in dtypes for x in pdrops]:
             spec = {
                 "preset": name,
                 "dtype": dtype,
@@ -405,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
                 "scan": args.scan,
                 "remat": args.remat,
                 "attention": args.attention,
+                "patch_dropout": pdrop,
                 "peak_seconds": 1.5 if args.quick else 3.0,
                 "profile": os.path.join(args.profile, f"{name.replace('/', '')}-{dtype}")
                 if args.profile
@@ -432,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
                                         "dtype": dtype,
                                         "steps": steps,
                                         "threads": args.threads,
+                                        "patch_dropout": pdrop,
                                     }
                                 ),
                             ]
@@ -442,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {
                 "preset": name,
                 "dtype": dtype,
+                "patch_dropout": pdrop,
                 "batch": b,
                 "flops": flops,
                 "xla_flops": r["xla_flops"],
@@ -455,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
             if not rows:
                 print(f"device: {r['device']}")
             print(
-                f"{name:5s} {dtype:8s} B={b:3d} clipjax: {j['images_per_s']:7.2f} img/s  "
+                f"{name:5s} {dtype:8s} p={pdrop:.2f} B={b:3d} clipjax: "
+                f"{j['images_per_s']:7.2f} img/s  "
                 f"step {j['step_s']:.3f}s (min {j['step_min_s']:.3f}s)  "
                 f"{j['tflops'] * 1e3:6.1f} GFLOP/s "
                 f"(step {flops / 1e9:.0f}{xla} GFLOP)  MFU {100 * j['mfu']:.0f}% of "
@@ -483,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["ratio"] = j["images_per_s"] / oc["images_per_s"]
                 row["ratio_best_steps"] = oc["step_min_s"] / j["step_min_s"]
                 print(
-                    f"{'':5s} {'':8s} {'':5s} open_clip: {oc['images_per_s']:5.2f} img/s  "
+                    f"{'':5s} {'':8s} {'':6s} {'':5s} open_clip: {oc['images_per_s']:5.2f} img/s  "
                     f"step {oc['step_s']:.3f}s (min {oc['step_min_s']:.3f}s)  "
                     f"{oc['tflops'] * 1e3:6.1f} GFLOP/s  MFU "
                     f"{100 * oc['mfu']:.0f}%  first step {oc['first_step_s']:.1f}s  RSS "

@@ -3,11 +3,13 @@
   python -m clipjax.export --workdir DIR [--step N] --out OUT --format safetensors|msgpack|hf|openai
   python -m clipjax.export --model PATH --out OUT --format ...
   python -m clipjax.export import --from hf|openai|open_clip SRC --out DIR [--format msgpack]
+  python -m clipjax.export interpolate A B --alpha 0.5 --out DIR [--format msgpack]
 
 Formats: safetensors / msgpack write a clipjax model directory; hf a Hugging Face CLIP directory
 (config.json, flax_model.msgpack, model.safetensors); openai one .safetensors state dict with
 OpenAI CLIP names (what open_clip loads). Output directories appear whole or not at all;
 --overwrite replaces only a model directory (or an empty one), by swapping a complete new one in.
+`interpolate` writes the clipjax model dir (1 - alpha) * A + alpha * B (WiSE-FT) with A's config.
 """
 
 from __future__ import annotations
@@ -64,6 +66,41 @@ def import_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_trust_flag(p)
     return p
+
+
+def interpolate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m clipjax.export interpolate",
+        description="Weight-space interpolation (WiSE-FT) of two models of the same "
+        "architecture: writes the clipjax model dir (1 - alpha) * A + alpha * B with A's config.",
+    )
+    p.add_argument("a", help="model A (any model clipjax can load; its config is kept)")
+    p.add_argument("b", help="model B (same architecture as A)")
+    p.add_argument("--alpha", type=float, required=True, help="weight of B, in [0, 1]")
+    p.add_argument("--out", required=True, help="output clipjax model directory")
+    p.add_argument("--format", default="safetensors", choices=("safetensors", "msgpack"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_trust_flag(p)
+    return p
+
+
+def run_interpolate(args: argparse.Namespace) -> None:
+    from clipjax.export.interpolate import (
+        check_alpha,
+        check_same_architecture,
+        interpolate_params,
+    )
+    from clipjax.export.load import load_config_and_params
+
+    alpha = check_alpha(args.alpha)
+    _check_out(args.out, args.overwrite)
+    trust = args.trust_torchscript
+    config_a, params_a = load_config_and_params(args.a, trust_torchscript=trust)
+    config_b, params_b = load_config_and_params(args.b, trust_torchscript=trust)
+    check_same_architecture(config_a, config_b, (args.a, args.b))
+    params = interpolate_params(params_a, params_b, alpha)
+    write_model(args.out, args.format, config_a, params)
+    print(f"wrote {1 - alpha:g} * {args.a} + {alpha:g} * {args.b} to {args.out}")
 
 
 def add_trust_flag(p: argparse.ArgumentParser, also: str = "") -> None:
@@ -182,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["import"]:
             run_import(import_parser().parse_args(argv[1:]))
+        elif argv[:1] == ["interpolate"]:
+            run_interpolate(interpolate_parser().parse_args(argv[1:]))
         else:
             run_export(export_parser().parse_args(argv))
     except (

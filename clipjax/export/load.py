@@ -25,7 +25,6 @@ from clipjax.export import modeldir
 from clipjax.export.serialization import flatten_params
 from clipjax.models import (
     CLIP,
-    SPEC_FIELDS,
     CLIPConfig,
     abstract_variables,
     config_from_spec,
@@ -253,10 +252,10 @@ def check_params(config: CLIPConfig, params: Mapping[str, Any], where: str) -> N
 def model_fingerprint(config: CLIPConfig, params: Mapping[str, Any]) -> str:
     """A hash of the architecture and every weight; names the model an index was built with.
 
-    Compute-only settings (`SPEC_FIELDS`: dtype, layer scan, remat, attention implementation) and
-    the parameter layout do not change it.
+    Compute- and training-only settings (`SPEC_FIELDS`: dtype, remat, attention, patch dropout,
+    layer scan) and the parameter layout do not change it.
     """
-    arch = {k: v for k, v in config.to_dict().items() if k not in SPEC_FIELDS}
+    arch = config.architecture()
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(arch, sort_keys=True).encode())
     variables = modeldir.variables_of(params)

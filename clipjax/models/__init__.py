@@ -6,6 +6,8 @@ are listed in `clipjax.models.layers.LOGICAL_AXES`.
 
 from clipjax.models.clip import (
     CLIP,
+    COMPUTE_FIELDS,
+    SPEC_FIELDS,
     CLIPConfig,
     abstract_variables,
     dummy_inputs,
@@ -19,9 +21,7 @@ from clipjax.models.layers import (
     unstack_layer_params,
 )
 from clipjax.models.presets import (
-    COMPUTE_FIELDS,
     PRESETS,
-    SPEC_FIELDS,
     build_config,
     config_from_spec,
     create_model,

@@ -20,6 +20,12 @@ from clipjax.models.text import TextTransformer, text_mask_from_ids
 from clipjax.models.vit import VisionTransformer
 
 VISION_TYPES = ("vit", "resnet")
+# CLIPConfig fields that change neither the parameters nor the function they compute at
+# evaluation (how it computes, and training-only regularisation): a resume may change them.
+COMPUTE_FIELDS = ("dtype", "remat", "attention", "patch_dropout")
+# The fields a model spec (a train config's `model` section) sets besides `overrides`: the above
+# and layer scan, which changes the params' layout (stacked layers) but not their values.
+SPEC_FIELDS = (*COMPUTE_FIELDS, "scan_layers")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -59,6 +65,9 @@ class CLIPConfig:
     scan_layers: bool = False
     remat: str = "none"
     attention: str = "xla"  # 'cudnn': cuDNN flash attention (GPU, bfloat16)
+    # Training only: share of a ViT's patch tokens dropped per training image (FLIP);
+    # see clipjax.models.patch_dropout.
+    patch_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, expected: str) -> ValueError:
@@ -78,6 +87,14 @@ class CLIPConfig:
             raise bad("attention", self.attention, "'xla' with float32 compute (cuDNN: bf16)")
         if self.act not in ACTIVATIONS:
             raise bad("act", self.act, f"one of {ACTIVATIONS}")
+        if (
+            isinstance(self.patch_dropout, bool)
+            or not isinstance(self.patch_dropout, (int, float))
+            or not 0.0 <= self.patch_dropout < 1.0
+        ):
+            raise bad("patch_dropout", self.patch_dropout, "a number in [0, 1)")
+        if self.patch_dropout and self.vision_type != "vit":
+            raise bad("patch_dropout", self.patch_dropout, "0 for a ResNet tower (ViT only)")
         for key in (
             "embed_dim",
             "image_size",
@@ -134,6 +151,10 @@ class CLIPConfig:
             d["vision_layers"] = list(d["vision_layers"])
         return d
 
+    def architecture(self) -> dict[str, Any]:
+        """`to_dict()` without SPEC_FIELDS: what the weights and eval outputs depend on."""
+        return {k: v for k, v in self.to_dict().items() if k not in SPEC_FIELDS}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CLIPConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -175,6 +196,7 @@ class CLIP(nn.Module):
                 layers=cfg.vision_layers,
                 heads=cfg.vision_heads,
                 output_dim=cfg.embed_dim,
+                patch_dropout=cfg.patch_dropout,
                 **stack,
             )
         else:
@@ -204,9 +226,7 @@ class CLIP(nn.Module):
             )
 
     def _image(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        if self.config.vision_type == "resnet":
-            return self.visual(images, train=train)
-        return self.visual(images)
+        return self.visual(images, train=train)
 
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
         """images NHWC float32 (CLIP-normalised) -> [B, D] L2-normalised float32."""
@@ -229,6 +249,10 @@ class CLIP(nn.Module):
         self, images: jax.Array, text: jax.Array, train: bool = False
     ) -> dict[str, jax.Array | None]:
         """Both towers. Returns the dict of the shared model contract:
+
+        `train`: BatchNorm in training mode (ResNet) and patch dropout (ViT with
+        `patch_dropout` > 0: pass rngs={'patch_dropout': key}); then image_tokens has the kept
+        patch count instead of N.
 
         image_embeds [B, D], text_embeds [B, D], image_tokens [B, N, D], text_tokens [B, L, D] (all
         L2-normalised float32), text_mask [B, L] bool (True up to and including end-of-text),

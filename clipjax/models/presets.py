@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from clipjax.models.clip import CLIPConfig
+from clipjax.models.clip import SPEC_FIELDS, CLIPConfig
 
 PRESETS: dict[str, CLIPConfig] = {
     # Trains on a laptop CPU in minutes: 32px images, 16 patches, 3-layer towers; real CLIP vocab so
@@ -75,13 +75,6 @@ def get_preset(name: str) -> CLIPConfig:
         raise ValueError(f"unknown model preset {name!r}; known presets: {list(PRESETS)}") from None
 
 
-# CLIPConfig fields that only choose how the model computes: the params are the same.
-COMPUTE_FIELDS = ("dtype", "remat", "attention")
-# The fields a model spec (a train config's `model` section) sets besides `overrides`; layer scan
-# also changes the params' layout (stacked layers), not their values.
-SPEC_FIELDS = (*COMPUTE_FIELDS, "scan_layers")
-
-
 def build_config(
     preset_or_config: str | CLIPConfig, overrides: Mapping[str, Any] | None = None
 ) -> CLIPConfig:
@@ -108,7 +101,8 @@ def build_config(
 
 def config_from_spec(spec: Mapping[str, Any]) -> CLIPConfig:
     """The CLIPConfig of a model spec: {'preset', and optionally 'dtype', 'scan_layers', 'remat',
-    'overrides': {CLIPConfig field: value}} (the shape of a train config's `model` section)."""
+    'patch_dropout', 'overrides': {CLIPConfig field: value}} (the shape of a train config's
+    `model` section)."""
     if "preset" not in spec:
         raise ValueError(f"model spec has no 'preset'; got keys {sorted(spec)}")
     fields = {k: spec[k] for k in SPEC_FIELDS if k in spec}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from clipjax.models.layers import LayerNorm, Transformer, logical
+from clipjax.models.patch_dropout import PATCH_DROPOUT_RNG, drop_patches
 
 
 class PatchEmbedding(nn.Module):
@@ -44,7 +45,12 @@ class PatchEmbedding(nn.Module):
 
 class VisionTransformer(nn.Module):
     """Returns (pooled [B, D], patch tokens [B, N, D]), both projected, not normalised,
-    in `dtype`."""
+    in `dtype`.
+
+    With `train` and `patch_dropout` > 0 only a random subset of k patch tokens per image goes
+    through the transformer (clipjax.models.patch_dropout; needs the 'patch_dropout' RNG stream)
+    and the patch tokens returned are those k.
+    """
 
     image_size: int
     patch_size: int
@@ -59,9 +65,10 @@ class VisionTransformer(nn.Module):
     scan_layers: bool = False
     remat: str = "none"
     attention: str = "xla"
+    patch_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         b, h, w, _ = images.shape
         if h != self.image_size or w != self.image_size:
             raise ValueError(
@@ -80,6 +87,13 @@ class VisionTransformer(nn.Module):
         )
         cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        if train and self.patch_dropout > 0:
+            if not self.has_rng(PATCH_DROPOUT_RNG):
+                raise ValueError(
+                    f"patch_dropout={self.patch_dropout} in training needs a "
+                    f"'{PATCH_DROPOUT_RNG}' key: pass rngs={{'{PATCH_DROPOUT_RNG}': key}} to apply"
+                )
+            x = drop_patches(x, self.patch_dropout, self.make_rng(PATCH_DROPOUT_RNG))
         x = LayerNorm(self.eps, self.dtype, name="ln_pre")(x)
         x = Transformer(
             width=self.width,

@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     # not slower).
     c.model.remat = "dots"
     c.model.attention = "xla"  # 'cudnn': cuDNN flash attention on GPUs (bfloat16)
+    # FLIP: share of each training image's patch tokens dropped (ViT); 0 = off, never at eval.
+    c.model.patch_dropout = 0.0
     c.model.overrides = ml_collections.ConfigDict()  # any other CLIPConfig field
 
     # Passed to clipjax.losses.make_loss; keys and defaults are clipjax.losses.LOSS_DEFAULTS (name
@@ -380,7 +382,7 @@ def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool
 
 
 def model_config(config: ml_collections.ConfigDict):
-    """The CLIPConfig a train config describes (preset + dtype/scan/remat + overrides)."""
+    """The CLIPConfig a train config describes (preset + SPEC_FIELDS + overrides)."""
     from clipjax.models import config_from_spec
 
     return config_from_spec(config.model.to_dict())

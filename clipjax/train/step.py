@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clipjax.losses import Loss
+from clipjax.models.patch_dropout import PATCH_DROPOUT_RNG
 from clipjax.parallel.mesh import BATCH_AXES, batch_axis_size
 from clipjax.train.optimizer import Optimizer
 from clipjax.train.state import TrainState
@@ -51,16 +52,24 @@ def _is_float(x: Any) -> bool:
 
 
 def _apply(
-    model: nn.Module, params: Any, model_state: dict, batch: Batch
+    model: nn.Module, params: Any, model_state: dict, batch: Batch, rng: jax.Array | None = None
 ) -> tuple[dict[str, Any], dict]:
-    """Model forward in training mode; returns (outputs, updated non-param collections)."""
+    """Model forward; returns (outputs, updated non-param collections).
+
+    With `rng` (the step's key) the model runs in training mode with patch dropout drawn from it;
+    without, patch dropout is off (the no-gradient forward of momentum encoders). BatchNorm
+    (ResNet towers, non-empty `model_state`) is always in training mode here.
+    """
     variables = {"params": params, **model_state}
+    kwargs: dict[str, Any] = {"train": bool(model_state) or rng is not None}
+    if rng is not None:
+        kwargs["rngs"] = {PATCH_DROPOUT_RNG: rng}
     if model_state:  # e.g. BatchNorm statistics of a ResNet tower
         outputs, updates = model.apply(
-            variables, batch["image"], batch["text"], train=True, mutable=list(model_state)
+            variables, batch["image"], batch["text"], mutable=list(model_state), **kwargs
         )
         return outputs, dict(updates)
-    return model.apply(variables, batch["image"], batch["text"]), {}
+    return model.apply(variables, batch["image"], batch["text"], **kwargs), {}
 
 
 def _batch_constraint(x: jax.Array, mesh: Mesh, leading: int = 0) -> jax.Array:
@@ -137,18 +146,20 @@ def make_grad_fn(
     microbatches: int = 1,
     cached_keys: frozenset[str] | None = None,
 ) -> Callable:
-    """fn(trainable, frozen, model_state, batch, loss_state, info) -> (loss, metrics, log_scale,
-    new_model_state, grads w.r.t. trainable): the whole batch at once, or gradient caching over
-    `microbatches` (same value and gradient; see the module docstring).
+    """fn(trainable, frozen, model_state, batch, loss_state, info, rng=None) -> (loss, metrics,
+    log_scale, new_model_state, grads w.r.t. trainable): the whole batch at once, or gradient
+    caching over `microbatches` (same value and gradient; see the module docstring).
 
     `info`: the batch's PairInfo from `loss.prepare`. `cached_keys`: model outputs kept for the
-    loss under gradient accumulation (default: every float output); see `used_outputs`.
+    loss under gradient accumulation (default: every float output); see `used_outputs`. `rng`:
+    the step's key for patch dropout (None: none); under accumulation microbatch j uses
+    fold_in(rng, j) in both passes, so the recomputed forward drops the same patches.
     """
     n_shards, m = batch_axis_size(mesh), int(microbatches)
 
-    def full_batch_grads(trainable, frozen, model_state, batch, loss_state, info):
+    def full_batch_grads(trainable, frozen, model_state, batch, loss_state, info, rng=None):
         def loss_of(tr):
-            outputs, new_ms = _apply(model, optimizer.merge(tr, frozen), model_state, batch)
+            outputs, new_ms = _apply(model, optimizer.merge(tr, frozen), model_state, batch, rng)
             value, metrics = loss.loss_fn(outputs, loss_state, info, batch)
             return value, (metrics, outputs, new_ms)
 
@@ -157,8 +168,12 @@ def make_grad_fn(
         )
         return value, metrics, outputs["logit_scale"], new_ms, grads
 
-    def accumulated_grads(trainable, frozen, model_state, batch, loss_state, info):
+    def accumulated_grads(trainable, frozen, model_state, batch, loss_state, info, rng=None):
         micro = jax.tree.map(lambda x: split_microbatches(x, n_shards, m, mesh), batch)
+        # One key per microbatch (or none), scanned alongside it in both passes.
+        keys = None
+        if rng is not None:
+            keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(m))
         params_sg = jax.lax.stop_gradient(optimizer.merge(trainable, frozen))
 
         def keep(outputs):
@@ -170,12 +185,13 @@ def make_grad_fn(
 
         # Pass 1: every microbatch's outputs without gradients; BatchNorm statistics (if any)
         # are threaded through the microbatches in order.
-        def fwd_nograd(ms, mb):
-            outputs, new_ms = _apply(model, params_sg, ms, mb)
+        def fwd_nograd(ms, xs):
+            mb, key = xs
+            outputs, new_ms = _apply(model, params_sg, ms, mb, key)
             other = {k: v for k, v in outputs.items() if v is not None and not _is_float(v)}
             return (new_ms if model_state else ms), (keep(outputs), other)
 
-        new_ms, (stacked, stacked_other) = jax.lax.scan(fwd_nograd, model_state, micro)
+        new_ms, (stacked, stacked_other) = jax.lax.scan(fwd_nograd, model_state, (micro, keys))
         full = {
             k: (v[0] if k in _SCALAR_OUTPUTS else join_microbatches(v, n_shards, mesh))
             for k, v in stacked.items()
@@ -201,10 +217,10 @@ def make_grad_fn(
 
         # Pass 2: recompute each microbatch with gradients and pull back its cotangent slice.
         def bwd(acc, xs):
-            mb, ct = xs
+            mb, ct, key = xs
 
             def fwd(tr):
-                outputs, _ = _apply(model, optimizer.merge(tr, frozen), model_state, mb)
+                outputs, _ = _apply(model, optimizer.merge(tr, frozen), model_state, mb, key)
                 return keep(outputs)
 
             _, pullback = jax.vjp(fwd, trainable)
@@ -212,7 +228,7 @@ def make_grad_fn(
             return jax.tree.map(jnp.add, acc, g), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grads, _ = jax.lax.scan(bwd, zeros, (micro, ct_stacked))
+        grads, _ = jax.lax.scan(bwd, zeros, (micro, ct_stacked, keys))
         return value, metrics, full["logit_scale"], new_ms, grads
 
     return full_batch_grads if m == 1 else accumulated_grads
@@ -225,13 +241,13 @@ def make_train_step(
     `make_grad_fn`, `embed` from `make_embed_fn` (used by losses with EMA encoders)."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        rng, _ = jax.random.split(state.rng)
+        rng, step_rng = jax.random.split(state.rng)
         trainable, frozen = optimizer.split(state.params)
         loss_state, info = loss.prepare(
             state.loss_state, state.params, batch, lambda p, b: embed(p, state.model_state, b)
         )
         value, metrics, log_scale, new_ms, grads = grad_fn(
-            trainable, frozen, state.model_state, batch, loss_state, info
+            trainable, frozen, state.model_state, batch, loss_state, info, rng=step_rng
         )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
