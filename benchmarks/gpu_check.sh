@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The accelerator check, on one GPU, in about 6 minutes (an H100/H200):
+# The accelerator check, on one GPU, in about 7 minutes (an H100/H200):
+#   0. cuDNN attention equals XLA attention (value and gradient) on this GPU;
 #   1. ViT-B/16 bf16 train step, batch 256, side by side with open_clip (same architecture, batch,
 #      bf16 autocast, AdamW, ClipLoss) in the same run: images/s, MFU against the chip's bf16
-#      matmul peak measured in the same process, compile time, peak device memory;
+#      matmul peak measured in the same process, compile time, peak device memory; with XLA's
+#      attention and with cuDNN's;
 #   2. the same for ViT-B/32 at batch 512;
 #   3. gathered vs ring InfoNCE at 64k and 256k global batch (D=512): time and memory.
 #
@@ -15,7 +17,7 @@ set -u
 cd "$(dirname "$0")/.."
 out=${1:-gpu_check}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 
 part() {  # part NAME SECONDS COMMAND...
@@ -31,8 +33,12 @@ part env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
   $py -c 'import jax, flax, optax, orbax.checkpoint, torch, open_clip; \
 print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"optax\", \
 optax.__version__, \"torch\", torch.__version__, \"open_clip\", open_clip.__version__)'"
+part cudnn_test 90 env CUDA_VISIBLE_DEVICES=0 "$py" -m pytest -q -p no:cacheprovider \
+  tests/test_models.py -k cudnn
 part train_b16 240 "$py" benchmarks/train_step.py --presets B/16 --dtypes bfloat16 \
   --batch B/16=256 --steps 20 --compare open_clip
+part train_b16_cudnn 150 "$py" benchmarks/train_step.py --presets B/16 --dtypes bfloat16 \
+  --batch B/16=256 --steps 20 --attention cudnn --compare open_clip
 part train_b32 150 "$py" benchmarks/train_step.py --presets B/32 --dtypes bfloat16 \
   --batch B/32=512 --steps 20 --compare open_clip
 part loss 150 "$py" benchmarks/loss.py --accelerator --steps 3
