@@ -2,23 +2,24 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
 # CPU runs: XLA's large host buffers on transparent huge pages (see clipjax/hostmem.py); a
 # hugetlb setting of the caller's own is kept.
 ifeq ($(findstring glibc.malloc.hugetlb,$(GLIBC_TUNABLES)),)
 export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
 endif
 
-.PHONY: install demo lint test clean
+.PHONY: install demo lint test clean lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
-$(STAMP): $(PY) setup.py
-	$(PY) -m pip install -e '.[test]'
+# Exactly the tested versions (constraints.txt); `make lock` refreshes them.
+$(STAMP): $(PY) setup.py constraints.txt
+	$(PY) -m pip install -c constraints.txt -e '.[test]'
 	# The reference tokenizer for parity tests: OpenAI's own code, without its torch dependency.
-	$(PY) -m pip install --no-deps clip-anytorch==2.6.0
+	$(PY) -m pip install -c constraints.txt --no-deps clip-anytorch==2.6.0
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -32,7 +33,20 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 test: lint
+	$(PY) -m clipjax.doctor
 	$(PY) -m pytest -q tests
+
+# Resolve setup.py's ranges afresh in a scratch environment and record the result.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q -e '.[test,bench]'
+	.venv-lock/bin/pip install -q --no-deps clip-anytorch==2.6.0
+	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/pip list --format=freeze --exclude-editable \
+	  | grep -viE '^(pip|setuptools|wheel)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache

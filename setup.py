@@ -9,16 +9,18 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["clipjax", "clipjax.*"]),
     package_data={"clipjax": ["data/assets/*", "evaluate/assets/*"]},
+    # Ranges this code is known to work in; constraints.txt holds the exact tested set that `make`
+    # installs. Upper bounds stop at the first release not yet run (jax 0.11 ran on a GPU).
     install_requires=[
-        "jax>=0.4.35",
-        "jaxlib>=0.4.35",
-        "flax>=0.10",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
-        "tensorflow-cpu>=2.17",
-        "tensorflow-datasets>=4.9.7",
-        "ml-collections>=1.0",
-        "numpy>=1.26",
+        "jax>=0.4.35,<0.12",
+        "jaxlib>=0.4.35,<0.12",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "tensorflow-cpu>=2.17,<3",
+        "tensorflow-datasets>=4.9.7,<5",
+        "ml-collections>=1.0,<2",
+        "numpy>=1.26,<3",
         "pillow>=10.0",
         "safetensors>=0.4",
         "importlib_resources>=6.0",
@@ -34,6 +36,10 @@ setup(
             "transformers==4.57.6",
             "ruff==0.17.6",  # `make lint`; formatting differs between ruff versions
         ],
+        # Accelerators: jax's own CUDA (12 or 13) and TPU plugins, same version as jax.
+        "cuda": ["jax[cuda13]"],
+        "cuda12": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
         # benchmarks/train_step.py --compare open_clip (not installed by `make test`).
         "bench": [
             "torch==2.14.1",

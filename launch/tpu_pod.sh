@@ -51,7 +51,7 @@ else
   fetch="test -d clipjax-src"  # copied by the scp step below
 fi
 setup="$fetch && cd clipjax-src && python3 -m venv .venv && .venv/bin/pip install -q -U pip \
-&& .venv/bin/pip install -q -e . 'jax[tpu]'"
+&& .venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
 train="cd clipjax-src && .venv/bin/python -m clipjax.train $quoted_args"
 
 run "${GCLOUD[@]}" create "$NAME" "${COMMON[@]}" --accelerator-type "$TYPE" --version "$VERSION"
