@@ -11,7 +11,7 @@ from PIL import Image
 from clipjax.data import schema
 from clipjax.data.eval_pipeline import EvalPipeline
 from clipjax.data.shards import list_shards, validate_shards
-from clipjax.data.train_pipeline import TrainPipeline, gather_state
+from clipjax.data.train_pipeline import TrainPipeline, combine_states, gather_state
 from clipjax.parallel.mesh import make_mesh
 from clipjax.parallel.placement import prefetch_to_device, to_global
 
@@ -117,8 +117,8 @@ def test_resume_yields_exactly_the_same_batches(shards):
 
 def test_restore_guards(shards):
     state = gather_state(_take(_train(shards), 1)[0][1])
-    with pytest.raises(ValueError, match="saved with 1 processes, now 2"):
-        _train(shards, state=state, process_index=0, process_count=2)
+    with pytest.raises(ValueError, match="bad data state"):
+        _train(shards, state={**state, "hosts": [{"epoch": 0}]})
     with pytest.raises(ValueError, match="seed"):
         _train(shards, state=state, seed=99)
     with pytest.raises(ValueError, match="multiple of the process count"):
@@ -281,3 +281,62 @@ def test_read_windows_mix_a_class_sorted_shard(tmp_path):
     for (b, s), (rb, rs) in zip(windowed[7:10], resumed):
         assert rs == s
         np.testing.assert_array_equal(rb["label"], b["label"])
+
+
+def _carry_split(batch_labels, carried_left, fresh):
+    """Split a batch that ends the carried records into (carried part, next-epoch part): the
+    next-epoch part is a non-empty suffix equal to the start of that epoch's own stream (`fresh`,
+    whose labels are distinct, so the split is unique)."""
+    for k in range(len(batch_labels)):
+        head, tail = batch_labels[:k], batch_labels[k:]
+        if set(head) <= carried_left and list(tail) == list(fresh[: len(tail)]):
+            return head, tail
+    raise AssertionError(f"{batch_labels} is not carried records followed by {fresh}")
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3)])
+def test_resume_on_another_process_count_sees_every_record_once(shards, before, after):
+    """Checkpointed by `before` hosts, resumed on `after`: the rest of the epoch is read by the
+    new hosts, every usable record exactly once, then the next epoch starts with the new split."""
+    batch = 6  # global; a multiple of every process count here
+    old = [
+        _take(_train(shards, batch=batch, process_index=i, process_count=before), 2)
+        for i in range(before)
+    ]
+    seen = [int(x) for run in old for b, _ in run for x in b["label"]]
+    state = combine_states([run[-1][1] for run in old])
+    left = set(GOOD) - set(seen)
+    assert len(seen) == len(set(seen)) and left
+    next_epoch = max(h["epoch"] for h in state["hosts"]) + 1
+    carried = []
+    for j in range(after):
+        pipe = _train(shards, batch=batch, state=state, process_index=j, process_count=after)
+        fresh_state = {"seed": 3, "epoch": next_epoch, "offset": 0, "skipped": 0}
+        fresh = _labels(
+            _train(shards, batch=batch, state=fresh_state, process_index=j, process_count=after), 1
+        )
+        for b, s in pipe:
+            labels = [int(x) for x in b["label"]]
+            if "carry" in s:  # a batch of carried records only
+                carried += labels
+                continue
+            head, tail = _carry_split(labels, left, fresh)
+            carried += head
+            assert s["epoch"] == next_epoch and s["offset"] >= len(tail)
+            break
+    assert sorted(carried) == sorted(left), "every remaining record exactly once"
+
+
+def test_resume_inside_the_carried_records_is_exact(shards):
+    old = _take(_train(shards, batch=6, process_index=0, process_count=1), 1)
+    state = combine_states([old[-1][1]])
+    new = [_train(shards, batch=6, state=state, process_index=j, process_count=2) for j in (0, 1)]
+    run = [_take(p, 3) for p in new]
+    assert all("carry" in s for r in run for _, s in r[:1])
+    mid = combine_states([r[0][1] for r in run])  # saved by the 2 new hosts while carrying
+    for j in (0, 1):
+        resumed = _take(_train(shards, batch=6, state=mid, process_index=j, process_count=2), 2)
+        for (b, s), (rb, rs) in zip(run[j][1:], resumed):
+            assert rs == s
+            for key in b:
+                np.testing.assert_array_equal(rb[key], b[key])

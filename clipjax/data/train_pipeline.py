@@ -20,6 +20,15 @@ Multi-host: host i reads shards[i::n]; with fewer shards than hosts every host r
 and keeps records i::n (a record-level split). Each host has its own state; `gather_state` collects
 them into one JSON-able dict for the checkpoint and `TrainPipeline(..., state=...)` picks its own.
 
+A state saved by n processes restores on m != n processes (a preempted slice or a requeued job
+that comes back another size) without losing or repeating a record: the rest of every old host's
+epoch (its order rebuilt from (seed, epoch, old host, n)) is *carried*: the m new hosts read the
+old hosts' remaining records, interleaved, and keep every m-th one (each carried record keeps its
+old augmentation seed); after that, the new hosts start the next epoch with their own split. The
+carried part costs every new host a read (not a decode) of all remaining bytes. A second change
+of process count before the carried records are used up restarts the carry: some records are
+then seen twice (a warning says so), none are lost.
+
     pipe = TrainPipeline("data/train-*.tfrecord", global_batch=B, image_size=S, seed=seed,
                          state=saved_data_state)            # None for a fresh run
     for batch, data_state in prefetch_to_device(pipe, mesh):  # global jax.Arrays + host state
@@ -47,31 +56,62 @@ from clipjax.data.shards import (
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: no carried records
 DEFAULT_SHUFFLE_BUFFER = 5_000  # encoded records (not decoded images)
 _HOST_STRIDE = 1 << 20  # epoch and host share one seed word: epoch * stride + host
 
 
 def gather_state(local_state: dict) -> dict:
-    """One JSON-able data state for the checkpoint: every host's {epoch, offset, skipped}.
+    """One JSON-able data state for the checkpoint: every host's {epoch, offset, skipped} (and,
+    while records are carried over from another process count, its position in them).
 
     A collective when there are several processes (call it on all of them at the same step).
     """
     import jax
 
-    row = np.array([local_state["epoch"], local_state["offset"], local_state["skipped"]], np.int64)
+    carry = local_state.get("carry")
+    row = np.array(
+        [
+            local_state["epoch"],
+            local_state["offset"],
+            local_state["skipped"],
+            -1 if carry is None else carry["offset"],
+        ],
+        np.int64,
+    )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, 3)
+        rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, 4)
     else:
         rows = row[None]
-    return {
+    hosts = []
+    for epoch, offset, skipped, carry_offset in rows.tolist():
+        host = {"seed": local_state["seed"], "epoch": epoch, "offset": offset, "skipped": skipped}
+        if carry is not None and carry_offset >= 0:  # the old hosts are the same on every host
+            host["carry"] = dict(carry, offset=carry_offset)
+        hosts.append(host)
+    return combine_states(hosts)
+
+
+def combine_states(host_states: Sequence[dict]) -> dict:
+    """The checkpoint's data state from every host's own `state()`, in process order."""
+    hosts, carry = [], None
+    for local in host_states:
+        host = {k: int(local[k]) for k in ("epoch", "offset", "skipped")}
+        if local.get("carry") is not None:
+            host["carry_offset"] = int(local["carry"]["offset"])
+            carry = {k: local["carry"][k] for k in ("process_count", "hosts")}
+        hosts.append(host)
+    out = {
         "version": STATE_VERSION,
-        "seed": local_state["seed"],
-        "process_count": int(rows.shape[0]),
-        "hosts": [{"epoch": int(e), "offset": int(o), "skipped": int(s)} for e, o, s in rows],
+        "seed": host_states[0]["seed"],
+        "process_count": len(hosts),
+        "hosts": hosts,
     }
+    if carry is not None:
+        out["carry"] = carry
+    return out
 
 
 class TrainPipeline:
@@ -111,26 +151,23 @@ class TrainPipeline:
                 f"context_length={context_length}, shuffle_buffer={shuffle_buffer}, "
                 f"read_windows={read_windows}"
             )
-        all_files = list_shards(shards)
-        self.record_split = len(all_files) < self.process_count
+        self.all_files = list_shards(shards)
+        self.files, self.record_split = self._split(self.process_index, self.process_count)
         if self.record_split:
             log.warning(
                 "%d shards for %d hosts: every host reads all shards and keeps every %d-th record",
-                len(all_files),
+                len(self.all_files),
                 self.process_count,
                 self.process_count,
             )
-            self.files = all_files
-        else:
-            self.files = all_files[self.process_index :: self.process_count]
         self.info = validate_shards(self.files)
         self.image_size, self.context_length = image_size, context_length
         self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
         self.crop_scale = tuple(crop_scale)
-        self.cycle_length = max(1, min(cycle_length, len(self.files)))
+        self.cycle_length = max(1, cycle_length)  # capped per host by its number of files
         self.prefetch, self.threads = prefetch, threads
         self.read_windows = int(read_windows)
-        self._windows = self._window_table() if self.read_windows > 1 else None
+        self._window_tables: dict[tuple[str, ...], tuple] = {}
         # An epoch without one full batch would make the endless stream spin: refuse it when
         # the writer's manifests tell the counts (counting img2dataset shards means reading them).
         known = count_records(self.files, manifest_only=True)
@@ -153,49 +190,109 @@ class TrainPipeline:
     # -- state ----------------------------------------------------------------------------
     def state(self) -> dict:
         """This host's position after the last batch yielded (a copy)."""
-        return dict(self._state)
+        return _copy(self._state)
 
     def restore(self, state: dict) -> None:
-        """Continue from a state from `gather_state` (or this host's own `state()`)."""
-        if "hosts" in state:
-            if state.get("process_count") != self.process_count:
-                raise ValueError(
-                    f"data state was saved with {state.get('process_count')} processes, now "
-                    f"{self.process_count}: the per-host order differs, so the run cannot resume "
-                    "exactly; restart the data from a fresh state (state=None)"
-                )
-            local = state["hosts"][self.process_index]
-        else:
-            local = state
+        """Continue from a state from `gather_state` (or this host's own `state()`), saved with
+        this or another process count."""
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"data state has seed {state.get('seed')}, pipeline has {self.seed}")
         try:
-            self._state = {
-                "seed": self.seed,
-                "epoch": int(local["epoch"]),
-                "offset": int(local["offset"]),
-                "skipped": int(local["skipped"]),
-            }
-        except (KeyError, TypeError, ValueError) as e:
+            if "hosts" not in state:  # one host's own state()
+                self._state = self._local_state(state, state.get("carry"))
+            elif state.get("process_count") == self.process_count:
+                local = state["hosts"][self.process_index]
+                carry = state.get("carry")
+                if carry is not None and local.get("carry_offset", -1) >= 0:
+                    carry = dict(carry, offset=local["carry_offset"])
+                else:
+                    carry = None
+                self._state = self._local_state(local, carry)
+            else:
+                self._state = self._resized_state(state)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(
                 f"bad data state {state!r}: expected keys epoch, offset, skipped ({e})"
             ) from None
 
-    # -- tf.data graph --------------------------------------------------------------------
-    def _window_table(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(file, first record, record count) of every non-empty read window."""
-        paths, firsts, sizes = [], [], []
-        for path, count in zip(self.files, record_counts(self.files)):
-            bounds = np.linspace(0, count, self.read_windows + 1).astype(np.int64)
-            keep = bounds[1:] > bounds[:-1]
-            paths += [path] * int(keep.sum())
-            firsts.append(bounds[:-1][keep])
-            sizes.append((bounds[1:] - bounds[:-1])[keep])
-        return paths, np.concatenate(firsts), np.concatenate(sizes)
+    def _local_state(self, local: dict, carry: dict | None) -> dict:
+        out = {
+            "seed": self.seed,
+            "epoch": int(local["epoch"]),
+            "offset": int(local["offset"]),
+            "skipped": int(local["skipped"]),
+        }
+        if carry is not None:
+            out["carry"] = {
+                "process_count": int(carry["process_count"]),
+                "hosts": [
+                    {"epoch": int(h["epoch"]), "offset": int(h["offset"])} for h in carry["hosts"]
+                ],
+                "offset": int(carry["offset"]),
+            }
+        return out
 
-    def _records(self, epoch):
-        """The epoch's serialized records: shards (or read windows) in a (seed, epoch) order,
-        interleaved record by record."""
+    def _resized_state(self, state: dict) -> dict:
+        """This host's start after a change of process count: the old hosts' remaining records
+        carried, then the epoch after the newest old one."""
+        old_count, hosts = int(state["process_count"]), state["hosts"]
+        if len(hosts) != old_count:
+            raise ValueError(f"{len(hosts)} host states for {old_count} processes")
+        if "carry" in state:
+            log.warning(
+                "the process count changed again (%s -> %d) before the records carried over "
+                "from %d processes were used up: the carry restarts from its beginning, so some "
+                "of those records are seen twice this epoch (none are lost)",
+                old_count,
+                self.process_count,
+                state["carry"]["process_count"],
+            )
+            carry = dict(state["carry"], offset=0)
+        else:
+            log.warning(
+                "data state saved by %d processes, resumed on %d: the rest of each old host's "
+                "epoch is read by every host, each keeping its share (every record once), then "
+                "the next epoch starts with the new split",
+                old_count,
+                self.process_count,
+            )
+            carry = {
+                "process_count": old_count,
+                "hosts": [{"epoch": h["epoch"], "offset": h["offset"]} for h in hosts],
+                "offset": 0,
+            }
+        total_skipped = sum(int(h["skipped"]) for h in hosts)
+        local = {
+            "epoch": max(int(h["epoch"]) for h in hosts) + 1,
+            "offset": 0,
+            "skipped": total_skipped if self.process_index == 0 else 0,
+        }
+        return self._local_state(local, carry)
+
+    # -- tf.data graph --------------------------------------------------------------------
+    def _split(self, host: int, count: int) -> tuple[list[str], bool]:
+        """(the shards host `host` of `count` reads, whether hosts split records instead)."""
+        if len(self.all_files) < count:
+            return self.all_files, True
+        return self.all_files[host::count], False
+
+    def _window_table(self, files: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(file, first record, record count) of every non-empty read window of `files`."""
+        key = tuple(files)
+        if key not in self._window_tables:
+            paths, firsts, sizes = [], [], []
+            for path, count in zip(files, record_counts(files)):
+                bounds = np.linspace(0, count, self.read_windows + 1).astype(np.int64)
+                keep = bounds[1:] > bounds[:-1]
+                paths += [path] * int(keep.sum())
+                firsts.append(bounds[:-1][keep])
+                sizes.append((bounds[1:] - bounds[:-1])[keep])
+            self._window_tables[key] = (paths, np.concatenate(firsts), np.concatenate(sizes))
+        return self._window_tables[key]
+
+    def _records(self, epoch, files: list[str]):
+        """The epoch's serialized records of `files`: shards (or read windows) in a (seed, epoch)
+        order, interleaved record by record."""
         import tensorflow as tf
 
         def permuted(*columns):
@@ -206,16 +303,17 @@ class TrainPipeline:
             )
             return tuple(tf.gather(tf.constant(c), order) for c in columns)
 
-        if self._windows is None:
-            sources = tf.data.Dataset.from_tensor_slices(permuted(self.files)[0])
-            read, cycle = tf.data.TFRecordDataset, self.cycle_length
+        if self.read_windows == 1:
+            sources = tf.data.Dataset.from_tensor_slices(permuted(files)[0])
+            read, cycle = tf.data.TFRecordDataset, max(1, min(self.cycle_length, len(files)))
         else:
-            sources = tf.data.Dataset.from_tensor_slices(permuted(*self._windows))
+            windows = self._window_table(files)
+            sources = tf.data.Dataset.from_tensor_slices(permuted(*windows))
 
             def read(path, first, count):
                 return tf.data.TFRecordDataset(path).skip(first).take(count)
 
-            cycle = min(self.cycle_length * self.read_windows, len(self._windows[0]))
+            cycle = min(self.cycle_length * self.read_windows, len(windows[0]))
         return sources.interleave(
             read,
             cycle_length=cycle,
@@ -224,42 +322,68 @@ class TrainPipeline:
             deterministic=True,
         )
 
-    def _epoch_dataset(self, epoch, start_epoch: int, start_offset: int):
+    def _host_stream(self, epoch, host: int, count: int):
+        """Host `host` of `count`'s epoch: (position, serialized record, augmentation key) in its
+        shuffled order. A function of (seed, epoch, host, count) only, so any host can rebuild
+        another's (the carry after a change of process count)."""
         import tensorflow as tf
 
-        from clipjax.data.transforms import decode_image, train_transform
-
-        info = self.info
-        host = 0 if self.record_split else self.process_index
+        epoch = tf.cast(epoch, tf.int64)
+        files, record_split = self._split(host, count)
+        key_host = 0 if record_split else host
         keys = tf.random.stateless_uniform(
             [3],
-            seed=tf.stack([tf.constant(self.seed, tf.int64), epoch * _HOST_STRIDE + host]),
+            seed=tf.stack([tf.constant(self.seed, tf.int64), epoch * _HOST_STRIDE + key_host]),
             dtype=tf.int64,
             minval=None,
             maxval=None,
         )
         # The read order depends on (seed, epoch) only, so a record-level split sees one stream.
-        ds = self._records(epoch)
-        if self.record_split:
-            ds = ds.shard(self.process_count, self.process_index)
+        ds = self._records(epoch, files)
+        if record_split:
+            ds = ds.shard(count, host)
         ds = ds.shuffle(
             self.shuffle_buffer,
             seed=tf.math.floormod(keys[0], 1 << 62),
             reshuffle_each_iteration=False,
         )
-        ds = ds.enumerate()  # position in this epoch's shuffled stream
-        ds = ds.skip(
-            tf.where(
-                tf.equal(epoch, start_epoch),
-                tf.constant(start_offset, tf.int64),
-                tf.constant(0, tf.int64),
-            )
-        )
-        ds = ds.map(lambda pos, rec: (pos, records.parse_record(rec, info)))
-        ds = ds.filter(lambda pos, ex: records.usable(ex, info))
-        size, crop_scale, aug_key = self.image_size, self.crop_scale, keys[1]
+        return ds.enumerate().map(lambda pos, rec: (pos, rec, keys[1]))
 
-        def decode(pos, ex):
+    def _epoch_records(self, epoch, skip):
+        """This host's epoch from position `skip`, tagged (epoch, position, carried=False)."""
+        import tensorflow as tf
+
+        ds = self._host_stream(epoch, self.process_index, self.process_count).skip(skip)
+        return ds.map(lambda pos, rec, key: (tf.cast(epoch, tf.int64), pos, False, rec, key))
+
+    def _carried_records(self, carry: dict):
+        """This host's share of the old hosts' remaining records, tagged (-1, position in the
+        share, carried=True)."""
+        import tensorflow as tf
+
+        old = carry["process_count"]
+        streams = [
+            self._host_stream(h["epoch"], i, old).skip(h["offset"])
+            for i, h in enumerate(carry["hosts"])
+        ]
+        ds = tf.data.Dataset.choose_from_datasets(
+            streams, tf.data.Dataset.range(old).repeat(), stop_on_empty_dataset=False
+        )
+        ds = ds.shard(self.process_count, self.process_index).enumerate().skip(carry["offset"])
+        return ds.map(lambda cpos, item: (tf.constant(-1, tf.int64), cpos, True, item[1], item[2]))
+
+    def _batches(self, ds):
+        """Tagged records -> decoded, augmented batches (unusable records dropped)."""
+        import tensorflow as tf
+
+        from clipjax.data.transforms import decode_image, train_transform
+
+        info = self.info
+        size, crop_scale = self.image_size, self.crop_scale
+        ds = ds.map(lambda e, pos, c, rec, key: (e, pos, c, records.parse_record(rec, info), key))
+        ds = ds.filter(lambda e, pos, c, ex, key: records.usable(ex, info))
+
+        def decode(epoch, pos, carried, ex, aug_key):
             seed = tf.random.stateless_uniform(
                 [2], seed=tf.stack([aug_key, pos]), dtype=tf.int32, minval=None, maxval=None
             )
@@ -269,8 +393,9 @@ class TrainPipeline:
             out = {
                 "image": image,
                 schema.TEXT: ex[schema.TEXT],
-                "_epoch": tf.fill([], epoch),
+                "_epoch": epoch,
                 "_pos": pos,
+                "_carried": carried,
             }
             return out | records.optional_fields(ex, info, self.context_length)
 
@@ -278,13 +403,18 @@ class TrainPipeline:
         ds = ds.ignore_errors()  # undecodable images: dropped, counted from position gaps
         return ds.batch(self.batch_size, drop_remainder=True)
 
-    def dataset(self, start_epoch: int = 0, start_offset: int = 0):
-        """The endless tf.data.Dataset of batches from (start_epoch, start_offset)."""
+    def dataset(self, start_epoch: int = 0, start_offset: int = 0, carry: dict | None = None):
+        """The endless tf.data.Dataset of batches from (start_epoch, start_offset), after the
+        carried records (if any), which share their last batch with that epoch."""
         import tensorflow as tf
 
-        ds = tf.data.Dataset.range(start_epoch, 1 << 40).flat_map(
-            lambda e: self._epoch_dataset(e, start_epoch, start_offset)
+        first = self._epoch_records(start_epoch, start_offset)
+        if carry is not None:
+            first = self._carried_records(carry).concatenate(first)
+        later = tf.data.Dataset.range(start_epoch + 1, 1 << 40).flat_map(
+            lambda e: self._batches(self._epoch_records(e, 0))
         )
+        ds = self._batches(first).concatenate(later)
         ds = ds.map(
             lambda b: records.tokenize_batch(b, self.context_length, self.info),
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -295,14 +425,36 @@ class TrainPipeline:
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
         state = dict(self._state)
-        for batch in self.dataset(state["epoch"], state["offset"]).as_numpy_iterator():
-            epoch, last = int(batch.pop("_epoch")[-1]), int(batch.pop("_pos")[-1])
-            first = state["offset"] if epoch == state["epoch"] else 0
-            state = {
-                "seed": self.seed,
-                "epoch": epoch,
-                "offset": last + 1,
-                "skipped": state["skipped"] + (last + 1 - first) - self.batch_size,
-            }
+        stream = self.dataset(state["epoch"], state["offset"], state.get("carry"))
+        for batch in stream.as_numpy_iterator():
+            epochs, positions = batch.pop("_epoch"), batch.pop("_pos")
+            carried = batch.pop("_carried")
+            state = self._advance(state, epochs, positions, carried)
             self._state = state
-            yield batch, dict(state)
+            yield batch, _copy(state)
+
+    def _advance(
+        self, state: dict, epochs: np.ndarray, positions: np.ndarray, carried: np.ndarray
+    ) -> dict:
+        """The state after a batch: positions consumed (used or skipped as unusable)."""
+        state = _copy(state)
+        consumed = 0
+        if carried.any():
+            last = int(positions[carried][-1])
+            consumed += last + 1 - state["carry"]["offset"]
+            state["carry"]["offset"] = last + 1
+        if not carried.all():
+            epoch, last = int(epochs[~carried][-1]), int(positions[~carried][-1])
+            first = state["offset"] if epoch == state["epoch"] else 0
+            consumed += last + 1 - first
+            state.update(epoch=epoch, offset=last + 1)
+            state.pop("carry", None)  # the carried records are used up
+        state["skipped"] += consumed - self.batch_size
+        return state
+
+
+def _copy(state: dict) -> dict:
+    out = dict(state)
+    if "carry" in out:
+        out["carry"] = dict(out["carry"])
+    return out
