@@ -361,3 +361,14 @@ def test_html_page_quotes_links_and_escapes_names(tmp_path):
     assert hrefs == ["javascript%3Aalert%281%29.jpg", "a%23b.jpg", "%3Cb%3Ex%3F.jpg", "d%FFe.jpg"]
     assert "<b>x" not in page and "&lt;b&gt;x?.jpg" in page and "q &lt;i&gt;" in page
     assert "d\\xffe.jpg" in page  # an undecodable byte is shown, not a crash
+
+
+def test_damaged_paths_file_names_the_line(tmp_path):
+    out = str(tmp_path / "idx")
+    with IndexWriter(out, dim=2, dtype="float32", model_fingerprint="fp") as w:
+        w.add_chunk(["/a", "/b", "/c"], np.eye(3, 2, dtype=np.float32))
+    assert Index.load(out).paths == ["/a", "/b", "/c"]
+    jsonl = tmp_path / "idx" / "chunk-00000.jsonl"
+    jsonl.write_bytes(b'"/a"\n"/b", "/x"\n"/c"\n')  # three lines, one of them not a path
+    with pytest.raises(ValueError, match="chunk-00000.jsonl:2: not a JSON string"):
+        Index.load(out)

@@ -380,7 +380,14 @@ def _read_paths(index_dir: str, chunk: dict[str, Any]) -> list[str]:
             return [line[:-1] if line.endswith("\n") else line for line in f if line != "\n"]
     with open(p, "rb") as f:
         lines = f.read().split(b"\n")
-    out = []
+    nonblank = [line for line in lines if line.strip()]
+    try:  # one C-level parse: ~10x faster than a json.loads per line
+        out = json.loads(b"[" + b",".join(nonblank) + b"]")
+        if len(out) == len(nonblank) and all(isinstance(x, str) for x in out):
+            return out
+    except ValueError:
+        pass
+    out = []  # damaged: find the line to name
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
