@@ -88,12 +88,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     tmp = tempfile.mkdtemp(prefix="search-bench-")
     try:
-        writer = IndexWriter(tmp, dim=args.dim, dtype="float16", model_fingerprint="bench")
-        for start in range(0, args.rows, 10_000):
-            n = min(10_000, args.rows - start)
-            emb = rng.standard_normal((n, args.dim), dtype=np.float32)
-            emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-            writer.add_chunk([f"/images/{start + i:07d}.jpg" for i in range(n)], emb)
+        with IndexWriter(tmp, dim=args.dim, dtype="float16", model_fingerprint="bench") as writer:
+            for start in range(0, args.rows, 10_000):
+                n = min(10_000, args.rows - start)
+                emb = rng.standard_normal((n, args.dim), dtype=np.float32)
+                emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+                writer.add_chunk([f"/images/{start + i:07d}.jpg" for i in range(n)], emb)
         t0 = time.perf_counter()
         index = Index.load(tmp)
         load_s = time.perf_counter() - t0

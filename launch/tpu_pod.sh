@@ -7,8 +7,9 @@
 #       -- --config experiments/b16_laion.py --workdir gs://BUCKET/clip-b16
 #
 # Everything after `--` is passed to `python -m clipjax.train`. --dry-run prints the gcloud
-# commands instead of running them. --keep leaves the slice up after training. Each step is a
-# separate command, so a failed step can be rerun by hand from the printed line.
+# commands instead of running them. Once created, the slice is deleted on any exit (success, a
+# failed step, Ctrl-C, kill) unless --keep. Each step is a separate command, so a failed step can
+# be rerun by hand from the printed line (with --keep).
 set -euo pipefail
 
 NAME="" ZONE="" TYPE="" VERSION="tpu-ubuntu2204-base" REPO="" SRC="." KEEP=0 DRY=0 PROJECT=""
@@ -54,14 +55,30 @@ setup="$fetch && cd clipjax-src && python3 -m venv .venv && .venv/bin/pip instal
 && .venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
 train="cd clipjax-src && .venv/bin/python -m clipjax.train $quoted_args"
 
+cleanup() {  # on every exit after the slice exists: delete it, unless --keep
+  local status=$?
+  trap - EXIT INT TERM HUP
+  if [[ $KEEP -eq 0 ]]; then
+    if ! run "${GCLOUD[@]}" delete "$NAME" "${COMMON[@]}" --quiet; then
+      echo "tpu_pod.sh: could not delete slice $NAME; delete it by hand:" >&2
+      echo "  $(printf '%q ' "${GCLOUD[@]}" delete "$NAME" "${COMMON[@]}")" >&2
+      [[ $status -ne 0 ]] || status=1
+    fi
+  else
+    echo "tpu_pod.sh: --keep: slice $NAME is still running (and billed); delete it with:" >&2
+    echo "  $(printf '%q ' "${GCLOUD[@]}" delete "$NAME" "${COMMON[@]}")" >&2
+  fi
+  exit "$status"
+}
+
+# Only after a successful create: a failed create may mean the name belongs to another slice.
 run "${GCLOUD[@]}" create "$NAME" "${COMMON[@]}" --accelerator-type "$TYPE" --version "$VERSION"
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 if [[ -z "$REPO" ]]; then
   run "${GCLOUD[@]}" scp --recurse "$SRC" "$NAME:clipjax-src" "${COMMON[@]}" --worker=all
 fi
 run "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command "$setup"
-status=0
-run "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command "$train" || status=$?
-if [[ $KEEP -eq 0 ]]; then
-  run "${GCLOUD[@]}" delete "$NAME" "${COMMON[@]}" --quiet
-fi
-exit $status
+run "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command "$train"

@@ -385,3 +385,100 @@ def test_tfds_source(tmp_path):
     assert sorted(it.caption for it in src) == [f"shade {i}".encode() for i in range(5)]
     with pytest.raises(ValueError, match="no feature 'text'"):
         sources.tfds_source("tiny_shapes", "train", str(tmp_path / "tfds"), text_field="text")
+
+
+# ------------------------------------------------------------------ bad input: clear errors, skips
+def test_caption_rows_that_are_not_text_are_skipped_and_counted(tmp_path, capsys):
+    """null / list / number captions were stored as the text 'None' / "['x', 'y']" / '3'."""
+    img = tmp_path / "img"
+    _save(str(img / "a.jpg"), (255, 0, 0))
+    rows = [
+        {"image": "a.jpg", "caption": "red"},
+        {"image": "a.jpg", "caption": None},
+        {"image": "a.jpg", "caption": ["x", "y"]},
+        {"image": "a.jpg", "caption": 3},
+        {"image": None, "caption": "no image"},
+    ]
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = str(tmp_path / "out")
+    argv = ["--out", out, "--captions", str(caps), "--images", str(img), "--keep-order"]
+    assert make_shards.main(argv + ["--no-progress"]) == 0
+    m, recs = _read_shards(out)
+    assert [r["txt"] for r in recs] == ["red"]
+    reasons = [s["reason"] for s in m["shards"][0]["skipped"]]
+    assert m["num_skipped"] == 4 and "skipped 4" in capsys.readouterr().out
+    assert reasons[:3] == [
+        "caption is null, expected text",
+        "caption is list ['x', 'y'], expected text",
+        "caption is int 3, expected text",
+    ]
+    assert "image is None" in reasons[3]
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_captions_file_that_is_not_utf8_names_file_and_line(tmp_path, capsys, ext):
+    caps = tmp_path / f"caps.{ext}"
+    if ext == "jsonl":
+        caps.write_bytes(
+            b'{"image": "a.jpg", "caption": "ok"}\n{"image": "b.jpg", "caption": "\xe9t\xe9"}\n'
+        )
+    else:
+        caps.write_bytes(b"image,caption\na.jpg,ok\nb.jpg,caf\xe9\n")
+    argv = ["--out", str(tmp_path / "o"), "--captions", str(caps), "--images", str(tmp_path)]
+    assert make_shards.main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err
+    line = 2 if ext == "jsonl" else 3
+    assert f"caps.{ext}:{line}: not UTF-8" in err and "Traceback" not in err
+
+
+def test_template_with_an_unknown_field_is_a_clear_error(tmp_path, capsys):
+    _save(str(tmp_path / "root" / "cat" / "a.jpg"), (1, 2, 3))
+    for bad in ("a {x} of {}", "a photo", "{} {0}", "a { of {}"):
+        argv = ["--out", str(tmp_path / "o"), "--class-folders", str(tmp_path / "root")]
+        assert make_shards.main(argv + ["--template", bad, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "caption template" in err and "'{}'" in err, err
+    assert (
+        "(found {x})"
+        in (pytest.raises(ValueError, sources.check_template, "a {x} of {}").value.args[0])
+    )
+    assert sources.check_template("{{literal}} {} {!r}") == "{{literal}} {} {!r}"
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_webdataset_member_over_the_cap_is_skipped_unread(tmp_path, monkeypatch, compressed):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="JPEG")
+    jpg, big = buf.getvalue(), b"\xff" * (2 << 20)  # 2 MiB, over a 1 MiB cap
+    path = tmp_path / ("00000.tar.gz" if compressed else "00000.tar")
+    with tarfile.open(path, "w:gz" if compressed else "w") as tar:
+        _add(tar, "k1.jpg", jpg)
+        _add(tar, "k1.txt", b"small")
+        _add(tar, "k2.jpg", big)
+        _add(tar, "k2.txt", b"huge image")
+        _add(tar, "k3.jpg", jpg)
+        _add(tar, "k3.txt", big)
+        _add(tar, "k4.jpg", jpg)
+        _add(tar, "k4.json", big)  # unused member: not read, does not matter
+        _add(tar, "k4.txt", b"fine")
+    extracted = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(
+        tarfile.TarFile, "extractfile", lambda self, m: extracted.append(m.name) or real(self, m)
+    )
+    out = str(tmp_path / "out")
+    argv = ["--out", out, "--webdataset", str(path), "--max-member-mb", "1", "--keep-order"]
+    assert make_shards.main(argv + ["--no-progress"]) == 0
+    m, recs = _read_shards(out)
+    assert [(r["key"], r["txt"]) for r in recs] == [("k1", "small"), ("k4", "fine")]
+    assert m["num_skipped"] == 2
+    reasons = {s["key"]: s["reason"] for s in m["shards"][0]["skipped"]}
+    assert "k2.jpg is 2097152 bytes, over the cap" in reasons["k2"]
+    assert "k3.txt is 2097152 bytes, over the cap" in reasons["k3"]
+    assert not {"k2.jpg", "k3.txt", "k4.json"} & set(extracted)
+    # The default cap (64 MiB) keeps them all.
+    assert len(list(sources.webdataset_source(str(path)))) == 4
+    with pytest.raises(SystemExit):
+        make_shards.main(["--out", out, "--webdataset", str(path), "--max-member-mb", "0"])

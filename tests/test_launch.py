@@ -56,6 +56,8 @@ def test_sweep_cli_dry_run_and_bad_file(tmp_path):
             "--launcher",
             "tpu",
             "--launcher-args=--zone z --type v4-8",
+            "--root",
+            "gs://b/sweeps",
             "--dry-run",
         ],
         cwd=REPO,
@@ -137,3 +139,64 @@ def test_hugepage_malloc_tunable_is_added_once_and_keeps_other_tunables():
     assert with_hugepage_malloc(own) == own
     assert with_hugepage_malloc(env, enabled=False)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
     assert "GLIBC_TUNABLES" not in with_hugepage_malloc(own, enabled=False)
+
+
+def _fake_gcloud(tmp_path, fail_on):
+    """A `gcloud` on PATH that records its arguments and fails when they contain `fail_on`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    script = bin_dir / "gcloud"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {log}\n'
+        f'case "$*" in *"{fail_on}"*) exit 7 ;; esac\n'
+        "exit 0\n"
+    )
+    script.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return env, log
+
+
+@pytest.mark.parametrize("fail_on", ["clipjax.train", "pip install"])
+@pytest.mark.parametrize("keep", [False, True])
+def test_tpu_pod_deletes_the_slice_when_a_step_fails(tmp_path, fail_on, keep):
+    env, log = _fake_gcloud(tmp_path, fail_on)
+    argv = ["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--name", "pod", "--zone", "z"]
+    argv += ["--type", "v4-8", "--repo", "https://example.invalid/clipjax.git"]
+    argv += ["--keep"] if keep else []
+    r = subprocess.run(argv + ["--", "--workdir", "gs://b/r"], env=env, capture_output=True)
+    assert r.returncode == 7  # the failed step's status
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("compute tpus tpu-vm create pod")
+    assert fail_on in calls[-1 if keep else -2]
+    deletes = [c for c in calls if " delete pod" in c]
+    if keep:
+        assert deletes == [] and b"still running" in r.stderr
+    else:
+        assert deletes == ["compute tpus tpu-vm delete pod --zone z --quiet"] == calls[-1:]
+
+
+def test_tpu_pod_deletes_nothing_when_create_fails(tmp_path):
+    env, log = _fake_gcloud(tmp_path, "create")
+    argv = ["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--name", "pod", "--zone", "z"]
+    argv += ["--type", "v4-8", "--", "--workdir", "gs://b/r"]
+    r = subprocess.run(argv, env=env, capture_output=True)
+    assert r.returncode == 7 and len(log.read_text().splitlines()) == 1  # create only
+
+
+def test_sweep_refuses_a_local_root_for_tpu_runs(tmp_path, capsys):
+    path = os.path.join(REPO, "experiments", "sweeps", "demo_lr.py")
+    with pytest.raises(SystemExit, match="local path.*--allow-local-root"):
+        sweep.main([path, "--launcher", "tpu", "--root", str(tmp_path), "--dry-run"])
+    with pytest.raises(SystemExit, match="local path"):
+        sweep.main([path, "--launcher", "tpu", "--dry-run"])  # the default root is local too
+    assert capsys.readouterr().out == ""  # refused before printing any command
+    assert sweep.main([path, "--launcher", "tpu", "--root", "gs://b/sw", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and all("--workdir gs://b/sw/demo_lr/" in line for line in lines)
+    assert os.path.isfile(lines[0].split()[0])  # the repository's launch/tpu_pod.sh
+    argv = [path, "--launcher", "tpu", "--root", str(tmp_path), "--allow-local-root", "--dry-run"]
+    assert sweep.main(argv) == 0
+    for launcher in ("local", "slurm"):  # their workdirs outlive the job
+        assert sweep.main([path, "--launcher", launcher, "--root", str(tmp_path), "--dry-run"]) == 0

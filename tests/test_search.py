@@ -65,11 +65,13 @@ def test_index_writer_resume_and_errors(tmp_path):
     e1 = unit(rng.standard_normal((3, 8)))
     w.add_chunk(["/a", "/b", "/c"], e1)
     w.add_chunk([], np.zeros((0, 8)), failed={"/bad": "broken"})
+    w.close()  # releases the index's lock
     # Re-open (as a resumed run does): knows what is done, appends after it.
     w2 = IndexWriter(out, dim=8, dtype="float16", model_fingerprint="abc")
     assert w2.indexed_paths() == {"/a", "/b", "/c", "/bad"}
     e2 = unit(rng.standard_normal((2, 8)))
     w2.add_chunk(["/d", "/e"], e2)
+    w2.close()
     index = Index.load(out)
     assert index.paths == ["/a", "/b", "/c", "/d", "/e"]
     assert index.embeddings.dtype == np.float32  # widened for BLAS
@@ -262,3 +264,111 @@ def test_query_does_not_open_the_model_an_index_names_unasked(setup, tmp_path, c
     assert loaded == [str(setup / "model")]
     assert search_main(["query", "--index", idx, "--model", str(setup / "model"), "x"]) == 0
     assert loaded == [str(setup / "model")] * 2
+
+
+# ------------------------------------------------------------------ odd names, locking, old format
+ODD_NAMES = [b"cr\rname.png", b"nl\nname.png", b"latin1-\xe9\xff.png", b"javascript:alert(1).png"]
+
+
+def test_index_stores_any_file_name_losslessly(setup, tmp_path, capsys):
+    """Names with '\\r', '\\n' or bytes that are not UTF-8 are indexed and load back identical
+    (today: '\\r' corrupts the paths file, a non-UTF-8 name aborts after an orphan chunk)."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(1)
+    for i, name in enumerate(ODD_NAMES + [b"plain.png"]):
+        arr = rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(os.path.join(os.fsencode(imgs), name), format="PNG")
+    paths = list_images(str(imgs))
+    assert len(paths) == 5
+    model, params, preprocess = load(str(setup / "model"))
+    fp = model_fingerprint(model.config, params)
+    out = str(tmp_path / "idx")
+    kw = dict(model=model, params=params, fingerprint=fp, chunk_size=2, progress=False)
+    stats = build_index(out, paths, preprocess=preprocess, **kw)
+    assert (stats.added, stats.failed) == (5, 0)
+    index = Index.load(out)
+    assert sorted(index.paths) == paths  # same str, so os.fsencode gives the same bytes
+    assert {os.path.basename(os.fsencode(p)) for p in index.paths} == set(ODD_NAMES) | {
+        b"plain.png"
+    }
+    assert build_index(out, paths, preprocess=preprocess, **kw).already == 5  # nothing redone
+    # The query CLI prints every name on one line and finds an odd-named image by itself.
+    target = next(p for p in index.paths if "\n" in p)
+    assert search_main(["query", "--index", out, "--image", target, "-k", "1"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.split()[2].endswith("nl\\nname.png") and abs(float(last.split()[1]) - 1) < 1e-3
+
+
+def test_reads_version_1_indexes_and_removes_orphan_chunks(tmp_path):
+    """An index written by the previous format (one path per line) still loads and grows; chunk
+    files of a killed run that meta.json does not list are removed by the next writer."""
+    out = tmp_path / "old"
+    out.mkdir()
+    emb = unit(np.random.default_rng(0).standard_normal((2, 4))).astype(np.float32)
+    np.save(out / "chunk-00000.npy", emb)
+    (out / "chunk-00000.paths").write_bytes(b"/x/a b.png\n/x/c\rd.png\n")
+    meta = {
+        "format": "clipjax-image-index",
+        "version": 1,
+        "dim": 4,
+        "dtype": "float32",
+        "model_fingerprint": "fp",
+        "model_path": "",
+        "image_size": 0,
+        "count": 2,
+        "chunks": [{"name": "chunk-00000", "count": 2}],
+        "failed": {},
+    }
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert Index.load(str(out)).paths == ["/x/a b.png", "/x/c\rd.png"]
+    (out / "chunk-00001.npy").write_bytes(b"half a chunk")  # a killed run's leftover
+    with IndexWriter(str(out), dim=4, dtype="float32", model_fingerprint="fp") as w:
+        assert not (out / "chunk-00001.npy").exists()
+        w.add_chunk(["/x/new\n.png"], emb[:1])
+    index = Index.load(str(out))
+    assert index.paths == ["/x/a b.png", "/x/c\rd.png", "/x/new\n.png"]
+    np.testing.assert_array_equal(index.embeddings, np.concatenate([emb, emb[:1]]))
+    meta["version"] = 99
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 99 is not supported.*rebuild"):
+        Index.load(str(out))
+
+
+def test_two_writers_cannot_share_an_index(setup, tmp_path, capsys):
+    from clipjax.search.index import IndexBusyError
+
+    out = str(tmp_path / "idx")
+    w = IndexWriter(out, dim=16, dtype="float32", model_fingerprint="fp")
+    with pytest.raises(IndexBusyError, match="another index run holds .*\\.lock"):
+        IndexWriter(out, dim=16, dtype="float32", model_fingerprint="fp")
+    argv = ["index", "--model", str(setup / "model"), "--images", str(setup / "imgs")]
+    assert search_main(argv + ["--out", out, "--no-progress"]) == 1
+    assert "another index run holds" in capsys.readouterr().err
+    w.close()
+    with IndexWriter(out, dim=16, dtype="float32", model_fingerprint="fp"):
+        pass  # free again once the first writer is closed
+
+
+def test_html_page_quotes_links_and_escapes_names(tmp_path):
+    from clipjax.search.html import results_page
+
+    names = ["javascript:alert(1).jpg", "a#b.jpg", "<b>x?.jpg", "d\udcffe.jpg"]
+    page = results_page(
+        "q <i>", [(0.5, str(tmp_path / n)) for n in names], str(tmp_path / "r.html")
+    )
+    hrefs = [h.split('"')[0] for h in page.split('href="')[1:]]
+    assert hrefs == ["javascript%3Aalert%281%29.jpg", "a%23b.jpg", "%3Cb%3Ex%3F.jpg", "d%FFe.jpg"]
+    assert "<b>x" not in page and "&lt;b&gt;x?.jpg" in page and "q &lt;i&gt;" in page
+    assert "d\\xffe.jpg" in page  # an undecodable byte is shown, not a crash
+
+
+def test_damaged_paths_file_names_the_line(tmp_path):
+    out = str(tmp_path / "idx")
+    with IndexWriter(out, dim=2, dtype="float32", model_fingerprint="fp") as w:
+        w.add_chunk(["/a", "/b", "/c"], np.eye(3, 2, dtype=np.float32))
+    assert Index.load(out).paths == ["/a", "/b", "/c"]
+    jsonl = tmp_path / "idx" / "chunk-00000.jsonl"
+    jsonl.write_bytes(b'"/a"\n"/b", "/x"\n"/c"\n')  # three lines, one of them not a path
+    with pytest.raises(ValueError, match="chunk-00000.jsonl:2: not a JSON string"):
+        Index.load(out)

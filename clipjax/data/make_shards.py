@@ -5,7 +5,7 @@
   python -m clipjax.data.make_shards --out DIR --webdataset 'tars/*.tar'
   python -m clipjax.data.make_shards --out DIR --tfds NAME --split train --label-field label
 Options: --shard-size N, --max-side PX (resize on write), --workers N, --no-progress,
---seed N / --keep-order, --shuffle-buffer N.
+--seed N / --keep-order, --shuffle-buffer N, --max-member-mb N (webdataset member size cap).
 Records are shuffled across the whole source with --seed (default 0), because sources sorted by
 class (class folders, sorted CSVs, per-query scrapes) would give batches of one category;
 --keep-order writes them in source order. Re-running with the same arguments skips shards already
@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="items held by the bounded shuffle of streamed sources (tfds, "
         "compressed tars), whose images cannot all be held in memory",
     )
+    p.add_argument(
+        "--max-member-mb",
+        type=int,
+        default=sources.DEFAULT_MAX_MEMBER_BYTES >> 20,
+        help="webdataset: skip (and count) a key whose image or text member is larger than "
+        "this many MiB, without reading it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -88,7 +95,7 @@ def make_source(args: argparse.Namespace) -> sources.Source:
     if args.class_folders:
         return sources.class_folder_source(args.class_folders, args.template)
     if args.webdataset:
-        return sources.webdataset_source(args.webdataset)
+        return sources.webdataset_source(args.webdataset, args.max_member_mb << 20)
     return sources.tfds_source(
         args.tfds,
         args.split,
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    for flag in ("shard_size", "workers", "max_side", "shuffle_buffer"):
+    for flag in ("shard_size", "workers", "max_side", "shuffle_buffer", "max_member_mb"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
+import string
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -26,6 +28,7 @@ from clipjax.files import expand_globs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # a webdataset member larger than this is skipped, unread
 
 
 @dataclasses.dataclass
@@ -39,6 +42,22 @@ class Source:
 
     def __iter__(self) -> Iterator[SourceItem]:
         return iter(self.items())
+
+
+def check_template(template: str) -> str:
+    """A caption template with exactly the field '{}' (the class name); ValueError otherwise."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:  # e.g. a lone '{'
+        fields = [f"<{e}>"]
+    if fields.count("") < 1 or any(f != "" for f in fields):
+        bad = [f for f in fields if f != ""]
+        raise ValueError(
+            f"caption template {template!r} must contain '{{}}' for the class name and no other "
+            f"field{f' (found {{{bad[0]}}})' if bad else ''}; write literal braces as '{{{{' "
+            "and '}}'"
+        )
+    return template
 
 
 def _file_reader(path: str) -> Callable[[], bytes]:
@@ -59,43 +78,59 @@ def _missing(message: str) -> Callable[[], bytes]:
 # (a) an image folder plus a captions file -------------------------------------------------------
 
 
-def _read_caption_rows(path: str) -> list[tuple[str, str]]:
+def _decode_text_file(path: str) -> str:
+    """The file as text; a byte that is not UTF-8 is an error naming the file and line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start : e.start + 1]!r} at offset "
+            f"{e.start}); save the captions file as UTF-8"
+        ) from None
+
+
+def _read_caption_rows(path: str) -> list[tuple[Any, Any]]:
+    """(image, caption) rows as the file holds them: a JSON caption may be null, a number or a
+    list, which the writer skips as a bad caption (counted in the manifest)."""
     ext = os.path.splitext(path)[1].lower()
     if not os.path.isfile(path):
         raise ValueError(f"captions file {path} does not exist")
-    rows: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if ext in (".jsonl", ".json"):
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(
-                        f"{path}:{n}: not a JSON object ({e}); expected one "
-                        '{"image": relpath, "caption": text} per line'
-                    ) from None
-                if not isinstance(obj, dict) or "image" not in obj or "caption" not in obj:
-                    raise ValueError(
-                        f"{path}:{n}: expected keys 'image' and 'caption', got "
-                        f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}"
-                    )
-                rows.append((str(obj["image"]), str(obj["caption"])))
-        elif ext in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-            if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+    if ext not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise ValueError(
+            f"captions file {path}: unknown extension {ext!r}; expected .jsonl "
+            '(one {"image", "caption"} object per line) or .csv/.tsv'
+        )
+    rows: list[tuple[Any, Any]] = []
+    f = io.StringIO(_decode_text_file(path), newline="")
+    if ext in (".jsonl", ".json"):
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
                 raise ValueError(
-                    f"{path}: expected a header row with columns 'image' and "
-                    f"'caption', got {reader.fieldnames}"
+                    f"{path}:{n}: not a JSON object ({e}); expected one "
+                    '{"image": relpath, "caption": text} per line'
+                ) from None
+            if not isinstance(obj, dict) or "image" not in obj or "caption" not in obj:
+                raise ValueError(
+                    f"{path}:{n}: expected keys 'image' and 'caption', got "
+                    f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}"
                 )
-            for row in reader:
-                rows.append((row["image"] or "", row["caption"] or ""))
-        else:
+            rows.append((obj["image"], obj["caption"]))
+    else:
+        reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise ValueError(
-                f"captions file {path}: unknown extension {ext!r}; expected .jsonl "
-                '(one {"image", "caption"} object per line) or .csv/.tsv'
+                f"{path}: expected a header row with columns 'image' and "
+                f"'caption', got {reader.fieldnames}"
             )
+        for row in reader:
+            rows.append((row["image"] or "", row["caption"] or ""))
     if not rows:
         raise ValueError(f"captions file {path} lists no images")
     return rows
@@ -111,7 +146,12 @@ def captions_source(captions: str, images: str) -> Source:
     rows = _read_caption_rows(captions)
 
     def items() -> Iterator[SourceItem]:
-        for rel, caption in rows:
+        for n, (rel, caption) in enumerate(rows):
+            if not isinstance(rel, str) or not rel:
+                origin = f"{captions} row {n + 1}"
+                read = _missing(f"image is {rel!r}, expected a relative path")
+                yield SourceItem(key=f"row-{n + 1}", origin=origin, caption=caption, read=read)
+                continue
             path = os.path.join(images, rel)
             yield SourceItem(key=rel, origin=path, caption=caption, read=_file_reader(path))
 
@@ -132,8 +172,7 @@ def captions_source(captions: str, images: str) -> Source:
 def class_folder_source(root: str, template: str = "a photo of a {}.") -> Source:
     """`root/<class>/<image>`: label = sorted class index, caption = template.format(class name)
     (underscores in folder names become spaces)."""
-    if "{}" not in template:
-        raise ValueError(f"caption template {template!r} must contain '{{}}' for the class name")
+    check_template(template)
     if not os.path.isdir(root):
         raise ValueError(f"--class-folders {root} is not a directory")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -201,12 +240,15 @@ def _is_plain_tar(path: str) -> bool:
         return False
 
 
-def _tar_items(path: str, lazy: bool) -> Iterator[SourceItem]:
+def _tar_items(path: str, lazy: bool, max_member_bytes: int) -> Iterator[SourceItem]:
     """The tar's items; `lazy` (uncompressed tars) reads each image by offset when needed,
-    otherwise the images are read here, in one pass over a compressed stream."""
+    otherwise the images are read here, in one pass over a compressed stream. A member over
+    `max_member_bytes` (by its header) is never read: its item is skipped with the reason."""
 
-    def make(key: str, parts: dict[str, Any]) -> SourceItem:
+    def make(key: str, parts: dict[str, Any], too_big: str | None) -> SourceItem:
         origin = f"{path}:{key}"
+        if too_big:  # a placeholder caption, so the writer calls read() and records the reason
+            return SourceItem(key=key, origin=origin, caption="-", read=_missing(too_big))
         ext = next((e for e in _WDS_IMAGE_EXTS if e in parts), None)
         read = parts[ext] if ext else _missing(f"no image member for key {key}")
         label = None
@@ -221,16 +263,23 @@ def _tar_items(path: str, lazy: bool) -> Iterator[SourceItem]:
 
     try:
         with tarfile.open(path, "r:" if lazy else "r|*") as tar:
-            key, parts = None, {}
+            key, parts, too_big = None, {}, None
             for member in tar:
                 if not member.isfile():
                     continue
                 k, ext = _split_member(member.name)
                 if k != key and key is not None:
-                    yield make(key, parts)
-                    parts = {}
+                    yield make(key, parts, too_big)
+                    parts, too_big = {}, None
                 key = k
-                if ext in _WDS_IMAGE_EXTS and lazy:
+                used = ext in _WDS_IMAGE_EXTS or ext in ("txt", "cls")
+                if used and member.size > max_member_bytes:
+                    too_big = (
+                        f"member {member.name} is {member.size} bytes, over the cap of "
+                        f"{max_member_bytes} (--max-member-mb); not read"
+                    )
+                    parts[ext] = None
+                elif ext in _WDS_IMAGE_EXTS and lazy:
                     parts[ext] = _range_reader(path, member.offset_data, member.size)
                 elif ext in _WDS_IMAGE_EXTS:
                     parts[ext] = lambda d=tar.extractfile(member).read(): d
@@ -239,20 +288,27 @@ def _tar_items(path: str, lazy: bool) -> Iterator[SourceItem]:
                 else:
                     parts[ext] = None  # e.g. .json: unused, but it names a key
             if key is not None:
-                yield make(key, parts)
+                yield make(key, parts, too_big)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(
             f"{path}: unreadable tar ({e}); expected webdataset shards (KEY.jpg + KEY.txt members)"
         ) from e
 
 
-def webdataset_source(patterns: str | Iterable[str]) -> Source:
+def webdataset_source(
+    patterns: str | Iterable[str], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> Source:
     """Webdataset `.tar` shards: members KEY.jpg/png/webp + KEY.txt (+ optional KEY.cls).
+
+    A key whose image or text member is over `max_member_bytes` is skipped (and counted) without
+    reading the member, so one huge or hostile member cannot exhaust memory.
 
     Uncompressed tars (webdataset's usual form) give lazy items, read by offset, so the writer
     can permute all of them; if any tar is compressed the source is `in_memory` and shuffled by
     tar order plus a bounded buffer.
     """
+    if max_member_bytes < 1:
+        raise ValueError(f"webdataset member size cap must be positive, got {max_member_bytes}")
     paths = expand_globs(
         patterns, missing=lambda p: ValueError(f"--webdataset {p!r} matches no files")
     )
@@ -263,7 +319,7 @@ def webdataset_source(patterns: str | Iterable[str]) -> Source:
 
     def items_of(ordered: list[str]) -> Iterator[SourceItem]:
         for p in ordered:
-            yield from _tar_items(p, lazy)
+            yield from _tar_items(p, lazy, max_member_bytes)
 
     def shuffled_parts(seed: int) -> Iterator[SourceItem]:
         return items_of([paths[i] for i in np.random.default_rng(seed).permutation(len(paths))])
@@ -298,8 +354,8 @@ def tfds_source(
 
     if text_field is None and label_field is None:
         raise ValueError("tfds source: give --text-field and/or --label-field")
-    if text_field is None and "{}" not in template:
-        raise ValueError(f"caption template {template!r} must contain '{{}}' for the class name")
+    if text_field is None:
+        check_template(template)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:

@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from clipjax.data import order as order_lib
 from clipjax.data import schema
@@ -38,7 +39,7 @@ class SourceItem:
 
     key: str
     origin: str  # where it came from, named in skip messages (a path, "a.tar:0001.jpg", ...)
-    caption: str | bytes
+    caption: str | bytes  # anything else (a JSON null, number, list) is skipped as a bad caption
     read: Callable[[], bytes]
     label: int | None = None
 
@@ -90,8 +91,12 @@ def _encode_or_reason(data: bytes, max_side: int | None) -> tuple[bytes | None, 
         return None, f"corrupt image ({e})"
 
 
-def clean_caption(caption: str | bytes) -> str:
-    """The caption as stripped text; ValueError if it is not UTF-8 or empty."""
+def clean_caption(caption: Any) -> str:
+    """The caption as stripped text; ValueError if it is not text (null, a number, a list...),
+    not UTF-8 or empty."""
+    if not isinstance(caption, (str, bytes)):
+        kind = "null" if caption is None else f"{type(caption).__name__} {caption!r:.40}"
+        raise ValueError(f"caption is {kind}, expected text")
     if isinstance(caption, bytes):
         try:
             caption = caption.decode("utf-8")

@@ -10,7 +10,9 @@ below build such lists. Run i gets workdir ROOT/SWEEP/iii-key=value,... and the 
   local: one after another on this machine (a failed run is reported, the rest still run);
   slurm: `sbatch launch/slurm.sbatch ...` per run;
   tpu:   `launch/tpu_pod.sh --name SWEEP-iii LAUNCHER_ARGS -- ...` per run.
-Rerunning a sweep resumes each run from its workdir.
+Rerunning a sweep resumes each run from its workdir. A TPU run's workdir must be remote storage
+(--root gs://BUCKET/sweeps): a TPU VM's disk is deleted with its slice, checkpoints and all, so
+a local --root is refused unless --allow-local-root (e.g. a shared file system mounted there).
 """
 
 from __future__ import annotations
@@ -27,6 +29,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 LAUNCHERS = ("local", "slurm", "tpu")
+LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "launch")
+
+
+def check_root(launcher: str, root: str, allow_local: bool = False) -> None:
+    """Refuse a local --root for TPU runs: the slice's disk, and the runs' checkpoints on it,
+    are deleted with the slice."""
+    if launcher == "tpu" and "://" not in root and not allow_local:
+        raise SystemExit(
+            f"error: --root {root} is a local path, but TPU runs write their workdirs on the TPU "
+            f"VMs, whose disks are deleted with the slice; use remote storage (--root "
+            f"gs://BUCKET/sweeps), or --allow-local-root if {root} is shared storage mounted "
+            f"on every worker"
+        )
 
 
 def grid(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -92,7 +107,7 @@ def commands(
     config, runs = load_sweep(path)
     sweep = os.path.splitext(os.path.basename(path))[0]
     extra = shlex.split(launcher_args)
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.abspath(LAUNCH_DIR)  # the repository's launch/ scripts
     out = []
     for i, overrides in enumerate(runs):
         workdir = os.path.join(root, sweep, run_name(i, overrides))
@@ -128,8 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         help="extra arguments for the launcher (sbatch options, tpu_pod.sh flags; "
         "for local: extra trainer flags)",
     )
+    p.add_argument(
+        "--allow-local-root",
+        action="store_true",
+        help="tpu: accept a local --root (only for storage shared with, and outliving, the slice)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ns = p.parse_args(argv)
+    check_root(ns.launcher, ns.root, ns.allow_local_root)
     runs = commands(ns.sweep, ns.launcher, ns.root, ns.launcher_args)
     failed = []
     for workdir, cmd in runs:

@@ -150,7 +150,7 @@ def _encode_queries(args: argparse.Namespace, index) -> np.ndarray:
 
 
 def run_query(args: argparse.Namespace) -> None:
-    from clipjax.search.index import Index
+    from clipjax.search.index import Index, display_path
 
     if args.text is None and args.image is None:
         raise ValueError("query: give a text, --image FILE, or both")
@@ -163,14 +163,11 @@ def run_query(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     scores, ids = index.search(query, args.k)
     ms = 1000 * (time.perf_counter() - start)
-    label = " + ".join(
-        x
-        for x in (repr(args.text) if args.text else "", f"image {args.image}" if args.image else "")
-        if x
-    )
+    parts = [repr(args.text) if args.text else "", f"image {args.image}" if args.image else ""]
+    label = display_path(" + ".join(x for x in parts if x))
     print(f"{label}: top {len(ids)} of {len(index)} images ({ms:.1f} ms)")
     for rank, (s, i) in enumerate(zip(scores, ids), start=1):
-        print(f"{rank:4d}  {s:.4f}  {index.paths[i]}")
+        print(f"{rank:4d}  {s:.4f}  {display_path(index.paths[i])}")
     if args.html:
         from clipjax.files import write_text
         from clipjax.search.html import results_page
@@ -181,11 +178,20 @@ def run_query(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from clipjax.search.index import IndexBusyError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run_index(args) if args.command == "index" else run_query(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        KeyError,
+        ImportError,
+        IndexBusyError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -2,7 +2,8 @@
 
 Images are processed in chunks; each finished chunk is persisted before the next starts, so a
 killed run resumes where it stopped, and re-running on a grown collection embeds only new files.
-Unreadable images are skipped, recorded in the index, and not retried.
+Unreadable images are skipped, recorded in the index, and not retried. Any file name works
+(see `clipjax.search.index`), and the index is locked while a run writes it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from clipjax.files import expand_globs
-from clipjax.search.index import IndexWriter, iter_chunks
+from clipjax.search.index import IndexWriter, display_path, iter_chunks
 
 log = logging.getLogger(__name__)
 
@@ -93,43 +94,48 @@ def build_index(
         model_path=model_path,
         image_size=cfg.image_size,
     )
-    done = writer.indexed_paths()
-    todo = [p for p in paths if p not in done]
-    already = len(paths) - len(todo)
-    if already:
-        log.info(
-            "%s: %d of %d images already indexed; embedding %d", out, already, len(paths), len(todo)
-        )
-    encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size)
-    bar = _progress(len(todo), progress)
-    added = failed = 0
-
-    def load(path: str) -> tuple[str, np.ndarray | None, str]:
-        try:
-            return path, load_image(path, preprocess), ""
-        except Exception as e:  # corrupt / unsupported / vanished files are skipped, counted
-            return path, None, f"{type(e).__name__}: {e}"
-
-    with ThreadPoolExecutor(threads) as pool:
-        for chunk in iter_chunks(todo, chunk_size):
-            ok_paths, images, bad = [], [], {}
-            for path, image, err in pool.map(load, chunk):
-                if image is None:
-                    log.warning("skipping unreadable image %s (%s)", path, err)
-                    bad[path] = err
-                else:
-                    ok_paths.append(path)
-                    images.append(image)
-            emb = (
-                encoder.images(np.stack(images))
-                if images
-                else np.zeros((0, cfg.embed_dim), np.float32)
+    with writer:  # holds the index's lock until the last chunk is recorded
+        done = writer.indexed_paths()
+        todo = [p for p in paths if p not in done]
+        already = len(paths) - len(todo)
+        if already:
+            log.info(
+                "%s: %d of %d images already indexed; embedding %d",
+                out,
+                already,
+                len(paths),
+                len(todo),
             )
-            writer.add_chunk(ok_paths, emb, failed=bad)
-            added += len(ok_paths)
-            failed += len(bad)
-            bar.update(len(chunk))
-    bar.close()
+        encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size)
+        bar = _progress(len(todo), progress)
+        added = failed = 0
+
+        def load(path: str) -> tuple[str, np.ndarray | None, str]:
+            try:
+                return path, load_image(path, preprocess), ""
+            except Exception as e:  # corrupt / unsupported / vanished files are skipped, counted
+                return path, None, f"{type(e).__name__}: {e}"
+
+        with ThreadPoolExecutor(threads) as pool:
+            for chunk in iter_chunks(todo, chunk_size):
+                ok_paths, images, bad = [], [], {}
+                for path, image, err in pool.map(load, chunk):
+                    if image is None:
+                        log.warning("skipping unreadable image %s (%s)", display_path(path), err)
+                        bad[path] = err
+                    else:
+                        ok_paths.append(path)
+                        images.append(image)
+                emb = (
+                    encoder.images(np.stack(images))
+                    if images
+                    else np.zeros((0, cfg.embed_dim), np.float32)
+                )
+                writer.add_chunk(ok_paths, emb, failed=bad)
+                added += len(ok_paths)
+                failed += len(bad)
+                bar.update(len(chunk))
+        bar.close()
     return BuildStats(
         total=len(paths), already=already, added=added, failed=failed, index_size=writer.meta.count
     )

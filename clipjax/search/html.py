@@ -1,4 +1,8 @@
-"""A self-contained HTML page of search results (thumbnails embedded as base64 JPEG)."""
+"""A self-contained HTML page of search results (thumbnails embedded as base64 JPEG).
+
+Links to the files are percent-quoted relative URLs (so `javascript:x.jpg` stays a file
+and `a#b.jpg` is not cut at the '#'), and text is HTML-escaped.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ import base64
 import html
 import io
 import os
+import urllib.parse
 from collections.abc import Sequence
+
+from clipjax.search.index import display_path
 
 THUMB_SIZE = 192
 
@@ -26,25 +33,35 @@ def thumbnail_data_uri(path: str, size: int = THUMB_SIZE) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def file_href(path: str, base: str) -> str:
+    """A relative URL from directory `base` to the file `path`: every byte of the name that is
+    not a letter, digit, '/' or '_.-~' percent-encoded, so no name reads as a scheme
+    (`javascript:`), fragment ('#') or query ('?')."""
+    rel = os.path.relpath(path, base)
+    if os.sep != "/":
+        rel = rel.replace(os.sep, "/")
+    return urllib.parse.quote(os.fsencode(rel), safe="/")
+
+
 def results_page(query: str, results: Sequence[tuple[float, str]], html_path: str) -> str:
     """The HTML text: the query, then a grid of (rank, score, thumbnail linked to the file)."""
     base = os.path.dirname(os.path.abspath(html_path))
     cards = []
     for rank, (score, path) in enumerate(results, start=1):
         uri = thumbnail_data_uri(path)
-        link = html.escape(os.path.relpath(path, base))
+        link = html.escape(file_href(path, base))
+        name = html.escape(display_path(os.path.basename(path)))
         img = (
-            f'<img src="{uri}" alt="{html.escape(os.path.basename(path))}">'
+            f'<img src="{uri}" alt="{name}">'
             if uri
             else '<div class="missing">image not readable</div>'
         )
         cards.append(
             f'<figure><a href="{link}">{img}</a><figcaption>#{rank} '
-            f"<b>{score:.4f}</b><br>{html.escape(os.path.basename(path))}</figcaption>"
-            f"</figure>"
+            f"<b>{score:.4f}</b><br>{name}</figcaption></figure>"
         )
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>clipjax search: {html.escape(query)}</title>
+<html><head><meta charset="utf-8"><title>clipjax search: {html.escape(display_path(query))}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
@@ -53,7 +70,7 @@ img {{ max-width: {THUMB_SIZE}px; max-height: {THUMB_SIZE}px; display: block; }}
 figcaption {{ font-size: 12px; word-break: break-all; }}
 .missing {{ width: {THUMB_SIZE}px; height: 80px; background: #eee; }}
 </style></head>
-<body><h2>{html.escape(query)}</h2><div class="grid">
+<body><h2>{html.escape(display_path(query))}</h2><div class="grid">
 {chr(10).join(cards)}
 </div></body></html>
 """

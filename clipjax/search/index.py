@@ -3,9 +3,14 @@
 An index is a directory:
   meta.json             format version, embedding dim, storage dtype, model fingerprint, chunk list
   chunk-NNNNN.npy       [n, D] L2-normalised embeddings (float16 or float32)
-  chunk-NNNNN.paths     the n image paths, one per line, in the same order
-Chunks are written whole (temp file, then rename) before meta.json lists them, so a killed
-indexing run loses at most the chunk in progress and a later run continues from the rest.
+  chunk-NNNNN.jsonl     the n image paths, one JSON string per line, in the same order
+  .lock                 held (flock) by the run writing the index
+Paths are stored losslessly: JSON escapes control characters (a name may hold '\r' or '\n'), and
+names that are not UTF-8 (decoded by Python with surrogateescape) come back as the same str, whose
+os.fsencode is the original bytes. Version-1 indexes (chunk-NNNNN.paths, one path per line) are
+still read. Chunks are written whole (temp file, then rename) before meta.json lists them, so a
+killed indexing run loses at most the chunk in progress (its unlisted files are removed by the next
+run) and a later run continues from the rest. One writer at a time: a second one is refused.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +30,21 @@ from clipjax.files import atomic_path, write_text
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "clipjax-image-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: chunk paths as plain lines (.paths)
 META_FILE = "meta.json"
+LOCK_FILE = ".lock"
+PATHS_JSONL = "jsonl"  # a chunk's 'paths' entry: its paths file is NAME.jsonl
+_CHUNK_FILE = re.compile(r"chunk-\d+\.(npy|paths|jsonl)")
 STORAGE_DTYPES = ("float16", "float32")
 
 
 class IndexMismatchError(ValueError):
     """The index was built with a different model (or embedding size) than the one given."""
+
+
+class IndexBusyError(RuntimeError):
+    """Another process is writing the index (it holds the index's lock file)."""
 
 
 @dataclass
@@ -40,7 +54,8 @@ class IndexMeta:
     model_fingerprint: str
     model_path: str = ""
     image_size: int = 0
-    chunks: list[dict[str, Any]] = field(default_factory=list)  # {'name': str, 'count': int}
+    # {'name': str, 'count': int, 'paths': 'jsonl'}; no 'paths': a version-1 chunk (NAME.paths)
+    chunks: list[dict[str, Any]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # path -> reason (unreadable images)
 
     @property
@@ -75,10 +90,11 @@ class IndexMeta:
                 f"{where}: not a clipjax image index (format={d.get('format')!r}, "
                 f"expected {INDEX_FORMAT!r})"
             )
-        if d.get("version") != INDEX_VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"{where}: index version {d.get('version')} is not supported "
-                f"(expected {INDEX_VERSION})"
+                f"{where}: index version {d.get('version')} is not supported (this clipjax "
+                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}); rebuild the index "
+                f"with this clipjax or use the clipjax that wrote it"
             )
         return cls(
             dim=int(d["dim"]),
@@ -105,7 +121,11 @@ def read_meta(index_dir: str) -> IndexMeta:
 
 
 class IndexWriter:
-    """Appends chunks of (paths, embeddings) to a new or existing index directory."""
+    """Appends chunks of (paths, embeddings) to a new or existing index directory.
+
+    Holds the index's lock from construction to `close()` (or the end of a `with` block), so two
+    runs cannot interleave chunks; a second writer gets IndexBusyError at once.
+    """
 
     def __init__(
         self,
@@ -122,45 +142,61 @@ class IndexWriter:
                 f"index dtype {dtype!r} not supported; expected one of {STORAGE_DTYPES}"
             )
         self.index_dir = index_dir
-        if os.path.exists(meta_path(index_dir)):
-            meta = read_meta(index_dir)
-            check_compatible(meta, model_fingerprint, dim, where=index_dir)
-            if meta.dtype != dtype:
-                raise ValueError(
-                    f"{index_dir}: index stores {meta.dtype}, but {dtype} was "
-                    f"requested; use the same --float16 setting as when it was "
-                    f"created, or a new --out"
-                )
-            self.meta = meta
-        else:
-            if os.path.exists(index_dir) and (
-                not os.path.isdir(index_dir) or os.listdir(index_dir)
-            ):
-                raise FileExistsError(
-                    f"{index_dir}: exists and is not a clipjax image index; "
-                    f"choose a new or empty --out"
-                )
+        if not os.path.exists(meta_path(index_dir)):
+            _check_new_index_dir(index_dir)
             os.makedirs(index_dir, exist_ok=True)
-            self.meta = IndexMeta(
-                dim=dim,
-                dtype=dtype,
-                model_fingerprint=model_fingerprint,
-                model_path=model_path,
-                image_size=image_size,
-            )
-            self._write_meta()
+        self._lock = _acquire_lock(index_dir)
+        try:
+            if os.path.exists(meta_path(index_dir)):
+                meta = read_meta(index_dir)
+                check_compatible(meta, model_fingerprint, dim, where=index_dir)
+                if meta.dtype != dtype:
+                    raise ValueError(
+                        f"{index_dir}: index stores {meta.dtype}, but {dtype} was "
+                        f"requested; use the same --float16 setting as when it was "
+                        f"created, or a new --out"
+                    )
+                self.meta = meta
+                self._remove_unlisted_chunks()
+            else:
+                _check_new_index_dir(index_dir)  # nothing appeared before the lock was taken
+                self.meta = IndexMeta(
+                    dim=dim,
+                    dtype=dtype,
+                    model_fingerprint=model_fingerprint,
+                    model_path=model_path,
+                    image_size=image_size,
+                )
+                self._write_meta()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the lock; the writer cannot add chunks afterwards."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()  # closing the descriptor releases the flock
+
+    def __enter__(self) -> "IndexWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def indexed_paths(self) -> set[str]:
         """Paths already in the index (or recorded as unreadable), to skip when resuming."""
         done = set(self.meta.failed)
         for chunk in self.meta.chunks:
-            done.update(_read_paths(self.index_dir, chunk["name"]))
+            done.update(_read_paths(self.index_dir, chunk))
         return done
 
     def add_chunk(
         self, paths: Sequence[str], embeddings: np.ndarray, failed: dict[str, str] | None = None
     ) -> None:
         """Persist one chunk, then record it (and any unreadable paths) in meta.json."""
+        if self._lock is None:
+            raise ValueError(f"{self.index_dir}: the index writer is closed")
         embeddings = np.asarray(embeddings)
         if embeddings.shape != (len(paths), self.meta.dim):
             raise ValueError(
@@ -168,15 +204,13 @@ class IndexWriter:
                 f"({len(paths)}, {self.meta.dim})"
             )
         if paths:
+            text = "".join(encode_path(p) + "\n" for p in paths)  # fails before any write
             name = f"chunk-{self._next_chunk_id():05d}"
             with atomic_path(os.path.join(self.index_dir, name + ".npy")) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, embeddings.astype(self.meta.dtype))
-            write_text(
-                os.path.join(self.index_dir, name + ".paths"),
-                "".join(_escape(p) + "\n" for p in paths),
-            )
-            self.meta.chunks.append({"name": name, "count": len(paths)})
+            write_text(os.path.join(self.index_dir, f"{name}.{PATHS_JSONL}"), text)
+            self.meta.chunks.append({"name": name, "count": len(paths), "paths": PATHS_JSONL})
         if failed:
             self.meta.failed.update(failed)
         if paths or failed:
@@ -188,6 +222,43 @@ class IndexWriter:
 
     def _write_meta(self) -> None:
         write_text(meta_path(self.index_dir), self.meta.to_json())
+
+    def _remove_unlisted_chunks(self) -> None:
+        """Chunk files meta.json does not list are left by a killed run: remove them."""
+        listed = {c["name"] for c in self.meta.chunks}
+        for f in os.listdir(self.index_dir):
+            if _CHUNK_FILE.fullmatch(f) and f.rsplit(".", 1)[0] not in listed:
+                log.info("%s: removing %s, left by an interrupted run", self.index_dir, f)
+                os.remove(os.path.join(self.index_dir, f))
+
+
+def _check_new_index_dir(index_dir: str) -> None:
+    """A new index goes into a missing or empty directory (a lone lock file is allowed)."""
+    if not os.path.exists(index_dir):
+        return
+    if not os.path.isdir(index_dir) or set(os.listdir(index_dir)) - {LOCK_FILE}:
+        raise FileExistsError(
+            f"{index_dir}: exists and is not a clipjax image index; choose a new or empty --out"
+        )
+
+
+def _acquire_lock(index_dir: str) -> Any:
+    """Open and flock `index_dir/.lock` without waiting; IndexBusyError if another run holds it."""
+    path = os.path.join(index_dir, LOCK_FILE)
+    f = open(path, "a+b")
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        f.close()
+        raise IndexBusyError(
+            f"{index_dir}: another index run holds {path}; wait for it to finish, or write to "
+            f"another --out"
+        ) from None
+    except (ImportError, OSError) as e:  # no flock here (some network file systems)
+        log.warning("%s: cannot lock %s (%s); make sure no other run writes it", index_dir, path, e)
+    return f
 
 
 def check_compatible(
@@ -231,7 +302,7 @@ class Index:
                     f"missing; the index is damaged, rebuild it"
                 )
             mat = np.load(npy)
-            chunk_paths = _read_paths(index_dir, chunk["name"])
+            chunk_paths = _read_paths(index_dir, chunk)
             if mat.shape != (chunk["count"], meta.dim) or len(chunk_paths) != chunk["count"]:
                 raise ValueError(
                     f"{npy}: holds {mat.shape} embeddings and {len(chunk_paths)} "
@@ -284,20 +355,50 @@ def exact_topk(
     return (top[0], ids[0]) if single else (top, ids)
 
 
-def _escape(path: str) -> str:
-    if "\n" in path:
-        raise ValueError(f"image path {path!r} contains a newline; rename the file")
-    return path
+def encode_path(path: str) -> str:
+    """One line of a chunk's paths file: the path as an ASCII JSON string (lossless, see above)."""
+    if not isinstance(path, str):
+        raise ValueError(f"image path {path!r} is not a str")
+    return json.dumps(path)
 
 
-def _read_paths(index_dir: str, chunk_name: str) -> list[str]:
-    p = os.path.join(index_dir, chunk_name + ".paths")
+def display_path(path: str) -> str:
+    """`path` for a terminal or a page: undecodable bytes as \\xNN, control characters escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _read_paths(index_dir: str, chunk: dict[str, Any]) -> list[str]:
+    jsonl = chunk.get("paths") == PATHS_JSONL
+    p = os.path.join(index_dir, chunk["name"] + (f".{PATHS_JSONL}" if jsonl else ".paths"))
     if not os.path.isfile(p):
         raise FileNotFoundError(
             f"{p}: paths file of a listed chunk is missing; the index is damaged, rebuild it"
         )
-    with open(p, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line != "\n"]
+    if not jsonl:  # version 1: one path per line ('\n' only: a '\r' belongs to the name)
+        with open(p, encoding="utf-8", newline="\n") as f:
+            return [line[:-1] if line.endswith("\n") else line for line in f if line != "\n"]
+    with open(p, "rb") as f:
+        lines = f.read().split(b"\n")
+    nonblank = [line for line in lines if line.strip()]
+    try:  # one C-level parse: ~10x faster than a json.loads per line
+        out = json.loads(b"[" + b",".join(nonblank) + b"]")
+        if len(out) == len(nonblank) and all(isinstance(x, str) for x in out):
+            return out
+    except ValueError:
+        pass
+    out = []  # damaged: find the line to name
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            path = json.loads(line)
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            path = None
+        if not isinstance(path, str):
+            raise ValueError(f"{p}:{n}: not a JSON string; the index is damaged, rebuild it")
+        out.append(path)
+    return out
 
 
 def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -48,10 +48,27 @@ def _setup_logging() -> None:
     progress_to_stdout()
 
 
+def config_file_error() -> str | None:
+    """Why --config cannot be used (a missing file), or None. ml_collections defers that error
+    to the first use of the config, deep inside training, as a traceback."""
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])  # PATH[:ARG]
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        return (
+            f"--config {spec}: {path} does not exist; expected an experiment file such as "
+            "experiments/demo.py (optionally with :ARG)"
+        )
+    return None
+
+
 def main(argv: list[str], hooks: Sequence[Hook] = ()) -> int:
     """The CLI; `hooks` are passed to `train` (tests run the CLI with fault-injection hooks)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    error = config_file_error()
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax
 
@@ -86,5 +103,19 @@ def main(argv: list[str], hooks: Sequence[Hook] = ()) -> int:
     return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that an error raised by the config file's get_config (e.g. an
+    unknown :ARG key) is printed as one line, not as the traceback absl embeds."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        text = str(e)
+        if "Error whilst parsing config file" not in text:
+            return app.parse_flags_with_usage(argv)  # absl's own message and exit
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        print(f"error: --config: {last.split(': ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,7 +1,7 @@
 """B/16 on LAION-style shards: softmax InfoNCE (ring) vs SigLIP, each at two learning rates.
 
   python -m clipjax.launch.sweep experiments/sweeps/b16_loss.py --launcher tpu \
-      --launcher-args "--zone us-central2-b --type v4-64" --dry-run
+      --root gs://BUCKET/sweeps --launcher-args "--zone us-central2-b --type v4-64" --dry-run
 """
 
 from clipjax.launch.sweep import grid, zipped
