@@ -93,7 +93,7 @@ def run_interpolate(args: argparse.Namespace) -> None:
     from clipjax.export.load import load_config_and_params
 
     alpha = check_alpha(args.alpha)
-    _check_out(args.out, args.overwrite)
+    _check_out(args.out, args.overwrite, args.format)
     trust = args.trust_torchscript
     config_a, params_a = load_config_and_params(args.a, trust_torchscript=trust)
     config_b, params_b = load_config_and_params(args.b, trust_torchscript=trust)
