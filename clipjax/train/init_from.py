@@ -266,14 +266,10 @@ def source_model_overrides(path: str, step: int | None = None) -> tuple[str, dic
         config = workdir_model_config(path)
     else:  # a state dict: the architecture is inferred from its tensors' shapes
         config, _ = load_config_and_params(path, step=step)
-    fields = {
-        k: v for k, v in config.to_dict().items() if k not in ("dtype", "scan_layers", "remat")
-    }
+    fields = config.architecture()
     fields = json.loads(json.dumps(fields))  # tuples as lists, as a ConfigDict round-trips them
     for name, preset in PRESETS.items():
-        if preset == dataclasses.replace(
-            config, dtype=preset.dtype, scan_layers=preset.scan_layers, remat=preset.remat
-        ):
+        if preset.architecture() == config.architecture():
             return name, {}
     name = "B/16" if config.vision_type == "vit" else "RN50"
     base = json.loads(json.dumps(PRESETS[name].to_dict()))
@@ -282,12 +278,9 @@ def source_model_overrides(path: str, step: int | None = None) -> tuple[str, dic
 
 def config_differences(source: CLIPConfig, model: CLIPConfig) -> list[str]:
     """'field: source -> model' for the architecture fields that differ (compute settings such
-    as dtype, scan_layers and remat are not architecture)."""
-    a, b = source.to_dict(), model.to_dict()
-    skip = ("dtype", "scan_layers", "remat")
-    return [
-        f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if k not in skip and a[k] != b.get(k)
-    ]
+    as dtype, layer scan and remat are not architecture)."""
+    a, b = source.architecture(), model.architecture()
+    return [f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if a[k] != b.get(k)]
 
 
 def apply_plan(plan: InitPlan, state: Any, shardings: Any) -> Any:
