@@ -8,7 +8,7 @@ setup(
     description="JAX/Flax framework for CLIP-style contrastive image-text pretraining",
     python_requires=">=3.11",
     packages=find_packages(include=["clipjax", "clipjax.*"]),
-    package_data={"clipjax": ["data/assets/*", "evaluate/assets/*"]},
+    package_data={"clipjax": ["data/assets/*", "evaluate/assets/*", "evaluate/suites/*"]},
     install_requires=[
         "jax>=0.4.35",
         "jaxlib>=0.4.35",
@@ -33,6 +33,7 @@ setup(
             "pytest-xdist>=3.5",
             "transformers==4.57.6",
             "ruff==0.17.6",  # `make lint`; formatting differs between ruff versions
+            "scikit-learn>=1.3",  # the linear probe's reference in tests only
         ],
         # benchmarks/train_step.py --compare open_clip (not installed by `make test`).
         "bench": [
