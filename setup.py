@@ -8,7 +8,7 @@ setup(
     description="JAX/Flax framework for CLIP-style contrastive image-text pretraining",
     python_requires=">=3.11",
     packages=find_packages(include=["clipjax", "clipjax.*"]),
-    package_data={"clipjax": ["data/assets/*", "evaluate/assets/*"]},
+    package_data={"clipjax": ["data/assets/*", "evaluate/assets/*", "evaluate/suites/*"]},
     # Ranges this code is known to work in; constraints.txt holds the exact tested set that `make`
     # installs. Upper bounds stop at the first release not yet run (jax 0.11 ran on a GPU).
     install_requires=[
@@ -35,6 +35,7 @@ setup(
             "pytest-xdist>=3.5",
             "transformers==4.57.6",
             "ruff==0.17.6",  # `make lint`; formatting differs between ruff versions
+            "scikit-learn>=1.3",  # the linear probe's reference in tests only
         ],
         # Accelerators: jax's own CUDA (12 or 13) and TPU plugins, same version as jax.
         "cuda": ["jax[cuda13]"],

@@ -116,7 +116,7 @@ def _as_str(caption: str | bytes) -> str:
     return caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
 
 
-def _shard_files(spec: str) -> list[str]:
+def shard_files(spec: str) -> list[str]:
     if os.path.isdir(spec):
         spec = os.path.join(spec, "*.tfrecord")
     return expand_globs([spec])
@@ -130,8 +130,10 @@ def open_eval_data(
     batch_size: int,
     limit: int | None = None,
     tfds_fields: dict[str, str] | None = None,
+    data_dir: str | None = None,
 ) -> EvalData:
-    """Open `spec` (see module docstring) as evaluation batches; errors name the spec."""
+    """Open `spec` (see module docstring) as evaluation batches; errors name the spec.
+    `data_dir`: where tfds datasets are prepared (default: tfds's own default)."""
     if spec.startswith("tfds:"):
         from clipjax.data.sources import tfds_source
 
@@ -143,7 +145,7 @@ def open_eval_data(
         fields.setdefault("image_field", "image")
         if "text_field" not in fields:
             fields.setdefault("label_field", "label")
-        source = tfds_source(name, split, **fields)
+        source = tfds_source(name, split, data_dir=data_dir, **fields)
         batches = SourceBatches(
             source,
             batch_size=batch_size,
@@ -152,7 +154,7 @@ def open_eval_data(
             limit=limit,
         )
         return EvalData(batches, source.classnames, f"tfds {name} {split}", lambda: batches.skipped)
-    files = _shard_files(spec)
+    files = shard_files(spec)
     if files:
         from clipjax.data.eval_pipeline import EvalPipeline
         from clipjax.data.shards import dataset_classnames

@@ -102,3 +102,21 @@ class Encoder:
     @property
     def embed_dim(self) -> int:
         return int(self.model.config.embed_dim)
+
+
+def embed_labelled(encoder: Encoder, batches: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Image embeddings [N, D] and labels [N] of the real (unmasked) rows of labelled batches
+    (the layout of clipjax.evaluate.data)."""
+    embs, labels = [], []
+    for batch in batches:
+        if "label" not in batch:
+            raise ValueError("the data has no labels (a probe needs labelled images)")
+        b = np.asarray(batch["image"]).shape[0]
+        mask = np.asarray(batch.get("mask", np.ones(b, bool))).astype(bool).reshape(-1)
+        rows = np.flatnonzero(mask)
+        if rows.size:
+            embs.append(encoder.images(np.asarray(batch["image"])[rows]))
+            labels.append(np.asarray(batch["label"]).reshape(-1)[rows].astype(np.int32))
+    if not embs:
+        raise ValueError("the data produced no (unmasked) examples")
+    return np.concatenate(embs), np.concatenate(labels)

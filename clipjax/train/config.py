@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.zeroshot.templates = ""
     c.eval.retrieval = ml_collections.ConfigDict()
     c.eval.retrieval.shards = ""
+    # An evaluation suite (clipjax.evaluate.suite: packaged name, .json or .py file) run with
+    # the evals above; each figure is logged as suite/<task>/<metric>.
+    c.eval.suite = ""
 
     c.export = ml_collections.ConfigDict()
     c.export.dir = ""  # if set: write a model directory there at the end
@@ -368,6 +371,13 @@ def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool
             )
             if spec and not expand_globs(spec):
                 raise _fail(key, spec, "matches no files; expected a glob of TFRecord shards")
+    if config.eval.suite:
+        from clipjax.evaluate.suite import load_suite
+
+        try:  # the suite file is checked now, not at the first evaluation
+            load_suite(config.eval.suite)
+        except (FileNotFoundError, ValueError) as e:
+            raise _fail("eval.suite", config.eval.suite, str(e)) from None
     if config.eval.zeroshot.shards and not config.eval.zeroshot.classnames:
         raise _fail("eval.zeroshot.classnames", "", "needed when eval.zeroshot.shards is set")
     if config.export.format not in ("safetensors", "msgpack"):

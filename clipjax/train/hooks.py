@@ -200,7 +200,8 @@ def _names(spec: str, sep: str) -> list[str]:
 
 
 def run_evals(trainer: Trainer, params: Any) -> dict[str, float]:
-    """Zero-shot accuracy and retrieval recall on the configured held-out shards."""
+    """Zero-shot accuracy and retrieval recall on the configured held-out shards, and the
+    figures of `eval.suite` (as suite/<task>/<metric>)."""
     from clipjax.data.eval_pipeline import EvalPipeline
 
     cfg, mcfg, out = trainer.config.eval, trainer.model_config, {}
@@ -233,6 +234,17 @@ def run_evals(trainer: Trainer, params: Any) -> dict[str, float]:
             trainer.model, params, pipeline(cfg.retrieval.shards), mesh=trainer.mesh
         )
         out.update({f"retrieval/{k}": v for k, v in res.items()})
+    if cfg.suite:
+        from clipjax.evaluate.suite import load_suite, run_suite, suite_metrics
+
+        results = run_suite(
+            load_suite(cfg.suite),
+            trainer.model,
+            params,
+            mesh=trainer.mesh,
+            batch_size=cfg.batch_size,
+        )
+        out.update(suite_metrics(results))
     return out
 
 
