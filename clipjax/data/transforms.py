@@ -15,7 +15,6 @@ import tensorflow as tf
 
 from clipjax.data.image import BACKGROUND, CLIP_MEAN, CLIP_STD, WINDOW_ABOVE, check_size
 
-
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -103,6 +102,11 @@ def _to_levels(image: tf.Tensor) -> tf.Tensor:
     return tf.round(tf.clip_by_value(image, 0.0, 255.0))
 
 
+def _bicubic(image: tf.Tensor, out_hw) -> tf.Tensor:
+    """Antialiased bicubic resize of a whole float image to `out_hw` (Keys a=-0.5, as PIL)."""
+    return tf.image.resize(image, tf.stack(out_hw), method="bicubic", antialias=True)
+
+
 def _bicubic_window(image: tf.Tensor, out_hw, scale_hw, offset_hw) -> tf.Tensor:
     """Output pixels [offset, offset + out) of an antialiased bicubic resize by `scale_hw`
     (tf.image.resize's kernel, computed only there: bounded memory for any aspect ratio)."""
@@ -143,9 +147,7 @@ def resize_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     image = tf.cond(
         new_w > window,
         lambda: _bicubic_window(image, [rows, size], [1.0, scale_w], [0, left]),
-        lambda: tf.image.resize(
-            image, tf.stack([rows, new_w]), method="bicubic", antialias=True
-        )[:, left : left + size],
+        lambda: _bicubic(image, [rows, new_w])[:, left : left + size],
     )
     image = _to_levels(image)
     scale_h = tf.cast(new_h, tf.float32) / tf.cast(height, tf.float32)
@@ -154,9 +156,7 @@ def resize_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     image = tf.cond(
         tall,
         lambda: _bicubic_window(image, [size, size], [scale_h, 1.0], [shift, 0.0]),
-        lambda: tf.image.resize(
-            image, tf.stack([new_h, size]), method="bicubic", antialias=True
-        )[top : top + size],
+        lambda: _bicubic(image, [new_h, size])[top : top + size],
     )
     return _to_levels(image)
 
