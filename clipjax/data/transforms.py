@@ -13,21 +13,57 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from clipjax.data.image import CLIP_MEAN, CLIP_STD, check_size
+from clipjax.data.image import BACKGROUND, CLIP_MEAN, CLIP_STD, WINDOW_ABOVE, check_size
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_needs_rule(encoded: tf.Tensor) -> tf.Tensor:
+    """Whether PNG bytes carry 16-bit samples, an alpha channel or a tRNS transparency chunk
+    (IHDR: bit depth at byte 24, colour type at 25; 4 = grey + alpha, 6 = RGBA)."""
+    header = tf.strings.join([tf.strings.substr(encoded, 0, 26), "\0" * 26])
+    depth = tf.strings.substr(header, 24, 1)
+    color = tf.strings.substr(header, 25, 1)
+    special = (depth == b"\x10") | (color == b"\x04") | (color == b"\x06")
+    return special | (tf.size(tf.strings.split(encoded, "tRNS", maxsplit=1)) > 1)
+
+
+def _decode_png_by_rule(encoded: tf.Tensor) -> tf.Tensor:
+    """PNG -> uint8 RGB by `clipjax.data.image.to_rgb`'s rule: 16-bit scaled (level / 257),
+    transparency composited on BACKGROUND with the same float32 arithmetic as `composite`."""
+    pixels = tf.cast(tf.io.decode_png(encoded, channels=4, dtype=tf.uint16), tf.float32)
+    levels = tf.round(pixels / 257.0)
+    rgb, alpha = levels[..., :3], levels[..., 3:]
+    background = tf.constant(BACKGROUND, tf.float32)
+    out = tf.round((rgb * alpha + background * (255.0 - alpha)) / 255.0)
+    return tf.cast(out, tf.uint8)
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """JPEG/PNG/GIF/BMP bytes -> uint8 RGB [H, W, 3] (grayscale replicated, alpha dropped).
+    """JPEG/PNG/GIF/BMP bytes -> uint8 RGB [H, W, 3], by `clipjax.data.image.to_rgb`'s rule where
+    TensorFlow can follow it: grayscale replicated, PNG transparency (alpha or tRNS) composited on
+    the same white, 16-bit PNG scaled by bit depth.
 
+    Not followed here: JPEG EXIF orientation and GIF transparency. Shards from clipjax's writer
+    never carry either (it re-encodes such images by the rule), and class folders and tfds sets
+    are read with PIL; bytes from elsewhere with those traits should go through the writer.
     JPEGs use libjpeg's accurate integer IDCT, which gives PIL's pixels exactly (the fast default
     is off by up to 4 levels). Corrupt bytes raise tf.errors.InvalidArgumentError when run;
     pipelines skip and count those.
     """
     encoded = tf.convert_to_tensor(encoded, tf.string)
+    is_png = tf.strings.substr(encoded, 0, 8) == _PNG_SIGNATURE
+    by_rule = tf.cond(is_png, lambda: _png_needs_rule(encoded), lambda: tf.constant(False))
     image = tf.cond(
         tf.io.is_jpeg(encoded),
         lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False),
+        lambda: tf.cond(
+            by_rule,
+            lambda: _decode_png_by_rule(encoded),
+            lambda: tf.io.decode_image(
+                encoded, channels=3, dtype=tf.uint8, expand_animations=False
+            ),
+        ),
     )
     image.set_shape([None, None, 3])
     return image
@@ -66,28 +102,74 @@ def _to_levels(image: tf.Tensor) -> tf.Tensor:
     return tf.round(tf.clip_by_value(image, 0.0, 255.0))
 
 
+def _bicubic(image: tf.Tensor, out_hw) -> tf.Tensor:
+    """Antialiased bicubic resize of a whole float image to `out_hw` (Keys a=-0.5, as PIL)."""
+    return tf.image.resize(image, tf.stack(out_hw), method="bicubic", antialias=True)
+
+
+def _bicubic_window(image: tf.Tensor, out_hw, scale_hw, offset_hw) -> tf.Tensor:
+    """Output pixels [offset, offset + out) of an antialiased bicubic resize by `scale_hw`
+    (tf.image.resize's kernel, computed only there: bounded memory for any aspect ratio)."""
+    return tf.raw_ops.ScaleAndTranslate(
+        images=image[None],
+        size=tf.stack(out_hw),
+        scale=tf.stack(scale_hw),
+        translation=-tf.cast(tf.stack(offset_hw), tf.float32),
+        kernel_type="keyscubic",
+        antialias=True,
+    )[0]
+
+
+def resize_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 [H, W, C] -> float32 levels [size, size, C]: short side to `size`, center crop, as
+    `clipjax.data.image.resize_center_crop` (the same passes, order, windows and rounding)."""
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    new_h, new_w = short_side_resize_shape(height, width, size)
+    # torchvision: int(round((new - size) / 2)); tf.round also rounds halves to even.
+    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
+    window = WINDOW_ABOVE * size
+    tall = new_h > window
+    # Far taller than wide: keep only the rows the height pass reads (window_rows).
+    scale_y = tf.cast(height, tf.float64) / tf.cast(new_h, tf.float64)
+    reach = 2.0 * tf.maximum(scale_y, 1.0) + 1.0
+    top64 = tf.cast(top, tf.float64)
+    r0 = tf.maximum(0, tf.cast(tf.floor(top64 * scale_y - reach), tf.int32))
+    r1 = tf.minimum(height, tf.cast(tf.math.ceil((top64 + size) * scale_y + reach), tf.int32))
+    r0, r1 = tf.where(tall, r0, 0), tf.where(tall, r1, height)
+    image = tf.cast(image[r0:r1], tf.float32)
+    rows = r1 - r0
+    # Two separable passes, width then height, each rounded and clipped to uint8 levels: this is
+    # how PIL resamples 8-bit images, and it matters where bicubic overshoots (sharp edges).
+    # A pass up to `window` long is done whole then cropped (exactly the full resize's pixels).
+    scale_w = tf.cast(new_w, tf.float32) / tf.cast(width, tf.float32)
+    image = tf.cond(
+        new_w > window,
+        lambda: _bicubic_window(image, [rows, size], [1.0, scale_w], [0, left]),
+        lambda: _bicubic(image, [rows, new_w])[:, left : left + size],
+    )
+    image = _to_levels(image)
+    scale_h = tf.cast(new_h, tf.float32) / tf.cast(height, tf.float32)
+    # The windowed pass on rows [r0, r1): output row y samples full-image row (y + top + .5) / s.
+    shift = tf.cast(top, tf.float32) - tf.cast(r0, tf.float32) * scale_h
+    image = tf.cond(
+        tall,
+        lambda: _bicubic_window(image, [size, size], [scale_h, 1.0], [shift, 0.0]),
+        lambda: _bicubic(image, [new_h, size])[top : top + size],
+    )
+    return _to_levels(image)
+
+
 def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
     """OpenAI's eval transform: uint8 [H, W, 3] -> float32 [size, size, 3], CLIP-normalised.
 
     Bicubic (Keys a=-0.5, antialiased when shrinking, as PIL) resize of the short side to `size`,
-    then a center crop with torchvision's offsets.
+    then a center crop with torchvision's offsets (`resize_center_crop`).
     """
     image = _check_image(image)
     size = check_size(size)
-    shape = tf.shape(image)
-    new_h, new_w = short_side_resize_shape(shape[0], shape[1], size)
-    # Two separable passes, width then height, each rounded and clipped to uint8 levels: this is
-    # how PIL resamples 8-bit images, and it matters where bicubic overshoots (sharp edges).
-    resized = _to_levels(
-        tf.image.resize(image, tf.stack([shape[0], new_w]), method="bicubic", antialias=True)
-    )
-    resized = _to_levels(
-        tf.image.resize(resized, tf.stack([new_h, new_w]), method="bicubic", antialias=True)
-    )
-    # torchvision: int(round((new - size) / 2)); tf.round also rounds halves to even.
-    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
-    crop = tf.slice(resized, tf.stack([top, left, 0]), [size, size, -1])
+    crop = resize_center_crop(image, size)
     crop.set_shape([size, size, image.shape[-1]])
     return normalize(crop)
 

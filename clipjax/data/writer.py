@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "clipjax-shards/1"
 JPEG_QUALITY = 95
-_EXIF_ORIENTATION = 0x0112
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,27 +50,24 @@ class ImageError(ValueError):
 def encode_image(data: bytes, max_side: int | None = None) -> bytes:
     """Validate an encoded image by decoding it fully; return bytes the pipeline can decode.
 
-    JPEG/PNG in RGB or grayscale that fit `max_side` are kept byte-for-byte; anything else
-    (other formats, alpha, CMYK, EXIF rotation, too large) is converted to RGB, resized so the
-    long side is `max_side`, and re-encoded as JPEG.
+    JPEG/PNG in RGB or grayscale, upright, without transparency, that fit `max_side` are kept
+    byte-for-byte; anything else (other formats, alpha, 16-bit, CMYK, EXIF rotation, too large)
+    is brought to RGB by `clipjax.data.image.to_rgb` (the rule every clipjax path follows),
+    resized so the long side is `max_side`, and re-encoded as JPEG.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from clipjax.data.image import exif_orientation, to_rgb
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # a full decode: truncated or corrupt files fail here, not in training
             fmt, mode, size = im.format, im.mode, im.size
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
             too_big = max_side is not None and max(size) > max_side
-            if fmt in ("JPEG", "PNG") and mode in ("RGB", "L") and orientation == 1 and not too_big:
+            plain = mode in ("RGB", "L") and "transparency" not in im.info
+            if fmt in ("JPEG", "PNG") and plain and exif_orientation(im) == 1 and not too_big:
                 return data
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                im = im.convert("RGB")
+            im = to_rgb(im)
             if max_side is not None and max(im.size) > max_side:
                 scale = max_side / max(im.size)
                 new_size = tuple(max(1, round(s * scale)) for s in im.size)

@@ -9,6 +9,9 @@
   python -m clipjax.evaluate --model PATH --task fewshot --shots 1,5,10,25 --train-data SPEC
       --data SPEC
 
+Given --classnames are matched by name to the dataset's own class names (class folders, shard
+manifest, tfds), so label i is always scored against class i's prompts.
+
 PATH is a clipjax model directory, a Hugging Face CLIP directory, a training workdir (latest
 checkpoint, or --step) or an OpenAI/open_clip state dict. A suite (clipjax/evaluate/suite.py)
 lists tasks with their data; tasks whose data is missing are skipped with the reason. Prints a
@@ -48,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where tfds data sets are prepared (tfds: specs)")
     p.add_argument(
         "--classnames",
-        help="imagenet | demo | FILE | comma-separated names "
-        "(default: the dataset's own class names)",
+        help="imagenet | demo | FILE | comma-separated names (default: the dataset's own class "
+        "names). Where the dataset names its classes, given names are matched to them by name "
+        "(any order); names matching none, as many as its classes, are display names in label "
+        "order (the mapping is printed); any other mismatch is an error",
     )
     p.add_argument(
         "--templates",
@@ -134,7 +139,7 @@ def run_suite_cli(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from clipjax.evaluate.classnames import load_classnames, load_templates
+    from clipjax.evaluate.classnames import align_classnames, load_classnames, load_templates
     from clipjax.evaluate.data import open_eval_data
     from clipjax.export.load import load
     from clipjax.parallel.mesh import make_mesh
@@ -167,6 +172,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.task == "zeroshot":
         from clipjax.evaluate.zeroshot import zeroshot_accuracy
 
+        if classnames is not None:
+            classnames, notes = align_classnames(classnames, data.classnames)
+            for line in notes:
+                print(f"note: {line}")
         classnames = classnames or data.classnames
         if not classnames:
             raise ValueError(

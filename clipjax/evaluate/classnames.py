@@ -76,3 +76,58 @@ def load_templates(spec: str) -> list[str]:
         f"templates {spec!r}: expected one of {sorted(TEMPLATE_SETS) + ['demo']} or a text "
         f"file with one template (containing '{{}}') per line"
     )
+
+
+def _name_key(name: str) -> str:
+    """How names are matched: case, '_'/'-' versus spaces and extra spaces do not matter."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def align_classnames(
+    given: list[str], dataset: list[str] | None, what: str = "--classnames"
+) -> tuple[list[str], list[str]]:
+    """`given` class names in the dataset's label order, and notes for the user.
+
+    Without dataset names (`dataset` None) `given` is taken as is. Names are matched to the
+    dataset's by `_name_key` (case, underscores): the same set in another order is re-ordered
+    (a note says so); a list of the right length that matches none of them is taken as display
+    names in label order (the notes give the mapping); any other difference is a ValueError
+    naming the missing and extra names. Label i keeps meaning the dataset's class i.
+    """
+    if dataset is None or list(given) == list(dataset):
+        return list(given), []
+    keys = [_name_key(n) for n in given]
+    dupes = sorted({n for n, k in zip(given, keys) if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"{what}: names given more than once: {_listing(dupes)}")
+    by_key = dict(zip(keys, given))
+    data_keys = [_name_key(n) for n in dataset]
+    missing = [n for n, k in zip(dataset, data_keys) if k not in by_key]
+    extra = [n for n, k in zip(given, keys) if k not in set(data_keys)]
+    if not missing and not extra and len(given) == len(dataset):
+        ordered = [by_key[k] for k in data_keys]
+        if [_name_key(n) for n in ordered] == keys:  # same order, other spelling
+            return ordered, []
+        return ordered, [
+            f"{what}: the {len(given)} names match the dataset's classes in another order; "
+            "re-ordered to the dataset's label order"
+        ]
+    if len(given) == len(dataset) and len(extra) == len(given):
+        mapping = [f"  label {i}: {d!r} -> {g!r}" for i, (d, g) in enumerate(zip(dataset, given))]
+        return list(given), [
+            f"{what}: none of the {len(given)} names is a class name of the dataset; taken as "
+            "display names in label order:",
+            *mapping,
+        ]
+    raise ValueError(
+        f"{what}: {len(given)} names do not match the dataset's {len(dataset)} classes"
+        + (f"; missing: {_listing(missing)}" if missing else "")
+        + (f"; extra: {_listing(extra)}" if extra else "")
+        + ". Give the dataset's class names (any order), or exactly as many names as it has "
+        "classes (then taken in label order), or leave out --classnames to use its own"
+    )

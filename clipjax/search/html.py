@@ -22,9 +22,11 @@ def thumbnail_data_uri(path: str, size: int = THUMB_SIZE) -> str | None:
     """A small JPEG of `path` as a data: URI, or None if the image cannot be read."""
     from PIL import Image
 
+    from clipjax.data.image import to_rgb
+
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=85)
