@@ -183,12 +183,13 @@ def test_load_gives_model_params_preprocess(tmp_path, vit):
     save_model_dir(str(tmp_path / "m"), cfg, params, "msgpack")
     import clipjax
 
-    model, p, preprocess = clipjax.load(str(tmp_path / "m"))
+    model, variables, preprocess = clipjax.load(str(tmp_path / "m"))
+    assert set(variables) == {"params"}  # the same kind for every tower (ResNet: + batch_stats)
     x = preprocess(Image.new("RGB", (50, 40), (200, 10, 10)))
     assert x.shape == (32, 32, 3) and x.dtype == np.float32
     images, ids = inputs(cfg)
     ref = CLIP(cfg).apply({"params": params}, images, method="encode_image")
-    got = model.apply({"params": p}, images, method="encode_image")
+    got = model.apply(variables, images, method="encode_image")
     np.testing.assert_array_equal(np.asarray(ref), np.asarray(got))
 
 
@@ -381,8 +382,8 @@ def test_hf_round_trip_via_cli_is_exact_from_either_weight_file(exported, vit, t
 
     shutil.copytree(exported / "hf", tmp_path / "pt_only")
     os.remove(tmp_path / "pt_only" / "flax_model.msgpack")
-    _, params3, _ = load(str(tmp_path / "pt_only"))
-    assert_trees_equal(params, params3)
+    _, variables3, _ = load(str(tmp_path / "pt_only"))
+    assert_trees_equal(params, variables3["params"])
 
 
 def test_openai_cli_round_trip_and_load_of_state_dict_file(exported, vit, tmp_path, capsys):
@@ -414,8 +415,8 @@ def test_openai_cli_round_trip_and_load_of_state_dict_file(exported, vit, tmp_pa
         export_main(["import", "--from", "open_clip", sd_file, "--out", str(tmp_path / "oc")]) == 0
     )
     assert read_model_dir(str(tmp_path / "oc"))[0].act == "gelu"  # open_clip default
-    model, params4, _ = load(sd_file)  # state dict files load directly
-    assert_trees_equal(params, params4)
+    model, variables4, _ = load(sd_file)  # state dict files load directly
+    assert_trees_equal(params, variables4["params"])
 
 
 def test_cli_errors(exported, tmp_path, capsys):
@@ -486,8 +487,8 @@ def test_export_from_training_workdir(tmp_path):
         )
         == 1
     )
-    _, params_w, _ = load(str(tmp_path / "wd"))
-    assert_trees_equal(p2, params_w)
+    _, variables_w, _ = load(str(tmp_path / "wd"))
+    assert_trees_equal(p2, variables_w["params"])
 
 
 def test_export_resnet_from_workdir_with_model_config(tmp_path):
@@ -519,3 +520,6 @@ def test_export_resnet_from_workdir_with_model_config(tmp_path):
         "params.safetensors",
     ]
     assert_trees_equal(v, variables)
+    _, loaded, _ = load(str(tmp_path / "m"))  # the same kind of value as for a ViT tower
+    assert set(loaded) == {"params", "batch_stats"}
+    assert_trees_equal(v, loaded)

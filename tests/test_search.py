@@ -197,7 +197,7 @@ def test_cli_index_query_html_and_errors(setup, tmp_path, capsys):
     model, params, _ = load(str(setup / "model"))
     from clipjax.data.tokenizer import tokenize
 
-    q = model.apply({"params": params}, tokenize(["a red square"], 16), method="encode_text")
+    q = model.apply(params, tokenize(["a red square"], 16), method="encode_text")
     index = Index.load(idx)
     expect = np.sort(index.embeddings @ np.asarray(q)[0])[::-1][:3]
     np.testing.assert_allclose(scores, expect, atol=2e-4)

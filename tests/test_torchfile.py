@@ -233,7 +233,8 @@ def test_openai_torchscript_archive_reads_without_flag_or_torch(tmp_path, openai
         np.testing.assert_array_equal(got[k], v, err_msg=k)
     # clipjax.load and the import CLI take it as an OpenAI state dict, no flag needed.
     expect_cfg, expect = from_openai_state_dict(openai_sd)
-    model, params, _ = load(path)
+    model, variables, _ = load(path)
+    params = variables["params"]
     assert model.config == expect_cfg
     for k, v in flax.traverse_util.flatten_dict(expect).items():
         np.testing.assert_array_equal(flax.traverse_util.flatten_dict(params)[k], v)

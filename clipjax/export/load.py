@@ -1,4 +1,4 @@
-"""`clipjax.load(path) -> (model, params, preprocess)` for every model source clipjax knows.
+"""`clipjax.load(path) -> (model, variables, preprocess)` for every model source clipjax knows.
 
 Sources, recognised by their contents:
   clipjax model directory   config.json {"format": "clipjax-model"} + params.safetensors|msgpack
@@ -104,20 +104,21 @@ def load_config_and_params(
 def load(
     path: str, *, step: int | None = None, dtype: str | None = None, trust_torchscript: bool = False
 ) -> tuple[CLIP, dict[str, Any], Callable[[Any], np.ndarray]]:
-    """Load a model for use: (model, params, preprocess).
+    """Load a model for use: (model, variables, preprocess).
 
-    `model.apply({'params': params}, images, method='encode_image')` embeds images (for ResNet
-    towers `params` is the variables dict: `model.apply(params, ...)`); `preprocess(pil_image)`
-    gives the float32 [S, S, 3] input of one image. `dtype='bfloat16'` sets the compute dtype.
-    `trust_torchscript=True` allows torch.jit.load (which runs code stored in the file) for a
-    TorchScript .pt that cannot be read as data only.
+    `variables` is the flax variables dict of every architecture ({'params': ...}, plus
+    'batch_stats' for ResNet towers): `model.apply(variables, images, method='encode_image')`
+    embeds images; `preprocess(pil_image)` gives the float32 [S, S, 3] input of one image.
+    `dtype='bfloat16'` sets the compute dtype. `trust_torchscript=True` allows torch.jit.load
+    (which runs code stored in the file) for a TorchScript .pt that cannot be read as data only.
     """
     from clipjax.data.image import preprocess as _preprocess
 
     config, params = load_config_and_params(path, step=step, trust_torchscript=trust_torchscript)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
-    return CLIP(config), params, functools.partial(_preprocess, size=config.image_size)
+    variables = modeldir.variables_of(params)
+    return CLIP(config), variables, functools.partial(_preprocess, size=config.image_size)
 
 
 # --------------------------------------------------------------------------- training workdirs

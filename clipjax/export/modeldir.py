@@ -32,11 +32,8 @@ MODEL_FILES = {CONFIG_FILE, *WEIGHT_FILES["params"], *WEIGHT_FILES["batch_stats"
 
 
 def variables_of(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Flax variables for `model.apply`: wraps plain params; passes a variables dict through.
-
-    ResNet towers need 'batch_stats' next to 'params', so for them `clipjax.load` returns the
-    variables dict {'params': ..., 'batch_stats': ...} in place of bare params.
-    """
+    """Flax variables for `model.apply`: wraps plain params; passes a variables dict through
+    (ResNet towers need 'batch_stats' next to 'params')."""
     if is_variables(params):
         return dict(params)
     return {"params": params}
