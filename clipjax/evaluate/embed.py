@@ -6,7 +6,6 @@ padding rows are dropped again before results reach the caller.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,15 +16,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clipjax.export.modeldir import variables_of
-from clipjax.parallel.mesh import BATCH_AXES
+from clipjax.parallel.mesh import batch_axis_size
 from clipjax.parallel.placement import fetch_local, to_global
-
-
-def batch_divisor(mesh: Mesh | None) -> int:
-    """How many ways a global batch is split on `mesh` (1 without a mesh)."""
-    if mesh is None:
-        return 1
-    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -66,7 +58,7 @@ class Encoder:
         self.model = model
         self.mesh = mesh
         # Per-host batch; the global batch (x process count) must split over the batch axes.
-        per_host = max(1, batch_divisor(mesh) // jax.process_count())
+        per_host = max(1, batch_axis_size(mesh) // jax.process_count())
         self.batch_size = round_up(max(1, batch_size), per_host)
         self.params = put_replicated(params, mesh)
         self._image_fn = jax.jit(self._encode("encode_image"))

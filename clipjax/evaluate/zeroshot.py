@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from clipjax.evaluate.embed import Encoder, batch_divisor, pad_rows, put_replicated
+from clipjax.evaluate.embed import Encoder, pad_rows, put_replicated
 from clipjax.export.modeldir import variables_of
+from clipjax.parallel.mesh import batch_axis_size
 from clipjax.parallel.placement import to_global
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def zeroshot_accuracy(
     step = make_eval_step(model, tuple(ks))
     params = put_replicated(params, mesh)
     weights_dev = put_replicated(weights, mesh)
-    divisor = max(1, batch_divisor(mesh) // jax.process_count())
+    divisor = max(1, batch_axis_size(mesh) // jax.process_count())
     hits = np.zeros((len(ks), num_classes), np.int64)
     counts = np.zeros(num_classes, np.int64)
     for batch in batches:

@@ -1,9 +1,10 @@
 """CLIP encoders (ViT, ModifiedResNet, text transformer), the two-tower model, and named presets.
 
 May import jax/flax/numpy only (never clipjax.train, .data, .losses). Parameter logical axis names
-are listed in `clipjax.models.layers.LOGICAL_AXES`.
+are listed in `clipjax.axes.LOGICAL_AXES`.
 """
 
+from clipjax.axes import LOGICAL_AXES
 from clipjax.models.clip import (
     CLIP,
     COMPUTE_FIELDS,
@@ -15,7 +16,6 @@ from clipjax.models.clip import (
     num_params,
 )
 from clipjax.models.layers import (
-    LOGICAL_AXES,
     count_params,
     stack_layer_params,
     unstack_layer_params,

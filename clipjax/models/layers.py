@@ -7,7 +7,7 @@ and a stack that optionally scans over layers (one compiled block, params stacke
 Dtype policy: parameters are always float32; matmuls run in the module's compute `dtype` (float32 or
 bfloat16); layer norms and the attention softmax run in float32.
 
-Every parameter carries logical axis names (see `LOGICAL_AXES`) so that sharding rules can map them
+Every parameter carries logical axis names (`clipjax.axes`) so that sharding rules can map them
 onto mesh axes without the model knowing about the mesh.
 """
 
@@ -21,22 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Logical axis names used by every parameter in clipjax.models. The sharding rules
-# (clipjax.parallel.rules) map these to mesh axes; a name mapped to nothing is replicated.
-LOGICAL_AXES: dict[str, str] = {
-    "embed": "residual-stream width of a tower (d_model)",
-    "mlp": "hidden width of a transformer MLP",
-    "heads": "attention heads",
-    "kv": "per-head feature size (head_dim)",
-    "vocab": "token vocabulary (text embedding rows)",
-    "pos": "position in a learned positional embedding",
-    "proj": "joint image-text embedding size (output of the projections)",
-    "norm": "feature dim of a LayerNorm / BatchNorm scale or bias",
-    "conv_in": "input channels of a convolution kernel",
-    "conv_out": "output channels of a convolution kernel",
-    "layers": "stacked layer axis of a scanned transformer (only with scan_layers)",
-}
-# Spatial kernel dims of convolutions are left unnamed (None): they are tiny and never sharded.
+from clipjax.axes import (
+    EMBED,
+    HEADS,
+    KV,
+    LAYERS,
+    MLP_HIDDEN,
+    NORM,
+)
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -79,8 +71,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        scale = self.param("scale", logical(nn.initializers.ones, ("norm",)), (width,))
-        bias = self.param("bias", logical(nn.initializers.zeros, ("norm",)), (width,))
+        scale = self.param("scale", logical(nn.initializers.ones, (NORM,)), (width,))
+        bias = self.param("bias", logical(nn.initializers.zeros, (NORM,)), (width,))
         x = x.astype(jnp.float32)
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
@@ -134,7 +126,7 @@ class MultiHeadAttention(nn.Module):
     dtype: Any = jnp.float32
     init_std: float | None = None
     out_init_std: float | None = None
-    out_axis: str = "embed"
+    out_axis: str = EMBED
     causal: bool = False
     attention: str = "xla"
 
@@ -157,8 +149,8 @@ class MultiHeadAttention(nn.Module):
                 axis=-1,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
-                kernel_init=logical(dense_init(std), ("embed", "heads", "kv")),
-                bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
+                kernel_init=logical(dense_init(std), (EMBED, HEADS, KV)),
+                bias_init=logical(nn.initializers.zeros, (HEADS, KV)),
                 name=name,
             )(inp)
 
@@ -184,7 +176,7 @@ class MultiHeadAttention(nn.Module):
             axis=(-2, -1),
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=logical(dense_init(out_std), ("heads", "kv", self.out_axis)),
+            kernel_init=logical(dense_init(out_std), (HEADS, KV, self.out_axis)),
             bias_init=logical(nn.initializers.zeros, (self.out_axis,)),
             name="out",
         )(out)
@@ -208,8 +200,8 @@ class MLP(nn.Module):
             self.hidden,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=logical(dense_init(std), ("embed", "mlp")),
-            bias_init=logical(nn.initializers.zeros, ("mlp",)),
+            kernel_init=logical(dense_init(std), (EMBED, MLP_HIDDEN)),
+            bias_init=logical(nn.initializers.zeros, (MLP_HIDDEN,)),
             name="fc",
         )(x)
         h = get_activation(self.act)(h)
@@ -217,8 +209,8 @@ class MLP(nn.Module):
             width,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=logical(dense_init(out_std), ("mlp", "embed")),
-            bias_init=logical(nn.initializers.zeros, ("embed",)),
+            kernel_init=logical(dense_init(out_std), (MLP_HIDDEN, EMBED)),
+            bias_init=logical(nn.initializers.zeros, (EMBED,)),
             name="proj",
         )(h)
 
@@ -325,7 +317,7 @@ class Transformer(nn.Module):
                 split_rngs={"params": True},
                 in_axes=nn.broadcast,
                 length=self.layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
+                metadata_params={nn.PARTITION_NAME: LAYERS},
             )
             x, _ = stack(**block_kwargs, name="blocks")(x, mask)
         else:

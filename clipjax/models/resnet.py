@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clipjax.axes import CONV_IN, CONV_OUT, EMBED, HEADS, KV, NORM, POS, PROJ
 from clipjax.models.layers import logical
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -36,7 +37,7 @@ def _conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1) ->
         use_bias=False,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=logical(_conv_init, (None, None, "conv_in", "conv_out")),
+        kernel_init=logical(_conv_init, (None, None, CONV_IN, CONV_OUT)),
         name=name,
     )
 
@@ -50,8 +51,8 @@ def _batch_norm(x: jax.Array, train: bool, name: str, zero_init: bool = False) -
         epsilon=1e-5,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        scale_init=logical(nn.initializers.zeros if zero_init else nn.initializers.ones, ("norm",)),
-        bias_init=logical(nn.initializers.zeros, ("norm",)),
+        scale_init=logical(nn.initializers.zeros if zero_init else nn.initializers.ones, (NORM,)),
+        bias_init=logical(nn.initializers.zeros, (NORM,)),
         name=name,
     )(x.astype(jnp.float32))
     return y.astype(x.dtype)
@@ -101,7 +102,7 @@ class AttentionPool2d(nn.Module):
         x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)  # [B, 1 + HW, C]
         pos = self.param(
             "positional_embedding",
-            logical(nn.initializers.normal(std), ("pos", "embed")),
+            logical(nn.initializers.normal(std), (POS, EMBED)),
             (h * w + 1, c),
         )
         x = x + pos.astype(self.dtype)
@@ -111,8 +112,8 @@ class AttentionPool2d(nn.Module):
                 (self.num_heads, head_dim),
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
-                kernel_init=logical(nn.initializers.normal(std), ("embed", "heads", "kv")),
-                bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
+                kernel_init=logical(nn.initializers.normal(std), (EMBED, HEADS, KV)),
+                bias_init=logical(nn.initializers.zeros, (HEADS, KV)),
                 name=name,
             )
 
@@ -121,8 +122,8 @@ class AttentionPool2d(nn.Module):
             axis=(-2, -1),
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=logical(nn.initializers.normal(std), ("heads", "kv", "proj")),
-            bias_init=logical(nn.initializers.zeros, ("proj",)),
+            kernel_init=logical(nn.initializers.normal(std), (HEADS, KV, PROJ)),
+            bias_init=logical(nn.initializers.zeros, (PROJ,)),
             name="c_proj",
         )
         q = proj("q_proj")(x[:, :1]) * jnp.asarray(head_dim**-0.5, self.dtype)  # [B, 1, H, Dh]

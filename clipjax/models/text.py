@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clipjax.axes import EMBED, POS, PROJ, VOCAB
 from clipjax.models.layers import LayerNorm, Transformer, logical
 
 
@@ -51,12 +52,12 @@ class TextTransformer(nn.Module):
             )
         tok = self.param(
             "token_embedding",
-            logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+            logical(nn.initializers.normal(0.02), (VOCAB, EMBED)),
             (self.vocab_size, self.width),
         )
         pos = self.param(
             "positional_embedding",
-            logical(nn.initializers.normal(0.01), ("pos", "embed")),
+            logical(nn.initializers.normal(0.01), (POS, EMBED)),
             (self.context_length, self.width),
         )
         x = jnp.take(tok, text, axis=0).astype(self.dtype) + pos[:seq].astype(self.dtype)
@@ -77,7 +78,7 @@ class TextTransformer(nn.Module):
         x = LayerNorm(self.eps, self.dtype, name="ln_final")(x)
         proj = self.param(
             "text_projection",
-            logical(nn.initializers.normal(self.width**-0.5), ("embed", "proj")),
+            logical(nn.initializers.normal(self.width**-0.5), (EMBED, PROJ)),
             (self.width, self.output_dim),
         )
         x = x @ proj.astype(self.dtype)  # [B, L, D]

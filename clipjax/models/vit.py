@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clipjax.axes import CONV_IN, EMBED, POS, PROJ
 from clipjax.models.layers import LayerNorm, Transformer, logical
 from clipjax.models.patch_dropout import PATCH_DROPOUT_RNG, drop_patches
 
@@ -35,7 +36,7 @@ class PatchEmbedding(nn.Module):
         p = self.patch_size
         kernel = self.param(
             "kernel",
-            logical(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
+            logical(nn.initializers.lecun_normal(), (None, None, CONV_IN, EMBED)),
             (p, p, c, self.width),
         )
         patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -78,11 +79,11 @@ class VisionTransformer(nn.Module):
         x = PatchEmbedding(self.patch_size, self.width, self.dtype, name="conv1")(images)
         n = x.shape[1]
         cls = self.param(
-            "class_embedding", logical(nn.initializers.normal(scale), ("embed",)), (self.width,)
+            "class_embedding", logical(nn.initializers.normal(scale), (EMBED,)), (self.width,)
         )
         pos = self.param(
             "positional_embedding",
-            logical(nn.initializers.normal(scale), ("pos", "embed")),
+            logical(nn.initializers.normal(scale), (POS, EMBED)),
             (n + 1, self.width),
         )
         cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
@@ -111,7 +112,7 @@ class VisionTransformer(nn.Module):
         x = LayerNorm(self.eps, self.dtype, name="ln_post")(x)
         proj = self.param(
             "proj",
-            logical(nn.initializers.normal(scale), ("embed", "proj")),
+            logical(nn.initializers.normal(scale), (EMBED, PROJ)),
             (self.width, self.output_dim),
         )
         x = x @ proj.astype(self.dtype)  # [B, 1 + N, D]

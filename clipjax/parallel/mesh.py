@@ -69,9 +69,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, batch_spec())
 
 
-def batch_axis_size(mesh: Mesh) -> int:
-    """How many ways a global batch is split."""
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def batch_axis_size(mesh: Mesh | Mapping[str, int] | None) -> int:
+    """How many ways a global batch is split on a mesh (or a mesh shape); 1 without a mesh."""
+    if mesh is None:
+        return 1
+    shape = mesh.shape if isinstance(mesh, Mesh) else mesh
+    return math.prod(shape.get(a, 1) for a in BATCH_AXES)
 
 
 def initialize_distributed(

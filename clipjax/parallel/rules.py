@@ -1,4 +1,4 @@
-"""Logical-axis rules: map the logical names carried by parameters/activations to mesh axes.
+"""Logical-axis rules: map the logical axis names of the parameters (`clipjax.axes`) to mesh axes.
 
 Parameters are annotated with logical axis names (`nn.with_logical_partitioning`), e.g. a dense
 kernel with ('embed', 'mlp'). A rule list maps each logical name to a mesh axis (or None =
@@ -19,7 +19,19 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clipjax.parallel.mesh import BATCH_AXES
+from clipjax.axes import (
+    CONV_IN,
+    CONV_OUT,
+    EMBED,
+    HEADS,
+    KV,
+    LAYERS,
+    MLP_HIDDEN,
+    NORM,
+    POS,
+    PROJ,
+    VOCAB,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +39,19 @@ Rules = tuple[tuple[str, Any], ...]
 
 # Order matters: flax assigns each mesh axis at most once per array, first rule first.
 DEFAULT_RULES: Rules = (
-    # activations (for nn.with_logical_constraint inside models/losses)
-    ("batch", BATCH_AXES),
-    ("act_mlp", "tensor"),
-    ("act_heads", "tensor"),
-    # parameters (names from clipjax.models.layers.LOGICAL_AXES)
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("conv_out", "tensor"),
-    ("embed", "fsdp"),
-    ("conv_in", "fsdp"),
-    ("proj", None),
-    ("kv", None),
-    ("pos", None),
-    ("norm", None),
-    ("layers", None),
+    # Parameters only: activations are not annotated; their batch sharding comes from the inputs
+    # (clipjax.parallel.placement) and XLA propagates it.
+    (MLP_HIDDEN, "tensor"),
+    (HEADS, "tensor"),
+    (VOCAB, "tensor"),
+    (CONV_OUT, "tensor"),
+    (EMBED, "fsdp"),
+    (CONV_IN, "fsdp"),
+    (PROJ, None),
+    (KV, None),
+    (POS, None),
+    (NORM, None),
+    (LAYERS, None),
 )
 
 

@@ -8,7 +8,6 @@ config against the devices and files at hand and raises `ConfigError` naming the
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from clipjax.files import check_replaceable, expand_globs
-from clipjax.parallel.mesh import BATCH_AXES, MESH_AXES, resolve_axis_sizes
+from clipjax.parallel.mesh import BATCH_AXES, MESH_AXES, batch_axis_size, resolve_axis_sizes
 from clipjax.train.optimizer import SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -220,7 +219,7 @@ def validate(
 
     # Mesh and batch divisibility.
     shape = mesh_shape(config, num_devices)
-    batch_shards = math.prod(shape[a] for a in BATCH_AXES)
+    batch_shards = batch_axis_size(shape)
     per_step = batch_shards * config.microbatches
     if config.batch_size % per_step:
         raise _fail(

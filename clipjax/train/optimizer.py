@@ -18,6 +18,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from clipjax.axes import LAYERS, POS, VOCAB
+
 Params = Any
 PathTuple = tuple[str, ...]
 
@@ -25,7 +27,7 @@ PathTuple = tuple[str, ...]
 # logical axes mark it as an embedding table or positional embedding; scalars (temperature, bias)
 # and vectors (class token) are excluded by their rank.
 _NO_DECAY_LEAF_NAMES = frozenset({"bias", "scale", "embedding"})
-_NO_DECAY_AXES = frozenset({"vocab", "pos"})
+_NO_DECAY_AXES = frozenset({VOCAB, POS})
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -54,7 +56,7 @@ def decays(path: PathTuple, shape: tuple[int, ...], names: tuple[str | None, ...
         return False
     if names is not None and _NO_DECAY_AXES.intersection(names):
         return False
-    rank = len(shape) - (1 if names is not None and "layers" in names else 0)
+    rank = len(shape) - (1 if names is not None and LAYERS in names else 0)
     return rank >= 2
 
 
