@@ -112,3 +112,24 @@ def test_cli_mismatched_classnames_are_a_clear_error(folders, capsys, names, fra
     err = capsys.readouterr().err
     assert err.startswith("error: --classnames") and all(f in err for f in fragments)
     assert not (folders / "bad.json").exists()
+
+
+def test_trainer_zeroshot_names_are_matched_to_the_eval_shards(tmp_path, caplog):
+    """config.eval.zeroshot.classnames is aligned with the eval shards' manifest before any
+    compiling: a permutation is re-ordered (label i keeps its class), a mismatch stops the run."""
+    from clipjax.data.demo import DEMO_CLASSNAMES
+    from clipjax.demo import get_config, make_demo_data
+    from clipjax.evaluate.classnames import classnames_for_shards
+    from clipjax.train.config import ConfigError, validate
+
+    make_demo_data(str(tmp_path), "quick")
+    c = get_config(f"quick,data={tmp_path}")
+    c.eval.zeroshot.classnames = ",".join(reversed(DEMO_CLASSNAMES))
+    with caplog.at_level("INFO"):
+        validate(c, num_devices=8)
+    assert "re-ordered" in caplog.text
+    names, _ = classnames_for_shards(c.eval.zeroshot.classnames, c.eval.zeroshot.shards, "x")
+    assert names == list(DEMO_CLASSNAMES)
+    c.eval.zeroshot.classnames = ",".join(DEMO_CLASSNAMES[:-1] + ("a purple cloud",))
+    with pytest.raises(ConfigError, match="eval.zeroshot.classnames"):
+        validate(c, num_devices=8)

@@ -131,3 +131,11 @@ def align_classnames(
         + ". Give the dataset's class names (any order), or exactly as many names as it has "
         "classes (then taken in label order), or leave out --classnames to use its own"
     )
+
+
+def classnames_for_shards(spec: str, shards: str, what: str) -> tuple[list[str], list[str]]:
+    """The class names of `spec` (as `load_classnames`) in the label order of TFRecord `shards`
+    whose manifest names their classes (`align_classnames`), and the notes for the user."""
+    from clipjax.data.shards import dataset_classnames
+
+    return align_classnames(load_classnames(spec), dataset_classnames(shards), what)

@@ -379,6 +379,16 @@ def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool
             raise _fail("eval.suite", config.eval.suite, str(e)) from None
     if config.eval.zeroshot.shards and not config.eval.zeroshot.classnames:
         raise _fail("eval.zeroshot.classnames", "", "needed when eval.zeroshot.shards is set")
+    if check_files and config.eval.zeroshot.shards:
+        from clipjax.evaluate.classnames import classnames_for_shards
+
+        zs = config.eval.zeroshot
+        try:  # matched to the shards' own class names now, not at the first evaluation
+            _, notes = classnames_for_shards(zs.classnames, zs.shards, "eval.zeroshot.classnames")
+            for note in notes:
+                log.info("%s", note)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from None
     if config.export.format not in ("safetensors", "msgpack"):
         raise _fail("export.format", config.export.format, "expected 'safetensors' or 'msgpack'")
     if check_files and config.export.dir:

@@ -218,11 +218,16 @@ def run_evals(trainer: Trainer, params: Any) -> dict[str, float]:
         from clipjax.evaluate.zeroshot import zeroshot_accuracy
 
         templates = _names(cfg.zeroshot.templates or "openai_imagenet_templates.txt", "|")
+        from clipjax.evaluate.classnames import classnames_for_shards
+
+        classnames, _ = classnames_for_shards(  # its notes were logged by the config's validate
+            cfg.zeroshot.classnames, cfg.zeroshot.shards, "eval.zeroshot.classnames"
+        )
         res = zeroshot_accuracy(
             trainer.model,
             params,
             pipeline(cfg.zeroshot.shards),
-            _names(cfg.zeroshot.classnames, ","),
+            classnames,
             templates,
             mesh=trainer.mesh,
         )
