@@ -66,12 +66,7 @@ def train_config(path="", **changes):
     c.mesh.update({"data": 2, "fsdp": 4, "tensor": 1})
     c.compiler_options = {"xla_backend_optimization_level": 0}
     c.init.path = str(path)
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(changes)
     return c
 
 

@@ -33,12 +33,7 @@ def quick_config(data, **changes):
     c.num_steps = STEPS
     c.eval.at_end = False
     c.tensorboard = False
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(changes)
     return c
 
 

@@ -40,12 +40,7 @@ def tiny_config(**changes):
     c.optimizer.lr = 3e-3
     c.optimizer.clip_norm = 1e3  # compiled in, never active: keeps updates comparable exactly
     c.compiler_options = {"xla_backend_optimization_level": 0}  # compile time dominates here
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(changes)
     return c
 
 
@@ -307,13 +302,7 @@ def test_nonfinite_step_is_skipped_and_counted(single):
 def test_config_errors_name_the_key(changes, key, tmp_path):
     shard = tmp_path / "a.tfrecord"
     shard.write_bytes(b"")
-    c = tiny_config(**{"data.train": str(tmp_path / "*.tfrecord")})
-    for k, v in changes.items():
-        node = c
-        *parents, last = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = v
+    c = tiny_config(**{"data.train": str(tmp_path / "*.tfrecord"), **changes})
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
         validate(c, num_devices=8)
 
