@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m clipjax.data.make_shards", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
+    _add_source_args(p)
+    _add_writing_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    """Where the examples come from: one source kind, plus its own options."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--captions",
@@ -47,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-field", default="image", help="tfds image feature")
     p.add_argument("--text-field", default=None, help="tfds caption feature")
     p.add_argument("--label-field", default=None, help="tfds class label feature")
+
+
+def _add_writing_args(p: argparse.ArgumentParser) -> None:
+    """How the shards are written: size, image resizing, order, workers."""
     p.add_argument("--shard-size", type=int, default=1000, help="examples per shard")
     p.add_argument(
         "--max-side",
@@ -83,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="webdataset: skip (and count) a key whose image or text member is larger than "
         "this many MiB, without reading it",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def make_source(args: argparse.Namespace) -> sources.Source:

@@ -350,41 +350,16 @@ def tfds_source(
     Read as a stream (`in_memory`), so the writer shuffles it with a bounded buffer; tfds
     already shuffles examples when it prepares a dataset, so this is rarely class-sorted.
     """
-    import tensorflow_datasets as tfds
-
     if text_field is None and label_field is None:
         raise ValueError("tfds source: give --text-field and/or --label-field")
     if text_field is None:
         check_template(template)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:
-        raise ValueError(f"tfds dataset {name!r} (data_dir={data_dir}) not found: {e}") from e
-    features = builder.info.features
-    for field in (image_field, text_field, label_field):
-        if field is not None and field not in features:
-            raise ValueError(f"tfds {name}: no feature {field!r}; it has {sorted(features)}")
-    if not isinstance(features[image_field], tfds.features.Image):
-        raise ValueError(
-            f"tfds {name}: feature {image_field!r} is "
-            f"{type(features[image_field]).__name__}, expected an Image"
-        )
-    if split not in builder.info.splits:
-        raise ValueError(f"tfds {name}: no split {split!r}; it has {sorted(builder.info.splits)}")
-    classnames = None
-    if label_field is not None:
-        classnames = list(getattr(features[label_field], "names", None) or []) or None
-        if text_field is None and classnames is None:
-            raise ValueError(
-                f"tfds {name}: {label_field!r} has no class names to caption with; "
-                "give --text-field"
-            )
+    builder = _tfds_builder(name, split, data_dir, image_field, text_field, label_field)
+    classnames = _tfds_classnames(builder, name, text_field, label_field)
 
     def items() -> Iterator[SourceItem]:
-        ds = builder.as_dataset(
-            split=split, shuffle_files=False, decoders={image_field: tfds.decode.SkipDecoding()}
-        )
-        for i, ex in enumerate(tfds.as_numpy(ds)):
+        ds = _tfds_encoded(builder, split, image_field)
+        for i, ex in enumerate(ds):
             label = int(ex[label_field]) if label_field is not None else None
             caption = (
                 ex[text_field] if text_field is not None else template.format(classnames[label])
@@ -412,3 +387,48 @@ def tfds_source(
         classnames=classnames,
         in_memory=True,
     )
+
+
+def _tfds_builder(name, split, data_dir, image_field, text_field, label_field):
+    """The tfds builder of `name`, after checking its split and fields (an encoded image)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:
+        raise ValueError(f"tfds dataset {name!r} (data_dir={data_dir}) not found: {e}") from e
+    features = builder.info.features
+    for field in (image_field, text_field, label_field):
+        if field is not None and field not in features:
+            raise ValueError(f"tfds {name}: no feature {field!r}; it has {sorted(features)}")
+    if not isinstance(features[image_field], tfds.features.Image):
+        raise ValueError(
+            f"tfds {name}: feature {image_field!r} is "
+            f"{type(features[image_field]).__name__}, expected an Image"
+        )
+    if split not in builder.info.splits:
+        raise ValueError(f"tfds {name}: no split {split!r}; it has {sorted(builder.info.splits)}")
+    return builder
+
+
+def _tfds_classnames(builder, name, text_field, label_field) -> list[str] | None:
+    """The label feature's class names (None without labels); required to caption by template."""
+    if label_field is None:
+        return None
+    feature = builder.info.features[label_field]
+    classnames = list(getattr(feature, "names", None) or []) or None
+    if text_field is None and classnames is None:
+        raise ValueError(
+            f"tfds {name}: {label_field!r} has no class names to caption with; give --text-field"
+        )
+    return classnames
+
+
+def _tfds_encoded(builder, split: str, image_field: str):
+    """The split's examples as numpy, images left encoded (the writer stores the bytes)."""
+    import tensorflow_datasets as tfds
+
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, decoders={image_field: tfds.decode.SkipDecoding()}
+    )
+    return tfds.as_numpy(ds)

@@ -114,6 +114,18 @@ def combine_states(host_states: Sequence[dict]) -> dict:
     return out
 
 
+def _check_sizes(
+    image_size: int, context_length: int, shuffle_buffer: int, read_windows: int
+) -> None:
+    """TrainPipeline's sizes are positive (a context holds at least start and end tokens)."""
+    if image_size < 1 or context_length < 2 or shuffle_buffer < 1 or read_windows < 1:
+        raise ValueError(
+            f"bad pipeline sizes: image_size={image_size}, "
+            f"context_length={context_length}, shuffle_buffer={shuffle_buffer}, "
+            f"read_windows={read_windows}"
+        )
+
+
 class TrainPipeline:
     """Endless, exactly resumable training batches for this host.
 
@@ -145,12 +157,7 @@ class TrainPipeline:
     ):
         self.process_index, self.process_count = process_info(process_index, process_count)
         self.batch_size = host_batch_size(global_batch, self.process_count)
-        if image_size < 1 or context_length < 2 or shuffle_buffer < 1 or read_windows < 1:
-            raise ValueError(
-                f"bad pipeline sizes: image_size={image_size}, "
-                f"context_length={context_length}, shuffle_buffer={shuffle_buffer}, "
-                f"read_windows={read_windows}"
-            )
+        _check_sizes(image_size, context_length, shuffle_buffer, read_windows)
         self.all_files = list_shards(shards)
         self.files, self.record_split = self._split(self.process_index, self.process_count)
         if self.record_split:
@@ -168,24 +175,28 @@ class TrainPipeline:
         self.prefetch, self.threads = prefetch, threads
         self.read_windows = int(read_windows)
         self._window_tables: dict[tuple[str, ...], tuple] = {}
-        # An epoch without one full batch would make the endless stream spin: refuse it when
-        # the writer's manifests tell the counts (counting img2dataset shards means reading them).
-        known = count_records(self.files, manifest_only=True)
-        if known is not None:
-            mine = (
-                len(range(self.process_index, known, self.process_count))
-                if self.record_split
-                else known
-            )
-            if mine < self.batch_size:
-                raise ValueError(
-                    f"host {self.process_index} gets {mine} records per epoch from "
-                    f"{len(self.files)} shards, fewer than its batch of "
-                    f"{self.batch_size}; use a smaller global batch or more data"
-                )
+        self._check_epoch_holds_a_batch()
         self._state = {"seed": self.seed, "epoch": 0, "offset": 0, "skipped": 0}
         if state is not None:
             self.restore(state)
+
+    def _check_epoch_holds_a_batch(self) -> None:
+        """An epoch without one full batch would make the endless stream spin: refuse it when
+        the writer's manifests tell the counts (counting img2dataset shards means reading them)."""
+        known = count_records(self.files, manifest_only=True)
+        if known is None:
+            return
+        mine = (
+            len(range(self.process_index, known, self.process_count))
+            if self.record_split
+            else known
+        )
+        if mine < self.batch_size:
+            raise ValueError(
+                f"host {self.process_index} gets {mine} records per epoch from "
+                f"{len(self.files)} shards, fewer than its batch of "
+                f"{self.batch_size}; use a smaller global batch or more data"
+            )
 
     # -- state ----------------------------------------------------------------------------
     def state(self) -> dict:

@@ -258,12 +258,7 @@ def write_shards(
     source or settings is refused instead of mixing data). `workers` > 1 decodes/re-encodes images
     in that many processes. Already complete shards are skipped without reading their images.
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if max_side is not None and max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    _check_write_args(shard_size, max_side, workers)
     from tqdm.auto import tqdm
 
     items, order, count = order_lib.order_items(items, shuffle_seed, shuffle_buffer)
@@ -272,9 +267,7 @@ def write_shards(
     manifest = _start_manifest(out_dir, prefix, shard_size, max_side, source, classnames, order)
     done = {s["index"] for s in manifest["shards"]}
     manifest_path = os.path.join(out_dir, schema.MANIFEST)
-    for name in os.listdir(out_dir):  # leftovers of a killed run (temporary names)
-        if name.startswith("." + prefix + "-") and name.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, name))
+    _remove_leftovers(out_dir, prefix)
 
     pool = None
     if workers > 1:
@@ -283,21 +276,12 @@ def write_shards(
     bar = tqdm(total=total, unit="img", desc=f"shards -> {out_dir}", disable=not progress)
     try:
         for index, chunk in enumerate(_chunks(items, shard_size)):
-            if index in done:
-                bar.update(len(chunk))
-                continue
-            good, raw, skipped = _read_chunk(chunk)
-            encoded = pool.map(encode, raw, chunksize=8) if pool else map(encode, raw)
-            name = shard_name(prefix, index)
-            count = _write_shard(os.path.join(out_dir, name), good, encoded, skipped)
-            for s in skipped:
-                log.warning("skipped %s: %s", s["origin"], s["reason"])
-            manifest["shards"] = [s for s in manifest["shards"] if s["index"] != index]
-            manifest["shards"].append(
-                {"index": index, "file": name, "count": count, "skipped": skipped}
-            )
-            _summarise(manifest)
-            write_json(manifest_path, manifest)
+            if index not in done:
+                good, raw, skipped = _read_chunk(chunk)
+                encoded = pool.map(encode, raw, chunksize=8) if pool else map(encode, raw)
+                name = shard_name(prefix, index)
+                count = _write_shard(os.path.join(out_dir, name), good, encoded, skipped)
+                _record_shard(manifest, manifest_path, index, name, count, skipped)
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -307,3 +291,33 @@ def write_shards(
     _summarise(manifest)
     write_json(manifest_path, manifest)
     return manifest
+
+
+def _check_write_args(shard_size: int, max_side: int | None, workers: int) -> None:
+    """write_shards' sizes are positive (max_side may be None: no resizing)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+
+
+def _remove_leftovers(out_dir: str, prefix: str) -> None:
+    """Delete the temporary shard files a killed run left in `out_dir`."""
+    for name in os.listdir(out_dir):
+        if name.startswith("." + prefix + "-") and name.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, name))
+
+
+def _record_shard(
+    manifest: dict, manifest_path: str, index: int, name: str, count: int, skipped: list[dict]
+) -> None:
+    """Log a written shard's skipped items and add the shard to the manifest on disk (a resume
+    then skips it)."""
+    for s in skipped:
+        log.warning("skipped %s: %s", s["origin"], s["reason"])
+    manifest["shards"] = [s for s in manifest["shards"] if s["index"] != index]
+    manifest["shards"].append({"index": index, "file": name, "count": count, "skipped": skipped})
+    _summarise(manifest)
+    write_json(manifest_path, manifest)

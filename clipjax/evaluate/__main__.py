@@ -139,7 +139,7 @@ def run_suite_cli(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from clipjax.evaluate.classnames import align_classnames, load_classnames, load_templates
+    """Run the --task zeroshot/retrieval (or a probe) evaluation; the JSON result."""
     from clipjax.evaluate.data import open_eval_data
     from clipjax.export.load import load
     from clipjax.parallel.mesh import make_mesh
@@ -148,12 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.task in ("linear_probe", "fewshot"):
         return _run_probe(args)
     args.batch_size = args.batch_size or 64
-    classnames = load_classnames(args.classnames) if args.classnames else None
-    templates = None
-    if args.task == "zeroshot":
-        templates = load_templates(
-            args.templates or ("demo" if args.classnames == "demo" else "openai")
-        )
+    classnames, templates = _prompts(args)
     model, params, _ = load(args.model, step=args.step, trust_torchscript=args.trust_torchscript)
     cfg = model.config
     if args.task == "zeroshot" and args.text_field:
@@ -172,16 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.task == "zeroshot":
         from clipjax.evaluate.zeroshot import zeroshot_accuracy
 
-        if classnames is not None:
-            classnames, notes = align_classnames(classnames, data.classnames)
-            for line in notes:
-                print(f"note: {line}")
-        classnames = classnames or data.classnames
-        if not classnames:
-            raise ValueError(
-                f"--data {args.data}: the dataset names no classes; pass "
-                f"--classnames imagenet|demo|FILE"
-            )
+        classnames = _zeroshot_classnames(args, classnames, data.classnames)
         metrics = zeroshot_accuracy(model, params, data, classnames, templates, mesh=mesh)
     else:
         from clipjax.evaluate.retrieval import retrieval_recall
@@ -200,6 +186,41 @@ def run(args: argparse.Namespace) -> dict:
     if templates is not None:
         result["num_templates"] = len(templates)
     return result
+
+
+def _prompts(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
+    """(--classnames, --templates) loaded; templates only for zero-shot (default: openai's,
+    or the demo's with --classnames demo)."""
+    from clipjax.evaluate.classnames import load_classnames, load_templates
+
+    classnames = load_classnames(args.classnames) if args.classnames else None
+    templates = None
+    if args.task == "zeroshot":
+        templates = load_templates(
+            args.templates or ("demo" if args.classnames == "demo" else "openai")
+        )
+    return classnames, templates
+
+
+def _zeroshot_classnames(
+    args: argparse.Namespace, given: list[str] | None, dataset: list[str] | None
+) -> list[str]:
+    """The class names to classify into: --classnames aligned with the dataset's (notes
+    printed), else the dataset's own."""
+    from clipjax.evaluate.classnames import align_classnames
+
+    classnames = given
+    if classnames is not None:
+        classnames, notes = align_classnames(classnames, dataset)
+        for line in notes:
+            print(f"note: {line}")
+    classnames = classnames or dataset
+    if not classnames:
+        raise ValueError(
+            f"--data {args.data}: the dataset names no classes; pass "
+            f"--classnames imagenet|demo|FILE"
+        )
+    return classnames
 
 
 def _run_probe(args: argparse.Namespace) -> dict:

@@ -134,52 +134,17 @@ def open_eval_data(
 ) -> EvalData:
     """Open `spec` (see module docstring) as evaluation batches; errors name the spec.
     `data_dir`: where tfds datasets are prepared (default: tfds's own default)."""
+    sizes = dict(batch_size=batch_size, image_size=image_size, context_length=context_length)
     if spec.startswith("tfds:"):
-        from clipjax.data.sources import tfds_source
-
-        parts = spec.split(":")
-        if len(parts) not in (2, 3) or not parts[1]:
-            raise ValueError(f"--data {spec!r}: expected tfds:NAME or tfds:NAME:SPLIT")
-        name, split = parts[1], parts[2] if len(parts) == 3 else "test"
-        fields = dict(tfds_fields or {})
-        fields.setdefault("image_field", "image")
-        if "text_field" not in fields:
-            fields.setdefault("label_field", "label")
-        source = tfds_source(name, split, data_dir=data_dir, **fields)
-        batches = SourceBatches(
-            source,
-            batch_size=batch_size,
-            image_size=image_size,
-            context_length=context_length,
-            limit=limit,
-        )
-        return EvalData(batches, source.classnames, f"tfds {name} {split}", lambda: batches.skipped)
+        return _open_tfds(spec, sizes, limit, tfds_fields, data_dir)
     files = shard_files(spec)
     if files:
-        from clipjax.data.eval_pipeline import EvalPipeline
-        from clipjax.data.shards import dataset_classnames
-
-        pipeline = EvalPipeline(
-            files, global_batch=batch_size, image_size=image_size, context_length=context_length
-        )
-        batches = pipeline if limit is None else _limited(pipeline, limit)
-        return EvalData(
-            batches,
-            dataset_classnames(files),
-            f"{len(files)} TFRecord shards",
-            lambda: pipeline.skipped,
-        )
+        return _open_shards(files, sizes, limit)
     if os.path.isdir(spec):
         from clipjax.data.sources import class_folder_source
 
         source = class_folder_source(spec)
-        batches = SourceBatches(
-            source,
-            batch_size=batch_size,
-            image_size=image_size,
-            context_length=context_length,
-            limit=limit,
-        )
+        batches = SourceBatches(source, limit=limit, **sizes)
         return EvalData(
             batches, source.classnames, f"class folders {spec}", lambda: batches.skipped
         )
@@ -187,6 +152,50 @@ def open_eval_data(
         f"--data {spec!r}: matches no files; expected a glob or directory of "
         f"*.tfrecord shards, a directory with one sub-folder per class, or "
         f"tfds:NAME[:SPLIT]"
+    )
+
+
+def _open_tfds(
+    spec: str,
+    sizes: dict[str, int],
+    limit: int | None,
+    tfds_fields: dict[str, str] | None,
+    data_dir: str | None,
+) -> EvalData:
+    """A `tfds:NAME[:SPLIT]` spec (split default 'test'), captioned by its labels unless
+    `tfds_fields` names a text field."""
+    from clipjax.data.sources import tfds_source
+
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1]:
+        raise ValueError(f"--data {spec!r}: expected tfds:NAME or tfds:NAME:SPLIT")
+    name, split = parts[1], parts[2] if len(parts) == 3 else "test"
+    fields = dict(tfds_fields or {})
+    fields.setdefault("image_field", "image")
+    if "text_field" not in fields:
+        fields.setdefault("label_field", "label")
+    source = tfds_source(name, split, data_dir=data_dir, **fields)
+    batches = SourceBatches(source, limit=limit, **sizes)
+    return EvalData(batches, source.classnames, f"tfds {name} {split}", lambda: batches.skipped)
+
+
+def _open_shards(files: list[str], sizes: dict[str, int], limit: int | None) -> EvalData:
+    """TFRecord shards through the EvalPipeline; class names from their manifests."""
+    from clipjax.data.eval_pipeline import EvalPipeline
+    from clipjax.data.shards import dataset_classnames
+
+    pipeline = EvalPipeline(
+        files,
+        global_batch=sizes["batch_size"],
+        image_size=sizes["image_size"],
+        context_length=sizes["context_length"],
+    )
+    batches = pipeline if limit is None else _limited(pipeline, limit)
+    return EvalData(
+        batches,
+        dataset_classnames(files),
+        f"{len(files)} TFRecord shards",
+        lambda: pipeline.skipped,
     )
 
 

@@ -94,30 +94,10 @@ def retrieval_recall(
     key_to_image: dict[Any, int] = {}
     n_images = 0
     for batch in batches:
-        images = np.asarray(batch["image"])
-        text = np.asarray(batch["text"])
-        b = images.shape[0]
-        mask = np.asarray(batch.get("mask", np.ones(b, bool))).astype(bool)
-        keys = batch.get("key")
-        keys = [None] * b if keys is None else [_key(k) for k in np.asarray(keys).tolist()]
-        if text.ndim == 2:
-            text = text[:, None, :]
-        if text.ndim != 3 or text.shape[0] != b:
-            raise ValueError(
-                f"batch 'text' has shape {np.shape(batch['text'])}; expected [B, L] "
-                f"or [B, C, L] with B = {b}"
-            )
+        images, text, mask, keys = _unpack(batch)
         if encoder is None:
-            encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size or b)
-        new_rows, row_image = [], np.full(b, -1, np.int64)
-        for i in np.flatnonzero(mask):
-            if keys[i] is not None and keys[i] in key_to_image:
-                row_image[i] = key_to_image[keys[i]]
-                continue
-            row_image[i] = n_images + len(new_rows)
-            new_rows.append(i)
-            if keys[i] is not None:
-                key_to_image[keys[i]] = row_image[i]
+            encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size or len(mask))
+        row_image, new_rows = _image_of_rows(mask, keys, key_to_image, n_images)
         if new_rows:
             image_embs.append(encoder.images(images[new_rows]))
             n_images += len(new_rows)
@@ -139,6 +119,41 @@ def retrieval_recall(
         {k: round(v, 4) for k, v in metrics.items() if "R@" in k},
     )
     return metrics
+
+
+def _unpack(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """A retrieval batch as (images, text [B, C, L], mask [B] bool, keys [B] or Nones)."""
+    images = np.asarray(batch["image"])
+    text = np.asarray(batch["text"])
+    b = images.shape[0]
+    mask = np.asarray(batch.get("mask", np.ones(b, bool))).astype(bool)
+    keys = batch.get("key")
+    keys = [None] * b if keys is None else [_key(k) for k in np.asarray(keys).tolist()]
+    if text.ndim == 2:
+        text = text[:, None, :]
+    if text.ndim != 3 or text.shape[0] != b:
+        raise ValueError(
+            f"batch 'text' has shape {np.shape(batch['text'])}; expected [B, L] "
+            f"or [B, C, L] with B = {b}"
+        )
+    return images, text, mask, keys
+
+
+def _image_of_rows(
+    mask: np.ndarray, keys: list, key_to_image: dict[Any, int], n_images: int
+) -> tuple[np.ndarray, list[int]]:
+    """(image index of each row, -1 for padding; the rows holding images not seen before).
+    Rows sharing a key share an image; `key_to_image` is updated with the new keys."""
+    new_rows, row_image = [], np.full(len(mask), -1, np.int64)
+    for i in np.flatnonzero(mask):
+        if keys[i] is not None and keys[i] in key_to_image:
+            row_image[i] = key_to_image[keys[i]]
+            continue
+        row_image[i] = n_images + len(new_rows)
+        new_rows.append(i)
+        if keys[i] is not None:
+            key_to_image[keys[i]] = row_image[i]
+    return row_image, new_rows
 
 
 def _key(k: Any) -> Any:

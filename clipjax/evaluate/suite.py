@@ -155,8 +155,7 @@ def _strings(v: Any, what: str) -> tuple[str, ...]:
 
 
 def _parse_task(raw: Any, where: str) -> Task:
-    from clipjax.evaluate.classnames import load_classnames, load_templates
-
+    """One task of a suite file, checked; `where` names it in errors."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where}: expected an object, got {raw!r}")
     kind = raw.get("task")
@@ -172,6 +171,33 @@ def _parse_task(raw: Any, where: str) -> Task:
     limits = {
         k: _positive_int(raw[k], f"{where}: {k}") for k in ("limit", "train_limit") if k in raw
     }
+    classnames, templates = _parse_prompts(raw, where)
+    fields = {}
+    for k in _FIELDS:
+        if k in raw:
+            if not isinstance(raw[k], str) or not raw[k]:
+                raise ValueError(f"{where}: {k} must be a feature name")
+            fields[k] = raw[k]
+    return Task(
+        name=str(raw.get("name") or f"{short_name(raw['data'])}/{kind}"),
+        kind=kind,
+        data=raw["data"],
+        train=raw.get("train"),
+        limit=limits.get("limit"),
+        train_limit=limits.get("train_limit"),
+        classnames=classnames,
+        templates=templates,
+        fields=fields,
+        options=_parse_options(raw, where),
+    )
+
+
+def _parse_prompts(
+    raw: Mapping, where: str
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """A task's (classnames, templates): lists, or names/files of lists; None when not given."""
+    from clipjax.evaluate.classnames import load_classnames, load_templates
+
     classnames = templates = None
     if "classnames" in raw:
         v = raw["classnames"]
@@ -185,12 +211,11 @@ def _parse_task(raw: Any, where: str) -> Task:
         )
         if any("{}" not in t for t in templates):
             raise ValueError(f"{where}: every template needs '{{}}' for the class name")
-    fields = {}
-    for k in _FIELDS:
-        if k in raw:
-            if not isinstance(raw[k], str) or not raw[k]:
-                raise ValueError(f"{where}: {k} must be a feature name")
-            fields[k] = raw[k]
+    return classnames, templates
+
+
+def _parse_options(raw: Mapping, where: str) -> dict[str, Any]:
+    """A task's probe options (l2_grid, val_fraction, shots, seeds, l2), checked."""
     options = {k: raw[k] for k in ("l2_grid", "val_fraction", "shots", "seeds", "l2") if k in raw}
     if "shots" in options:
         shots = options["shots"]
@@ -210,18 +235,7 @@ def _parse_task(raw: Any, where: str) -> Task:
         _is_pos(options["val_fraction"]) and options["val_fraction"] < 1
     ):
         raise ValueError(f"{where}: val_fraction must be in (0, 1)")
-    return Task(
-        name=str(raw.get("name") or f"{short_name(raw['data'])}/{kind}"),
-        kind=kind,
-        data=raw["data"],
-        train=raw.get("train"),
-        limit=limits.get("limit"),
-        train_limit=limits.get("train_limit"),
-        classnames=classnames,
-        templates=templates,
-        fields=fields,
-        options=options,
-    )
+    return options
 
 
 def _is_pos(v: Any) -> bool:

@@ -112,22 +112,8 @@ def zeroshot_accuracy(
     hits = np.zeros((len(ks), num_classes), np.int64)
     counts = np.zeros(num_classes, np.int64)
     for batch in batches:
-        images = np.asarray(batch["image"], np.float32)
-        labels = np.asarray(batch["label"]).astype(np.int32).reshape(-1)
-        b = images.shape[0]
-        mask = np.asarray(batch.get("mask", np.ones(b, bool))).astype(bool).reshape(-1)
-        if labels.shape[0] != b or mask.shape[0] != b:
-            raise ValueError(
-                f"batch has {b} images but {labels.shape[0]} labels / {mask.shape[0]} mask entries"
-            )
-        bad = mask & ((labels < 0) | (labels >= num_classes))
-        if bad.any():
-            raise ValueError(
-                f"label {int(labels[bad][0])} is outside the {num_classes} class "
-                f"names; check --classnames matches the dataset"
-            )
-        labels = np.where(mask, labels, 0)
-        rows = -(-b // divisor) * divisor  # pad so the batch splits over the mesh
+        images, labels, mask = _unpack(batch, num_classes)
+        rows = -(-images.shape[0] // divisor) * divisor  # pad so the batch splits over the mesh
         h, c = step(
             params,
             weights_dev,
@@ -137,6 +123,30 @@ def zeroshot_accuracy(
         )
         hits += np.asarray(h)
         counts += np.asarray(c)
+    return _accuracies(hits, counts, ks)
+
+
+def _unpack(batch: Mapping[str, Any], num_classes: int) -> tuple[np.ndarray, ...]:
+    """A zero-shot batch as (images, labels [B], mask [B]), checked; padding rows get label 0."""
+    images = np.asarray(batch["image"], np.float32)
+    labels = np.asarray(batch["label"]).astype(np.int32).reshape(-1)
+    b = images.shape[0]
+    mask = np.asarray(batch.get("mask", np.ones(b, bool))).astype(bool).reshape(-1)
+    if labels.shape[0] != b or mask.shape[0] != b:
+        raise ValueError(
+            f"batch has {b} images but {labels.shape[0]} labels / {mask.shape[0]} mask entries"
+        )
+    bad = mask & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        raise ValueError(
+            f"label {int(labels[bad][0])} is outside the {num_classes} class "
+            f"names; check --classnames matches the dataset"
+        )
+    return images, np.where(mask, labels, 0), mask
+
+
+def _accuracies(hits: np.ndarray, counts: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """zeroshot_accuracy's result from per-class hits [len(ks), C] and example counts [C]."""
     total = int(counts.sum())
     if total == 0:
         raise ValueError("zero-shot: the evaluation data produced no (unmasked) examples")
@@ -144,6 +154,6 @@ def zeroshot_accuracy(
     seen = counts > 0
     out["mean_per_class_top1"] = float((hits[0][seen] / counts[seen]).mean())
     out["num_examples"] = float(total)
-    out["num_classes"] = float(num_classes)
+    out["num_classes"] = float(len(counts))
     log.info("zero-shot over %d examples: %s", total, out)
     return out

@@ -76,6 +76,20 @@ def validate_loss_config(loss_config) -> dict:
             f"loss config: unknown key(s) {unknown}; expected keys from {sorted(LOSS_DEFAULTS)}"
         )
     cfg = {**LOSS_DEFAULTS, **given}
+    _check_name_and_impl(cfg)
+    _check_queue(cfg)
+    _check_tile(cfg)
+    _check_pair_rules(cfg)
+    if cfg["tokenwise_mode"] not in MODES:
+        raise ValueError(
+            f"loss.tokenwise_mode={cfg['tokenwise_mode']!r} is not supported; "
+            f"expected one of {MODES}"
+        )
+    return cfg
+
+
+def _check_name_and_impl(cfg: dict) -> None:
+    """loss.name and loss.impl: each known, and the pair implemented."""
     name, impl = cfg["name"], cfg["impl"]
     if name not in NAMES:
         raise ValueError(f"loss.name={name!r} is not supported; expected one of {NAMES}")
@@ -86,7 +100,11 @@ def validate_loss_config(loss_config) -> dict:
             f"loss.impl={impl!r} is not available for loss.name={name!r}; "
             f"use one of {_SUPPORTED_IMPLS[name]}"
         )
-    k = cfg["queue_size"]
+
+
+def _check_queue(cfg: dict) -> None:
+    """loss.queue_size (softmax only) and loss.momentum (the EMA decay)."""
+    k, name = cfg["queue_size"], cfg["name"]
     if not _is_int(k) or k < 0:
         raise ValueError(f"loss.queue_size must be an int >= 0 (0 = no momentum queue), got {k!r}")
     if k > 0 and name != "softmax":
@@ -99,15 +117,25 @@ def validate_loss_config(loss_config) -> dict:
         raise ValueError(
             f"loss.momentum (EMA decay of the queue encoders) must be a float in [0, 1), got {m!r}"
         )
-    tile = cfg["tile"]
-    if tile is not None:
-        if not _is_int(tile) or tile <= 0:
-            raise ValueError(f"loss.tile must be a positive int or None, got {tile!r}")
-        if impl != "ring":
-            raise ValueError(
-                f"loss.tile={tile} only applies to loss.impl='ring' (got "
-                f"loss.impl={impl!r}); set loss.tile=None"
-            )
+
+
+def _check_tile(cfg: dict) -> None:
+    """loss.tile: None, or a positive int under loss.impl='ring'."""
+    tile, impl = cfg["tile"], cfg["impl"]
+    if tile is None:
+        return
+    if not _is_int(tile) or tile <= 0:
+        raise ValueError(f"loss.tile must be a positive int or None, got {tile!r}")
+    if impl != "ring":
+        raise ValueError(
+            f"loss.tile={tile} only applies to loss.impl='ring' (got "
+            f"loss.impl={impl!r}); set loss.tile=None"
+        )
+
+
+def _check_pair_rules(cfg: dict) -> None:
+    """loss.positives / in_batch_negatives / duplicate_threshold: valid values, softmax only,
+    and a queue when in-batch negatives are off."""
     rules_on = (
         cfg["positives"] != "pair"
         or not cfg["in_batch_negatives"]
@@ -121,7 +149,7 @@ def validate_loss_config(loss_config) -> dict:
         raise ValueError(
             f"loss.in_batch_negatives must be True or False, got {cfg['in_batch_negatives']!r}"
         )
-    if not cfg["in_batch_negatives"] and not k:
+    if not cfg["in_batch_negatives"] and not cfg["queue_size"]:
         raise ValueError(
             "loss.in_batch_negatives=False takes every negative from the momentum "
             "queue: set loss.queue_size > 0 (a queue spanning several categories)"
@@ -131,17 +159,11 @@ def validate_loss_config(loss_config) -> dict:
         isinstance(t, bool) or not isinstance(t, (int, float)) or not -1.0 < t <= 1.0
     ):
         raise ValueError(f"loss.duplicate_threshold must be None or a cosine in (-1, 1], got {t!r}")
-    if rules_on and name != "softmax":
+    if rules_on and cfg["name"] != "softmax":
         raise ValueError(
             f"loss.positives / in_batch_negatives / duplicate_threshold apply to "
-            f"loss.name='softmax'; got loss.name={name!r}"
+            f"loss.name='softmax'; got loss.name={cfg['name']!r}"
         )
-    if cfg["tokenwise_mode"] not in MODES:
-        raise ValueError(
-            f"loss.tokenwise_mode={cfg['tokenwise_mode']!r} is not supported; "
-            f"expected one of {MODES}"
-        )
-    return cfg
 
 
 _REQUIRED = {

@@ -146,13 +146,16 @@ def _bwd_block(x, lse_r, dx, blk, lse_c, dy, q_img, s, t):
 
 
 def _split_queue(queue):
+    """(travelling (q_text, mask), resident (q_image, mask)) shards of the plain path's queue
+    (q_image, q_text, mask), or Nones for the empty tuple (no queue)."""
     if not queue:
         return (None, None), None
     q_img, q_txt, mask = queue
     return (q_txt, mask), (q_img, mask)
 
 
-def _ring_fwd_body(x, y, logit_scale, *queue, axes, n, tile):
+def _ring_fwd_body(x, y, logit_scale, queue, *, axes, n, tile):
+    """Plain forward ring on one shard -> (part, (lse_r, lse_c), c_i2t, c_t2i)."""
     b = x.shape[0]
     s = jnp.exp(logit_scale)
     t = tile_size(b, tile)
@@ -173,10 +176,12 @@ def _ring_fwd_body(x, y, logit_scale, *queue, axes, n, tile):
     tol = 1e-5 * s
     c_i2t = jnp.sum(diag >= row[2] - tol)
     c_t2i = jnp.sum(diag >= col[2] - tol)
-    return part[None], lse_r, lse_c, c_i2t[None], c_t2i[None]
+    return part[None], (lse_r, lse_c), c_i2t[None], c_t2i[None]
 
 
-def _ring_bwd_body(x, y, logit_scale, lse_r, lse_c, g, *queue, axes, n, tile, b_global):
+def _ring_bwd_body(x, y, logit_scale, queue, saved, g, *, axes, n, tile, b_global):
+    """Plain backward ring on one shard -> (dx, dy, dls)."""
+    lse_r, lse_c = saved
     s = jnp.exp(logit_scale)
     t = tile_size(x.shape[0], tile)
     (q_txt, q_txt_mask), q_img = _split_queue(queue)
@@ -341,7 +346,10 @@ def _split_rules_queue(q):
     return (q_txt, q_grp, mask), (q_img, q_grp, mask)
 
 
-def _rules_fwd_body(x, y, logit_scale, pr, q, *, axes, n, tile, rules):
+def _rules_fwd_body(x, y, logit_scale, aux, *, axes, n, tile, rules):
+    """Masked forward ring on one shard -> (part, (lse_r, lse_c, npos_r, npos_c), c_i2t,
+    c_t2i); `aux` = (pair info, queue or None)."""
+    pr, q = aux
     b = x.shape[0]
     s = jnp.exp(logit_scale)
     t = tile_size(b, tile)
@@ -362,12 +370,12 @@ def _rules_fwd_body(x, y, logit_scale, pr, q, *, axes, n, tile, rules):
     # mp and mb are maxima of the same logits: the top-1 is a positive iff they are equal.
     c_i2t = jnp.sum(row[3] >= row[2])
     c_t2i = jnp.sum(col[3] >= col[2])
-    return part[None], lse_r, lse_c, row[4], col[4], c_i2t[None], c_t2i[None]
+    return part[None], (lse_r, lse_c, row[4], col[4]), c_i2t[None], c_t2i[None]
 
 
-def _rules_bwd_body(
-    x, y, logit_scale, pr, q, lse_r, lse_c, npos_r, npos_c, g, *, axes, n, tile, rules, b_global
-):
+def _rules_bwd_body(x, y, logit_scale, aux, saved, g, *, axes, n, tile, rules, b_global):
+    """Masked backward ring on one shard -> (dx, dy, dls)."""
+    (pr, q), (lse_r, lse_c, npos_r, npos_c) = aux, saved
     s = jnp.exp(logit_scale)
     t = tile_size(x.shape[0], tile)
     q_trav, q_res = _split_rules_queue(q)
@@ -388,65 +396,78 @@ def _rules_bwd_body(
     return scale * s * dx, scale * s * dy, (scale * dls)[None]
 
 
-def _infonce_ring_rules(img, txt, logit_scale, mesh, axes, n, queue, tile, rules, pairs):
-    """The masked ring (see the module docstring), with its own custom VJP."""
-    b_global = img.shape[0]
+def _queue_arrays(queue: QueueState | None, n: int):
+    """The queue's (image, text) embeddings in float32 without gradients, after checking they
+    split over the n shards; None without a queue (or an empty one)."""
+    if queue is None or queue.image.shape[0] == 0:
+        return None
+    check_divisible(queue.image.shape[0], n, "queue size")
+    return (
+        lax.stop_gradient(queue.image).astype(jnp.float32),
+        lax.stop_gradient(queue.text).astype(jnp.float32),
+    )
+
+
+def _rules_aux(rules: PairRules, pairs: PairInfo | None, queue: QueueState | None, n: int):
+    """The masked path's non-differentiated inputs: (pair info, queue or None), holding only
+    what the rules read (only that is sent around the ring)."""
     pairs = pairs or PairInfo()
-    # Only what the rules read is sent around the ring.
+    dup = rules.duplicate_threshold is not None
     pr = (
         pairs.group if rules.group_positives else None,
-        pairs.ema_image if rules.duplicate_threshold is not None else None,
-        pairs.ema_text if rules.duplicate_threshold is not None else None,
+        pairs.ema_image if dup else None,
+        pairs.ema_text if dup else None,
     )
     pr = tuple(None if a is None else lax.stop_gradient(a) for a in pr)
-    q = None
-    if queue is not None and queue.image.shape[0] > 0:
-        check_divisible(queue.image.shape[0], n, "queue size")
-        q = (
-            lax.stop_gradient(queue.image).astype(jnp.float32),
-            lax.stop_gradient(queue.text).astype(jnp.float32),
-            queue.group if rules.group_positives else None,
-            queue_mask(queue),
-        )
-    aux, aux_tree = jax.tree.flatten((pr, q))
+    q = _queue_arrays(queue, n)
+    if q is not None:
+        q = (*q, queue.group if rules.group_positives else None, queue_mask(queue))
+    return pr, q
+
+
+def _ring_with_vjp(fwd_body, bwd_body, img, txt, logit_scale, aux, mesh, axes):
+    """(loss, top-1 accuracies) of a forward/backward ring pair under one custom VJP.
+
+    Per shard, fwd_body(x, y, ls, aux) -> (part [1], saved (tuple), c_i2t [1], c_t2i [1]) and
+    bwd_body(x, y, ls, aux, saved, g) -> (dx, dy, dls [1]). `aux` (queue, pair info: a pytree,
+    sharded like the batch) gets no gradient; only `saved` is kept between the passes.
+    """
+    b_global = img.shape[0]
+    leaves, tree = jax.tree.flatten(aux)
     spec = P(axes)
-    aux_specs = jax.tree.unflatten(aux_tree, [spec] * len(aux))
+    aux_specs = jax.tree.unflatten(tree, [spec] * len(leaves))
     fwd_map = jax.shard_map(
-        partial(_rules_fwd_body, axes=axes, n=n, tile=tile, rules=rules),
+        fwd_body,
         mesh=mesh,
-        in_specs=(spec, spec, P()) + aux_specs,
-        out_specs=(spec,) * 7,
+        in_specs=(spec, spec, P(), aux_specs),
+        out_specs=spec,
         check_vma=False,
     )
     bwd_map = jax.shard_map(
-        partial(_rules_bwd_body, axes=axes, n=n, tile=tile, rules=rules, b_global=b_global),
+        bwd_body,
         mesh=mesh,
-        in_specs=(spec, spec, P()) + aux_specs + (spec,) * 4 + (P(),),
+        in_specs=(spec, spec, P(), aux_specs, spec, P()),
         out_specs=(spec, spec, spec),
         check_vma=False,
     )
 
-    def forward(x, y, ls, *aux):
-        part, lse_r, lse_c, np_r, np_c, c_i2t, c_t2i = fwd_map(
-            x, y, ls, *jax.tree.unflatten(aux_tree, aux)
-        )
+    def forward(x, y, ls, *leaves):
+        part, saved, c_i2t, c_t2i = fwd_map(x, y, ls, jax.tree.unflatten(tree, leaves))
         out = (part.sum() / (2 * b_global), c_i2t.sum() / b_global, c_t2i.sum() / b_global)
-        return out, (x, y, ls, aux, lse_r, lse_c, np_r, np_c)
+        return out, (x, y, ls, leaves, saved)
 
     def backward(res, cts):
-        x, y, ls, aux, lse_r, lse_c, np_r, np_c = res
-        dx, dy, dls = bwd_map(
-            x, y, ls, *jax.tree.unflatten(aux_tree, aux), lse_r, lse_c, np_r, np_c, cts[0]
-        )
-        return (dx, dy, dls.sum()) + (None,) * len(aux)
+        x, y, ls, leaves, saved = res
+        dx, dy, dls = bwd_map(x, y, ls, jax.tree.unflatten(tree, leaves), saved, cts[0])
+        return (dx, dy, dls.sum()) + (None,) * len(leaves)
 
-    ring = jax.custom_vjp(lambda x, y, ls, *aux: forward(x, y, ls, *aux)[0])
+    ring = jax.custom_vjp(lambda x, y, ls, *leaves: forward(x, y, ls, *leaves)[0])
     ring.defvjp(forward, backward)
     loss, acc_i2t, acc_t2i = ring(
         img.astype(jnp.float32),
         txt.astype(jnp.float32),
         jnp.asarray(logit_scale, jnp.float32),
-        *aux,
+        *leaves,
     )
     return loss, {"i2t_acc": acc_i2t, "t2i_acc": acc_t2i}
 
@@ -471,49 +492,14 @@ def infonce_ring(
     n = batch_axis_size(mesh, axes)
     b_global = img.shape[0]
     check_divisible(b_global, n, "global batch size")
-    if not rules.plain:
-        return _infonce_ring_rules(img, txt, logit_scale, mesh, axes, n, queue, tile, rules, pairs)
-    qargs = ()
-    if queue is not None and queue.image.shape[0] > 0:
-        check_divisible(queue.image.shape[0], n, "queue size")
-        qargs = (
-            lax.stop_gradient(queue.image).astype(jnp.float32),
-            lax.stop_gradient(queue.text).astype(jnp.float32),
-            queue_mask(queue),
-        )
-    spec = P(axes)
-    qspecs = (spec,) * len(qargs)
-    fwd_map = jax.shard_map(
-        partial(_ring_fwd_body, axes=axes, n=n, tile=tile),
-        mesh=mesh,
-        in_specs=(spec, spec, P()) + qspecs,
-        out_specs=(spec,) * 5,
-        check_vma=False,
-    )
-    bwd_map = jax.shard_map(
-        partial(_ring_bwd_body, axes=axes, n=n, tile=tile, b_global=b_global),
-        mesh=mesh,
-        in_specs=(spec, spec, P(), spec, spec, P()) + qspecs,
-        out_specs=(spec, spec, spec),
-        check_vma=False,
-    )
-
-    def forward(x, y, ls, *q):
-        part, lse_r, lse_c, c_i2t, c_t2i = fwd_map(x, y, ls, *q)
-        out = (part.sum() / (2 * b_global), c_i2t.sum() / b_global, c_t2i.sum() / b_global)
-        return out, (x, y, ls, q, lse_r, lse_c)
-
-    def backward(res, cts):
-        x, y, ls, q, lse_r, lse_c = res
-        dx, dy, dls = bwd_map(x, y, ls, lse_r, lse_c, cts[0], *q)
-        return (dx, dy, dls.sum()) + (None,) * len(q)
-
-    ring = jax.custom_vjp(lambda x, y, ls, *q: forward(x, y, ls, *q)[0])
-    ring.defvjp(forward, backward)
-    loss, acc_i2t, acc_t2i = ring(
-        img.astype(jnp.float32),
-        txt.astype(jnp.float32),
-        jnp.asarray(logit_scale, jnp.float32),
-        *qargs,
-    )
-    return loss, {"i2t_acc": acc_i2t, "t2i_acc": acc_t2i}
+    ring = dict(axes=axes, n=n, tile=tile)
+    if rules.plain:
+        q = _queue_arrays(queue, n)
+        aux = () if q is None else (*q, queue_mask(queue))
+        fwd = partial(_ring_fwd_body, **ring)
+        bwd = partial(_ring_bwd_body, **ring, b_global=b_global)
+    else:
+        aux = _rules_aux(rules, pairs, queue, n)
+        fwd = partial(_rules_fwd_body, **ring, rules=rules)
+        bwd = partial(_rules_bwd_body, **ring, rules=rules, b_global=b_global)
+    return _ring_with_vjp(fwd, bwd, img, txt, logit_scale, aux, mesh, axes)

@@ -29,6 +29,10 @@ SPEC_FIELDS = (*COMPUTE_FIELDS, "scan_layers")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _bad(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"CLIPConfig.{key}={value!r} is invalid: expected {expected}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
     """Architecture and numerics of a CLIP model. Immutable; use `dataclasses.replace` to vary.
@@ -70,31 +74,11 @@ class CLIPConfig:
     patch_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        def bad(key: str, value: Any, expected: str) -> ValueError:
-            return ValueError(f"CLIPConfig.{key}={value!r} is invalid: expected {expected}")
-
         if isinstance(self.vision_layers, list):
             object.__setattr__(self, "vision_layers", tuple(self.vision_layers))
         if self.vision_type not in VISION_TYPES:
-            raise bad("vision_type", self.vision_type, f"one of {VISION_TYPES}")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", self.dtype, f"one of {tuple(DTYPES)}")
-        if self.remat not in REMAT_POLICIES:
-            raise bad("remat", self.remat, f"one of {REMAT_POLICIES}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise bad("attention", self.attention, f"one of {ATTENTION_IMPLS}")
-        if self.attention == "cudnn" and self.dtype == "float32":
-            raise bad("attention", self.attention, "'xla' with float32 compute (cuDNN: bf16)")
-        if self.act not in ACTIVATIONS:
-            raise bad("act", self.act, f"one of {ACTIVATIONS}")
-        if (
-            isinstance(self.patch_dropout, bool)
-            or not isinstance(self.patch_dropout, (int, float))
-            or not 0.0 <= self.patch_dropout < 1.0
-        ):
-            raise bad("patch_dropout", self.patch_dropout, "a number in [0, 1)")
-        if self.patch_dropout and self.vision_type != "vit":
-            raise bad("patch_dropout", self.patch_dropout, "0 for a ResNet tower (ViT only)")
+            raise _bad("vision_type", self.vision_type, f"one of {VISION_TYPES}")
+        self._check_compute()
         for key in (
             "embed_dim",
             "image_size",
@@ -106,40 +90,70 @@ class CLIPConfig:
             "text_heads",
         ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise bad(key, getattr(self, key), "a positive int")
+                raise _bad(key, getattr(self, key), "a positive int")
         if self.vision_type == "vit":
-            if not isinstance(self.vision_layers, int) or self.vision_layers <= 0:
-                raise bad("vision_layers", self.vision_layers, "a positive int for a ViT tower")
-            if self.patch_size <= 0 or self.image_size % self.patch_size:
-                raise bad(
-                    "patch_size",
-                    self.patch_size,
-                    f"a positive divisor of image_size={self.image_size}",
-                )
-            default_heads = self.vision_width // 64
+            default_heads = self._check_vit_tower()
         else:
-            if (
-                not isinstance(self.vision_layers, tuple)
-                or len(self.vision_layers) != 4
-                or not all(isinstance(n, int) and n > 0 for n in self.vision_layers)
-            ):
-                raise bad(
-                    "vision_layers",
-                    self.vision_layers,
-                    "4 positive stage depths for a ResNet tower",
-                )
-            if self.image_size % 32:
-                raise bad("image_size", self.image_size, "a multiple of 32 for a ResNet tower")
-            default_heads = self.vision_width * 32 // 64
+            default_heads = self._check_resnet_tower()
         if self.vision_heads is None:
             object.__setattr__(self, "vision_heads", max(default_heads, 1))
         pool_width = self.vision_width * (32 if self.vision_type == "resnet" else 1)
         if pool_width % self.vision_heads:
-            raise bad(
+            raise _bad(
                 "vision_heads", self.vision_heads, f"a divisor of the vision width {pool_width}"
             )
         if self.text_width % self.text_heads:
-            raise bad("text_heads", self.text_heads, f"a divisor of text_width={self.text_width}")
+            raise _bad("text_heads", self.text_heads, f"a divisor of text_width={self.text_width}")
+
+    def _check_compute(self) -> None:
+        """Numerics and implementation choices: dtype, remat, attention, act, patch_dropout."""
+        if self.dtype not in DTYPES:
+            raise _bad("dtype", self.dtype, f"one of {tuple(DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise _bad("remat", self.remat, f"one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise _bad("attention", self.attention, f"one of {ATTENTION_IMPLS}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise _bad("attention", self.attention, "'xla' with float32 compute (cuDNN: bf16)")
+        if self.act not in ACTIVATIONS:
+            raise _bad("act", self.act, f"one of {ACTIVATIONS}")
+        if (
+            isinstance(self.patch_dropout, bool)
+            or not isinstance(self.patch_dropout, (int, float))
+            or not 0.0 <= self.patch_dropout < 1.0
+        ):
+            raise _bad("patch_dropout", self.patch_dropout, "a number in [0, 1)")
+        if self.patch_dropout and self.vision_type != "vit":
+            raise _bad("patch_dropout", self.patch_dropout, "0 for a ResNet tower (ViT only)")
+
+    def _check_vit_tower(self) -> int:
+        """A ViT image tower's depth and patch size; returns its default head count."""
+        if not isinstance(self.vision_layers, int) or self.vision_layers <= 0:
+            raise _bad("vision_layers", self.vision_layers, "a positive int for a ViT tower")
+        if self.patch_size <= 0 or self.image_size % self.patch_size:
+            raise _bad(
+                "patch_size",
+                self.patch_size,
+                f"a positive divisor of image_size={self.image_size}",
+            )
+        return self.vision_width // 64
+
+    def _check_resnet_tower(self) -> int:
+        """A ResNet image tower's stage depths and image size; returns its default head count
+        (of the attention pool)."""
+        if (
+            not isinstance(self.vision_layers, tuple)
+            or len(self.vision_layers) != 4
+            or not all(isinstance(n, int) and n > 0 for n in self.vision_layers)
+        ):
+            raise _bad(
+                "vision_layers",
+                self.vision_layers,
+                "4 positive stage depths for a ResNet tower",
+            )
+        if self.image_size % 32:
+            raise _bad("image_size", self.image_size, "a multiple of 32 for a ResNet tower")
+        return self.vision_width * 32 // 64
 
     @property
     def compute_dtype(self) -> Any:

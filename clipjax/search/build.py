@@ -109,23 +109,9 @@ def build_index(
         encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size)
         bar = _progress(len(todo), progress)
         added = failed = 0
-
-        def load(path: str) -> tuple[str, np.ndarray | None, str]:
-            try:
-                return path, load_image(path, preprocess), ""
-            except Exception as e:  # corrupt / unsupported / vanished files are skipped, counted
-                return path, None, f"{type(e).__name__}: {e}"
-
         with ThreadPoolExecutor(threads) as pool:
             for chunk in iter_chunks(todo, chunk_size):
-                ok_paths, images, bad = [], [], {}
-                for path, image, err in pool.map(load, chunk):
-                    if image is None:
-                        log.warning("skipping unreadable image %s (%s)", display_path(path), err)
-                        bad[path] = err
-                    else:
-                        ok_paths.append(path)
-                        images.append(image)
+                ok_paths, images, bad = _load_chunk(pool, chunk, preprocess)
                 emb = (
                     encoder.images(np.stack(images))
                     if images
@@ -139,6 +125,30 @@ def build_index(
     return BuildStats(
         total=len(paths), already=already, added=added, failed=failed, index_size=writer.meta.count
     )
+
+
+def _load_chunk(
+    pool: ThreadPoolExecutor, chunk: Sequence[str], preprocess: Callable
+) -> tuple[list[str], list[np.ndarray], dict[str, str]]:
+    """Load and preprocess `chunk`'s images in `pool` -> (readable paths, their images, {path:
+    error} of the unreadable ones, which are skipped and counted)."""
+    ok_paths, images, bad = [], [], {}
+    for path, image, err in pool.map(lambda p: _load(p, preprocess), chunk):
+        if image is None:
+            log.warning("skipping unreadable image %s (%s)", display_path(path), err)
+            bad[path] = err
+        else:
+            ok_paths.append(path)
+            images.append(image)
+    return ok_paths, images, bad
+
+
+def _load(path: str, preprocess: Callable) -> tuple[str, np.ndarray | None, str]:
+    """(path, image, "") or (path, None, the error) for a corrupt/unsupported/vanished file."""
+    try:
+        return path, load_image(path, preprocess), ""
+    except Exception as e:
+        return path, None, f"{type(e).__name__}: {e}"
 
 
 def _progress(total: int, enabled: bool):

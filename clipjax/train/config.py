@@ -199,6 +199,19 @@ def validate(
     check_files: bool = True,
 ) -> dict[str, int]:
     """Check a resolved config before any compilation; returns the mesh shape it implies."""
+    _validate_counts(config)
+    _validate_model(config)
+    shape = mesh_shape(config, num_devices)
+    _validate_batch_split(config, batch_axis_size(shape), process_count)
+    _validate_loss_and_rules(config)
+    _validate_optimizer(config)
+    _validate_init(config, check_files)
+    _validate_data_and_eval(config, check_files)
+    return shape
+
+
+def _validate_counts(config: ml_collections.ConfigDict) -> None:
+    """Step counts, sizes and intervals are (non-negative) ints; the seed is an int."""
     for key in (
         "num_steps",
         "batch_size",
@@ -215,11 +228,13 @@ def validate(
         _positive_int(config, key, allow_zero=True)
     if not isinstance(config.seed, int):
         raise _fail("seed", config.seed, "expected an int")
-    _validate_model(config)
 
-    # Mesh and batch divisibility.
-    shape = mesh_shape(config, num_devices)
-    batch_shards = batch_axis_size(shape)
+
+def _validate_batch_split(
+    config: ml_collections.ConfigDict, batch_shards: int, process_count: int
+) -> None:
+    """The batch (and the momentum queue) split evenly over the batch shards, microbatches and
+    processes."""
     per_step = batch_shards * config.microbatches
     if config.batch_size % per_step:
         raise _fail(
@@ -248,6 +263,10 @@ def validate(
                 config.loss.queue_size,
                 f"must be divisible by the batch shards ({batch_shards})",
             )
+
+
+def _validate_loss_and_rules(config: ml_collections.ConfigDict) -> None:
+    """config.loss and config.sharding_rules, by the checks of the modules that use them."""
     try:
         from clipjax.losses import validate_loss_config
 
@@ -260,10 +279,6 @@ def validate(
         make_rules(dict(config.sharding_rules))
     except ValueError as e:
         raise ConfigError(f"config.sharding_rules: {e}") from None
-    _validate_optimizer(config)
-    _validate_init(config, check_files)
-    _validate_data_and_eval(config, check_files)
-    return shape
 
 
 def _validate_model(config: ml_collections.ConfigDict) -> None:

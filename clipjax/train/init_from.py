@@ -180,22 +180,11 @@ def make_plan(
         for name, (path, layer) in looped_names(tree).items():
             target = _shape(_get(tree, path), layer)
             locked = " [locked]" if name in frozen else ""
-            if not include.search(name):
-                rows.append(Row(name + suffix, "fresh", None, target, "not included" + locked))
+            fresh = _fresh_note(name, init, include, exclude, src_names, locked)
+            if fresh is not None:
+                rows.append(Row(name + suffix, "fresh", None, target, fresh))
                 continue
-            if exclude is not None and exclude.search(name):
-                rows.append(Row(name + suffix, "fresh", None, target, "excluded" + locked))
-                continue
-            if init.logit_scale == "reset" and name in TEMPERATURE_PARAMS:
-                rows.append(Row(name + suffix, "fresh", None, target, "logit_scale=reset"))
-                continue
-            if name not in src_names:
-                rows.append(Row(name + suffix, "fresh", None, target, "not in source" + locked))
-                continue
-            spath, slayer = src_names[name]
-            src = np.asarray(_get(src_tree, spath))
-            if slayer is not None:
-                src = src[slayer]
+            src = _source_array(src_tree, *src_names[name])
             if src.shape == target:
                 fills[(collection, name)] = lambda fresh, src=src: src
                 rows.append(Row(name + suffix, "loaded", src.shape, target, locked.strip()))
@@ -211,6 +200,32 @@ def make_plan(
             if name + suffix not in used:
                 shape = _shape(_get(src_tree, spath), slayer)
                 rows.append(Row(name + suffix, "unused", shape, None, "not in the model"))
+    _check_plan(init, source_vars, fills, mismatches)
+    return InitPlan(source=dict(source_info or {}), rows=rows, fills=fills)
+
+
+def _fresh_note(name, init, include, exclude, src_names, locked: str) -> str | None:
+    """Why the model's variable `name` keeps its fresh initialisation (the report's note), or
+    None when the source provides it."""
+    if not include.search(name):
+        return "not included" + locked
+    if exclude is not None and exclude.search(name):
+        return "excluded" + locked
+    if init.logit_scale == "reset" and name in TEMPERATURE_PARAMS:
+        return "logit_scale=reset"
+    if name not in src_names:
+        return "not in source" + locked
+    return None
+
+
+def _source_array(src_tree: Mapping[str, Any], path, layer) -> np.ndarray:
+    """The source variable at `path` (its layer `layer` of a scanned stack, if not None)."""
+    src = np.asarray(_get(src_tree, path))
+    return src if layer is None else src[layer]
+
+
+def _check_plan(init, source_vars, fills: dict, mismatches: list[str]) -> None:
+    """ConfigError for shapes that cannot be resized, or when nothing would be loaded."""
     if mismatches:
         raise ConfigError(
             f"config.init.path={init.path!r}: parameter shapes differ from the model and cannot "
@@ -224,7 +239,6 @@ def make_plan(
             f"config.init: include={init.include!r} / exclude={init.exclude!r} load no parameter "
             f"of {init.path!r} (its parameters are named like {names})"
         )
-    return InitPlan(source=dict(source_info or {}), rows=rows, fills=fills)
 
 
 # --------------------------------------------------------------------------- loading and merging

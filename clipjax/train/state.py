@@ -74,16 +74,11 @@ def make_state_init(
     state is laid out by the loss (`Loss.state_shardings`); scalars are replicated.
     """
     import flax.linen as nn
-    import optax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from clipjax.models import dummy_inputs
-    from clipjax.parallel.rules import tree_shardings
 
     cfg = model.config
     images, text = dummy_inputs(cfg)
-    replicated = NamedSharding(mesh, P())
 
     def init(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
@@ -99,9 +94,25 @@ def make_state_init(
         )
 
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, text)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = _state_shardings(boxed, abstract, optimizer, loss, mesh, rules)
+    return jax.jit(init, out_shardings=shardings, compiler_options=compiler_options), shardings
+
+
+def _state_shardings(
+    boxed: Any, abstract: TrainState, optimizer: Any, loss: Any, mesh: Any, rules: Any
+) -> TrainState:
+    """The NamedShardings of a TrainState, given the model's boxed (logically annotated)
+    variables and the abstract state."""
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from clipjax.parallel.rules import tree_shardings
+
+    replicated = NamedSharding(mesh, P())
     var_shardings = tree_shardings(boxed, mesh, rules)
     param_sh = var_shardings["params"]
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     train_sh, _ = optimizer.split(param_sh)
     opt_sh = optax.tree_map_params(
         optimizer.tx,
@@ -111,7 +122,7 @@ def make_state_init(
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-    shardings = TrainState(
+    return TrainState(
         step=replicated,
         params=param_sh,
         model_state={k: v for k, v in var_shardings.items() if k != "params"},
@@ -121,4 +132,3 @@ def make_state_init(
         nonfinite_streak=replicated,
         nonfinite_total=replicated,
     )
-    return jax.jit(init, out_shardings=shardings, compiler_options=compiler_options), shardings

@@ -24,6 +24,7 @@ unchanged), advances the step (the batch was consumed) and counts it in `nonfini
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -155,52 +156,94 @@ def make_grad_fn(
     the step's key for patch dropout (None: none); under accumulation microbatch j uses
     fold_in(rng, j) in both passes, so the recomputed forward drops the same patches.
     """
-    n_shards, m = batch_axis_size(mesh), int(microbatches)
+    if int(microbatches) == 1:
+        return functools.partial(_full_batch_grads, model, optimizer, loss)
+    caching = _GradientCaching(model, optimizer, loss, mesh, int(microbatches), cached_keys)
+    return caching.grads
 
-    def full_batch_grads(trainable, frozen, model_state, batch, loss_state, info, rng=None):
-        def loss_of(tr):
-            outputs, new_ms = _apply(model, optimizer.merge(tr, frozen), model_state, batch, rng)
-            value, metrics = loss.loss_fn(outputs, loss_state, info, batch)
-            return value, (metrics, outputs, new_ms)
 
-        (value, (metrics, outputs, new_ms)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            trainable
+def _full_batch_grads(
+    model, optimizer, loss, trainable, frozen, model_state, batch, loss_state, info, rng=None
+):
+    """make_grad_fn's result without accumulation: one value_and_grad over the whole batch."""
+
+    def loss_of(tr):
+        outputs, new_ms = _apply(model, optimizer.merge(tr, frozen), model_state, batch, rng)
+        value, metrics = loss.loss_fn(outputs, loss_state, info, batch)
+        return value, (metrics, outputs, new_ms)
+
+    (value, (metrics, outputs, new_ms)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        trainable
+    )
+    return value, metrics, outputs["logit_scale"], new_ms, grads
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _GradientCaching:
+    """make_grad_fn's result under accumulation: the two passes of gradient caching."""
+
+    model: nn.Module
+    optimizer: Optimizer
+    loss: Loss
+    mesh: Mesh
+    m: int
+    cached_keys: frozenset[str] | None
+
+    @property
+    def n_shards(self) -> int:
+        return batch_axis_size(self.mesh)
+
+    def grads(self, trainable, frozen, model_state, batch, loss_state, info, rng=None):
+        """Same contract as `_full_batch_grads`, one microbatch's activations at a time."""
+        micro = jax.tree.map(
+            lambda x: split_microbatches(x, self.n_shards, self.m, self.mesh), batch
         )
-        return value, metrics, outputs["logit_scale"], new_ms, grads
-
-    def accumulated_grads(trainable, frozen, model_state, batch, loss_state, info, rng=None):
-        micro = jax.tree.map(lambda x: split_microbatches(x, n_shards, m, mesh), batch)
         # One key per microbatch (or none), scanned alongside it in both passes.
         keys = None
         if rng is not None:
-            keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(m))
-        params_sg = jax.lax.stop_gradient(optimizer.merge(trainable, frozen))
+            keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(self.m))
+        params_sg = jax.lax.stop_gradient(self.optimizer.merge(trainable, frozen))
+        new_ms, full, nondiff = self._forward_without_grads(params_sg, model_state, micro, keys)
+        (value, metrics), cts = self._output_cotangents(full, nondiff, loss_state, info, batch)
+        grads = self._pull_back(trainable, frozen, model_state, micro, cts, keys)
+        return value, metrics, full["logit_scale"], new_ms, grads
 
-        def keep(outputs):
-            return {
-                k: v
-                for k, v in outputs.items()
-                if _is_float(v) and (cached_keys is None or k in cached_keys)
-            }
+    def _keep(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """The float outputs the loss reads (the ones cached and differentiated)."""
+        return {
+            k: v
+            for k, v in outputs.items()
+            if _is_float(v) and (self.cached_keys is None or k in self.cached_keys)
+        }
 
-        # Pass 1: every microbatch's outputs without gradients; BatchNorm statistics (if any)
-        # are threaded through the microbatches in order.
+    def _forward_without_grads(self, params_sg, model_state, micro, keys):
+        """Pass 1: every microbatch's outputs without gradients, joined back to the whole batch
+        -> (new model state, cached float outputs, non-float outputs). BatchNorm statistics (if
+        any) are threaded through the microbatches in order."""
+
         def fwd_nograd(ms, xs):
             mb, key = xs
-            outputs, new_ms = _apply(model, params_sg, ms, mb, key)
+            outputs, new_ms = _apply(self.model, params_sg, ms, mb, key)
             other = {k: v for k, v in outputs.items() if v is not None and not _is_float(v)}
-            return (new_ms if model_state else ms), (keep(outputs), other)
+            return (new_ms if model_state else ms), (self._keep(outputs), other)
 
         new_ms, (stacked, stacked_other) = jax.lax.scan(fwd_nograd, model_state, (micro, keys))
         full = {
-            k: (v[0] if k in _SCALAR_OUTPUTS else join_microbatches(v, n_shards, mesh))
+            k: (v[0] if k in _SCALAR_OUTPUTS else join_microbatches(v, self.n_shards, self.mesh))
             for k, v in stacked.items()
         }
-        nondiff = {k: join_microbatches(v, n_shards, mesh) for k, v in stacked_other.items()}
+        nondiff = {
+            k: join_microbatches(v, self.n_shards, self.mesh) for k, v in stacked_other.items()
+        }
+        return new_ms, full, nondiff
+
+    def _output_cotangents(self, full, nondiff, loss_state, info, batch):
+        """The loss over the whole batch's cached outputs -> ((value, metrics), its gradient
+        w.r.t. each output, split back into microbatches)."""
 
         def loss_of_outputs(diff):
             outs = {"logit_bias": None, **nondiff, **diff}
-            return loss.loss_fn(outs, loss_state, info, batch)
+            return self.loss.loss_fn(outs, loss_state, info, batch)
 
         (value, metrics), vjp = _vjp_with_aux(loss_of_outputs, full)
         ct_full = vjp(jnp.ones((), value.dtype))
@@ -208,30 +251,34 @@ def make_grad_fn(
         # applied once (microbatch 0), not m times.
         ct_stacked = {
             k: (
-                jnp.zeros((m,) + v.shape, v.dtype).at[0].set(v)
+                jnp.zeros((self.m,) + v.shape, v.dtype).at[0].set(v)
                 if k in _SCALAR_OUTPUTS
-                else split_microbatches(v, n_shards, m, mesh)
+                else split_microbatches(v, self.n_shards, self.m, self.mesh)
             )
             for k, v in ct_full.items()
         }
+        return (value, metrics), ct_stacked
 
-        # Pass 2: recompute each microbatch with gradients and pull back its cotangent slice.
+    def _pull_back(self, trainable, frozen, model_state, micro, cts, keys):
+        """Pass 2: recompute each microbatch with gradients and pull back its cotangent slice;
+        the parameter gradients are summed over microbatches."""
+
         def bwd(acc, xs):
             mb, ct, key = xs
 
             def fwd(tr):
-                outputs, _ = _apply(model, optimizer.merge(tr, frozen), model_state, mb, key)
-                return keep(outputs)
+                outputs, _ = _apply(
+                    self.model, self.optimizer.merge(tr, frozen), model_state, mb, key
+                )
+                return self._keep(outputs)
 
             _, pullback = jax.vjp(fwd, trainable)
             (g,) = pullback(ct)
             return jax.tree.map(jnp.add, acc, g), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grads, _ = jax.lax.scan(bwd, zeros, (micro, ct_stacked, keys))
-        return value, metrics, full["logit_scale"], new_ms, grads
-
-    return full_batch_grads if m == 1 else accumulated_grads
+        grads, _ = jax.lax.scan(bwd, zeros, (micro, cts, keys))
+        return grads
 
 
 def make_train_step(
@@ -251,28 +298,14 @@ def make_train_step(
         )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-
-        def apply_update(operands):
-            grads, opt_state, trainable = operands
-            updates, new_opt = optimizer.tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), new_opt
-
-        def keep(operands):
-            _, opt_state, trainable = operands
-            return trainable, opt_state
-
-        # A conditional, not a select of new vs old: the update runs in place on the donated
-        # buffers instead of keeping copies of the old params and moments alive.
-        new_trainable, new_opt = jax.lax.cond(
-            finite, apply_update, keep, (grads, state.opt_state, trainable)
+        new_trainable, new_opt = _update_if_finite(
+            optimizer, finite, grads, state.opt_state, trainable
         )
-
         new_loss_state = loss.update_state(loss_state, info)
 
         def pick(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-        applied = state.step - state.nonfinite_total  # updates actually made = optax's count
         new_state = state.replace(
             step=state.step + 1,
             params=optimizer.merge(new_trainable, frozen),
@@ -283,19 +316,46 @@ def make_train_step(
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32),
             nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)),
         )
-        out = {k: v for k, v in metrics.items() if k != "loss"}
+        applied = state.step - state.nonfinite_total  # updates actually made = optax's count
+        out = _step_metrics(metrics, value, grad_norm, optimizer.schedule(applied), log_scale)
         out.update(
-            loss=value,
-            grad_norm=grad_norm,
-            lr=optimizer.schedule(applied),
-            temperature=jnp.exp(-log_scale),
-            logit_scale=jnp.exp(log_scale),
             nonfinite_streak=new_state.nonfinite_streak,
             nonfinite_total=new_state.nonfinite_total,
         )
         return new_state, out
 
     return train_step
+
+
+def _update_if_finite(optimizer: Optimizer, finite, grads, opt_state, trainable):
+    """(new trainable params, new optimizer state): the optax update when `finite`, else both
+    unchanged. A conditional, not a select of new vs old: the update runs in place on the
+    donated buffers instead of keeping copies of the old params and moments alive."""
+
+    def apply_update(operands):
+        grads, opt_state, trainable = operands
+        updates, new_opt = optimizer.tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), new_opt
+
+    def keep(operands):
+        _, opt_state, trainable = operands
+        return trainable, opt_state
+
+    return jax.lax.cond(finite, apply_update, keep, (grads, opt_state, trainable))
+
+
+def _step_metrics(metrics, value, grad_norm, lr, log_scale) -> dict[str, jax.Array]:
+    """The step's logged metrics: the loss's own (its value under `loss`), the gradient norm,
+    learning rate and temperature."""
+    out = {k: v for k, v in metrics.items() if k != "loss"}
+    out.update(
+        loss=value,
+        grad_norm=grad_norm,
+        lr=lr,
+        temperature=jnp.exp(-log_scale),
+        logit_scale=jnp.exp(log_scale),
+    )
+    return out
 
 
 def _vjp_with_aux(f, primal):
