@@ -8,10 +8,9 @@ config.json / model_config.json are rewritten only once the state is restored (o
 Between steps the hooks of clipjax.train.hooks check divergence, watch for preemption, log,
 checkpoint and evaluate; callers may add their own.
 
-Start-up: the train step compiles in a background thread (for the state and batch layout) while
-the state is initialised or restored and the first batch loads; the phases up to the first step
-and those of the end are printed as one line each and written to metrics.jsonl (`startup/*`,
-`end/*`, clipjax.train.timeline).
+Start-up: the phases up to the first step (the train step is compiled explicitly once the first
+batch is there, to time it) and those of the end are printed as one line each and written to
+metrics.jsonl (`startup/*`, `end/*`, clipjax.train.timeline).
 """
 
 from __future__ import annotations
@@ -19,13 +18,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from clipjax.files import write_text
@@ -76,6 +72,7 @@ def train(
     process start); by default the start-up is timed from this call."""
     timeline = timeline or Timeline()
     compile_cache.enable(config.get("compile_cache_dir", "auto"))
+    startup = Startup(timeline)  # from here, compilation cache hits count
     config_lib.validate(config, jax.device_count(), jax.process_count())
     timeline.mark("mesh")  # the backends start on first use
     pipeline = train_pipeline(config)  # lists and checks the shards, before any compiling
@@ -89,14 +86,7 @@ def train(
         ckpt.close()
         raise
     trainer = setup(config, has_labels=pipeline.info.has_label)
-    latest = ckpt.latest_step()
-    startup = Startup(timeline, trainer) if (latest or 0) < config.num_steps else None
-    try:
-        run, clusters = start_run(config, workdir, trainer, ckpt, pipeline, hooks)
-    except BaseException:
-        if startup is not None:
-            startup.close()
-        raise
+    run, clusters = start_run(config, workdir, trainer, ckpt, pipeline, hooks)
     timeline.mark("init")
     end = None
     try:
@@ -105,8 +95,6 @@ def train(
             run_steps(run, batches, startup)
         end = Timeline()
     finally:
-        if startup is not None:
-            startup.close()
         ckpt.wait()
         for hook in run.hooks:
             hook.close()
@@ -252,84 +240,40 @@ def train_batches(
 
 
 class Startup:
-    """Compiles the train step in a background thread from construction (for the trainer's
-    state layout and the batch the pipeline gives), and reports the start-up at the first step:
-    `first_batch()` when it is there, `first_step(run)` once it ran."""
+    """Times the start-up phases that end at the first step and reports them once it ran:
+    `first_batch(run, batch)` when the first batch is there (it compiles the train step, while
+    the input pipeline's threads prepare the next batches), `first_step(run)` after it."""
 
-    def __init__(self, timeline: Timeline, trainer: Trainer):
+    def __init__(self, timeline: Timeline):
         self.timeline = timeline
-        self._seconds = 0.0
-        self._error: BaseException | None = None
         self._hits = compile_cache.hits()
-        like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
-        state = jax.tree.map(
-            lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            trainer.state_shardings,
-            like,
-        )
-        batch = batch_spec(trainer)
-        self._thread = threading.Thread(
-            target=self._compile, args=(trainer.train_step, state, batch), daemon=True
-        )
-        self._thread.start()
 
-    def _compile(self, step_fn, state, batch) -> None:
-        t = time.monotonic()
-        try:
-            step_fn.lower(state, batch).compile()
-        except BaseException as e:  # noqa: BLE001  re-raised in the main thread
-            self._error = e
-        self._seconds = time.monotonic() - t
-
-    def first_batch(self) -> None:
-        """The first batch is there: book the wait, then wait for the compiled step."""
+    def first_batch(self, run: RunContext, batch: Any) -> None:
         self.timeline.mark("first batch")
-        self._thread.join()
+        run.trainer.train_step.lower(run.state, batch).compile()  # what the first call runs
         self.timeline.mark("compile")
-        if self._error is not None:
-            raise self._error
 
     def first_step(self, run: RunContext) -> None:
-        """After the first step was dispatched: wait for it, print and write the start-up."""
+        """Wait for the first step, then print and write the start-up."""
         jax.block_until_ready(run.metrics)
         self.timeline.mark("first step")
         total = self.timeline.elapsed()
         hits = compile_cache.hits() - self._hits
         scalars = self.timeline.metrics("startup") | {
             "startup/total_s": total,
-            "startup/compile_thread_s": self._seconds,
             "startup/compile_cache_hits": hits,
         }
         run.writer.write(run.step, scalars)
         if jax.process_index() == 0:
-            note = f"{self._seconds:.1f} s in the background"
-            if hits:
-                note += f", {hits} from the compilation cache"
-            progress_log.info(startup_line(self.timeline, total, {"compile": note}))
-
-    def close(self) -> None:
-        self._thread.join()
-
-
-def batch_spec(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch the train step gets (TrainPipeline's layout), as abstract arrays."""
-    mcfg, n = trainer.model_config, int(trainer.config.batch_size)
-    shapes = {
-        "image": ((n, mcfg.image_size, mcfg.image_size, 3), jnp.float32),
-        "text": ((n, mcfg.context_length), jnp.int32),
-        "label": ((n,), jnp.int32),
-    }
-    return {
-        k: jax.ShapeDtypeStruct(*shapes[k], sharding=sh)
-        for k, sh in trainer.batch_shardings.items()
-    }
+            notes = {"compile": f"{hits} from the compilation cache"} if hits else {}
+            progress_log.info(startup_line(self.timeline, total, notes))
 
 
 def run_steps(run: RunContext, batches: Iterator, startup: Startup | None = None) -> None:
     """Train steps until `run.total` or a hook sets `run.stop`; `startup` reports the first."""
     for batch, data_state in run.progress.timed(batches):
         if startup is not None:
-            startup.first_batch()
+            startup.first_batch(run, batch)
         run.state, run.metrics = run.trainer.train_step(run.state, batch)
         run.step += 1
         if startup is not None:
