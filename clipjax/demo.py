@@ -19,6 +19,8 @@ import shutil
 import sys
 import time
 
+from clipjax.cli import add_verbose_flag, quiet_libraries
+
 DEFAULT_DATA = os.path.join("demo_out", "data")
 # (train, held-out) images of the demo dataset per variant.
 DATASET_SIZES = {"": (12000, 600), "quick": (256, 64)}
@@ -154,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="continue the run in OUT/workdir instead of starting fresh",
     )
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_libraries(args.verbose)
     _setup_logging()
     t0 = time.perf_counter()
 

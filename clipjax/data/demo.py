@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import logging
 import os
 from collections.abc import Iterator
 
 import numpy as np
 
+from clipjax.cli import add_verbose_flag, setup_logging
 from clipjax.data import writer
 from clipjax.data.writer import SourceItem
 
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-test", type=int, default=600)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    add_verbose_flag(p)
     a = p.parse_args(argv)
+    setup_logging(a.verbose, level=logging.WARNING)
     ds = make_demo_dataset(a.out, a.n_train, a.n_test, a.image_size, a.seed, progress=True)
     print(
         f"demo dataset: train {ds.train} ({ds.n_train}), test {ds.test} ({ds.n_test}), "

@@ -61,8 +61,8 @@ class EvalPipeline:
         info, size = self.info, self.image_size
         ds = tf.data.TFRecordDataset(list(self.files))
         ds = ds.shard(self.process_count, self.process_index)
-        ds = ds.map(lambda rec: records.parse_record(rec, info))
-        ds = ds.filter(lambda ex: records.usable(ex, info))
+        ds = ds.map(records.traced(lambda rec: records.parse_record(rec, info)))
+        ds = ds.filter(records.traced(lambda ex: records.usable(ex, info)))
 
         def decode(ex):
             out = {
@@ -72,7 +72,7 @@ class EvalPipeline:
             }
             return out | records.optional_fields(ex, info, self.context_length)
 
-        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(records.traced(decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors().batch(self.batch_size)
 
         def tokenize(b):
@@ -81,7 +81,9 @@ class EvalPipeline:
             b.pop(schema.TEXT, None)
             return b
 
-        ds = ds.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(
+            records.traced(tokenize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
         return ds.prefetch(2).with_options(records.dataset_options(self.threads))
 
     def _pad(self, batch: dict[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:

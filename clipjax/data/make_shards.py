@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 
+from clipjax.cli import add_verbose_flag, setup_logging
 from clipjax.data import order, sources, writer
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m clipjax.data.make_shards", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
+    add_verbose_flag(p)
     _add_source_args(p)
     _add_writing_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,7 +122,7 @@ def make_source(args: argparse.Namespace) -> sources.Source:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose, level=logging.INFO if args.verbose else logging.ERROR)
     for flag in ("shard_size", "workers", "max_side", "shuffle_buffer", "max_member_mb"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -326,7 +326,7 @@ class TrainPipeline:
 
             cycle = min(self.cycle_length * self.read_windows, len(windows[0]))
         return sources.interleave(
-            read,
+            records.traced(read),
             cycle_length=cycle,
             block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -358,14 +358,16 @@ class TrainPipeline:
             seed=tf.math.floormod(keys[0], 1 << 62),
             reshuffle_each_iteration=False,
         )
-        return ds.enumerate().map(lambda pos, rec: (pos, rec, keys[1]))
+        return ds.enumerate().map(records.traced(lambda pos, rec: (pos, rec, keys[1])))
 
     def _epoch_records(self, epoch, skip):
         """This host's epoch from position `skip`, tagged (epoch, position, carried=False)."""
         import tensorflow as tf
 
         ds = self._host_stream(epoch, self.process_index, self.process_count).skip(skip)
-        return ds.map(lambda pos, rec, key: (tf.cast(epoch, tf.int64), pos, False, rec, key))
+        return ds.map(
+            records.traced(lambda pos, rec, key: (tf.cast(epoch, tf.int64), pos, False, rec, key))
+        )
 
     def _carried_records(self, carry: dict):
         """This host's share of the old hosts' remaining records, tagged (-1, position in the
@@ -381,7 +383,11 @@ class TrainPipeline:
             streams, tf.data.Dataset.range(old).repeat(), stop_on_empty_dataset=False
         )
         ds = ds.shard(self.process_count, self.process_index).enumerate().skip(carry["offset"])
-        return ds.map(lambda cpos, item: (tf.constant(-1, tf.int64), cpos, True, item[1], item[2]))
+        return ds.map(
+            records.traced(
+                lambda cpos, item: (tf.constant(-1, tf.int64), cpos, True, item[1], item[2])
+            )
+        )
 
     def _batches(self, ds):
         """Tagged records -> decoded, augmented batches (unusable records dropped)."""
@@ -391,8 +397,12 @@ class TrainPipeline:
 
         info = self.info
         size, crop_scale = self.image_size, self.crop_scale
-        ds = ds.map(lambda e, pos, c, rec, key: (e, pos, c, records.parse_record(rec, info), key))
-        ds = ds.filter(lambda e, pos, c, ex, key: records.usable(ex, info))
+        ds = ds.map(
+            records.traced(
+                lambda e, pos, c, rec, key: (e, pos, c, records.parse_record(rec, info), key)
+            )
+        )
+        ds = ds.filter(records.traced(lambda e, pos, c, ex, key: records.usable(ex, info)))
 
         def decode(epoch, pos, carried, ex, aug_key):
             seed = tf.random.stateless_uniform(
@@ -410,7 +420,7 @@ class TrainPipeline:
             }
             return out | records.optional_fields(ex, info, self.context_length)
 
-        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(records.traced(decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors()  # undecodable images: dropped, counted from position gaps
         return ds.batch(self.batch_size, drop_remainder=True)
 
@@ -423,15 +433,15 @@ class TrainPipeline:
         if carry is not None:
             first = self._carried_records(carry).concatenate(first)
         later = tf.data.Dataset.range(start_epoch + 1, 1 << 40).flat_map(
-            lambda e: self._batches(self._epoch_records(e, 0))
+            records.traced(lambda e: self._batches(self._epoch_records(e, 0)))
         )
         ds = self._batches(first).concatenate(later)
         ds = ds.map(
-            lambda b: records.tokenize_batch(b, self.context_length, self.info),
+            records.traced(lambda b: records.tokenize_batch(b, self.context_length, self.info)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-        ds = ds.map(lambda b: {k: v for k, v in b.items() if k not in (schema.TEXT,)})
+        ds = ds.map(records.traced(lambda b: {k: v for k, v in b.items() if k != schema.TEXT}))
         return ds.prefetch(self.prefetch).with_options(records.dataset_options(self.threads))
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict]]:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
 
+from clipjax.cli import add_verbose_flag, setup_logging
 from clipjax.export.__main__ import add_trust_flag
 from clipjax.files import write_text
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-field", help="tfds: label feature (default label)")
     p.add_argument("--text-field", help="tfds: caption feature (retrieval)")
     p.add_argument("--out", help="write the results as JSON here")
+    add_verbose_flag(p)
     add_trust_flag(p)
     return p
 
@@ -265,7 +266,7 @@ def _run_probe(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         _check_args(args)
         if args.suite:

@@ -15,11 +15,11 @@ OpenAI CLIP names (what open_clip loads). Output directories appear whole or not
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from clipjax.cli import add_verbose_flag, setup_logging
 from clipjax.files import check_replaceable, write_dir_atomically
 
 EXPORT_FORMATS = ("safetensors", "msgpack", "hf", "openai")
@@ -45,6 +45,7 @@ def export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_trust_flag(p)
+    add_verbose_flag(p)
     return p
 
 
@@ -65,6 +66,7 @@ def import_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_trust_flag(p)
+    add_verbose_flag(p)
     return p
 
 
@@ -81,6 +83,7 @@ def interpolate_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", choices=("safetensors", "msgpack"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_trust_flag(p)
+    add_verbose_flag(p)
     return p
 
 
@@ -215,14 +218,15 @@ def run_import(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    commands = {
+        "import": (import_parser, run_import),
+        "interpolate": (interpolate_parser, run_interpolate),
+    }
+    parser, command = commands.get(argv[0] if argv else "", (export_parser, run_export))
+    args = parser().parse_args(argv[1:] if parser is not export_parser else argv)
+    setup_logging(args.verbose)
     try:
-        if argv[:1] == ["import"]:
-            run_import(import_parser().parse_args(argv[1:]))
-        elif argv[:1] == ["interpolate"]:
-            run_interpolate(interpolate_parser().parse_args(argv[1:]))
-        else:
-            run_export(export_parser().parse_args(argv))
+        command(args)
     except (
         FileNotFoundError,
         FileExistsError,

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clipjax.cli import add_verbose_flag, setup_logging
 from clipjax.export.__main__ import add_trust_flag
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ix.add_argument("--no-progress", action="store_true")
     add_trust_flag(ix)
+    add_verbose_flag(ix)
     q = sub.add_parser("query", help="rank indexed images by a text and/or image query")
     q.add_argument("--index", required=True)
     q.add_argument(
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-k", type=int, default=10, help="number of results")
     q.add_argument("--html", help="also write an HTML page of thumbnails here")
     add_trust_flag(q, also="; without --model, also load the model path the index records")
+    add_verbose_flag(q)
     return p
 
 
@@ -181,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clipjax.search.index import IndexBusyError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         run_index(args) if args.command == "index" else run_query(args)
     except (

@@ -6,7 +6,6 @@ and under SLURM, or explicitly with --coordinator HOST:PORT --num_processes N --
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,9 @@ from typing import TYPE_CHECKING
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from clipjax.cli import VERBOSE_HELP, quiet_libraries
+from clipjax.train.timeline import Timeline, process_start_time
 
 if TYPE_CHECKING:
     from clipjax.train.hooks import Hook
@@ -34,15 +36,16 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
+_TIMELINE = Timeline(process_start_time())  # the start-up is timed from the process start
 
 
-def _setup_logging() -> None:
+def _setup_logging(verbose: bool) -> None:
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.INFO)
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.INFO)  # clipjax's own INFO lines
+    quiet_libraries(verbose)
     from clipjax.train.metrics import progress_to_stdout
 
     progress_to_stdout()
@@ -69,7 +72,7 @@ def main(argv: list[str], hooks: Sequence[Hook] = ()) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_libraries(_VERBOSE.value)
     import jax
 
     if (
@@ -80,13 +83,16 @@ def main(argv: list[str], hooks: Sequence[Hook] = ()) -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from clipjax.parallel.mesh import initialize_distributed
 
+    _TIMELINE.mark("imports")
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    _setup_logging()
+    _TIMELINE.mark("mesh")
+    _setup_logging(_VERBOSE.value)
     from clipjax.train.config import ConfigError
     from clipjax.train.loop import TrainingDiverged, train
 
+    _TIMELINE.mark("imports")
     try:
-        result = train(_CONFIG.value, _WORKDIR.value, hooks=hooks)
+        result = train(_CONFIG.value, _WORKDIR.value, hooks=hooks, timeline=_TIMELINE)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA options for the jitted init and step, e.g. {"xla_backend_optimization_level": 0} to
     # compile tiny test models faster.
     c.compiler_options = ml_collections.ConfigDict()
+    # JAX's persistent compilation cache: 'auto' = JAX_COMPILATION_CACHE_DIR or the user cache
+    # directory (~/.cache/clipjax/jax), '' = off, else a directory (clipjax.train.compile_cache).
+    c.compile_cache_dir = "auto"
     c.log_every = 50
     c.tensorboard = True
     c.max_nonfinite = 20  # stop after this many non-finite steps in a row

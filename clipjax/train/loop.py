@@ -7,6 +7,10 @@ whose config describes another model stops with a ConfigError before compiling; 
 config.json / model_config.json are rewritten only once the state is restored (or initialised).
 Between steps the hooks of clipjax.train.hooks check divergence, watch for preemption, log,
 checkpoint and evaluate; callers may add their own.
+
+Start-up: the phases up to the first step (the train step is compiled explicitly once the first
+batch is there, to time it) and those of the end are printed as one line each and written to
+metrics.jsonl (`startup/*`, `end/*`, clipjax.train.timeline).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ml_collections
 
 from clipjax.files import write_text
 from clipjax.parallel.mesh import make_mesh
+from clipjax.train import compile_cache
 from clipjax.train import config as config_lib
 from clipjax.train.builder import Trainer, build_trainer
 from clipjax.train.checkpoint import Checkpointer, model_changes
@@ -38,8 +43,9 @@ from clipjax.train.hooks import (
     run_evals,
 )
 from clipjax.train.init_from import fresh_state
-from clipjax.train.metrics import MetricWriter, Progress
+from clipjax.train.metrics import MetricWriter, Progress, progress_log
 from clipjax.train.state import TrainState
+from clipjax.train.timeline import Timeline, end_line, startup_line
 
 __all__ = ["Hook", "TrainResult", "TrainingDiverged", "train"]
 
@@ -56,12 +62,21 @@ class TrainResult:
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook] = ()
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    hooks: Sequence[Hook] = (),
+    timeline: Timeline | None = None,
 ) -> TrainResult:
     """Train (or resume) `config` in `workdir`; `hooks` run after each step, before the
-    built-in ones (see clipjax.train.hooks)."""
+    built-in ones (see clipjax.train.hooks). `timeline`: the start-up so far (the CLI's, from
+    process start); by default the start-up is timed from this call."""
+    timeline = timeline or Timeline()
+    compile_cache.enable(config.get("compile_cache_dir", "auto"))
+    startup = Startup(timeline)  # from here, compilation cache hits count
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    timeline.mark("mesh")  # the backends start on first use
     pipeline = train_pipeline(config)  # lists and checks the shards, before any compiling
+    timeline.mark("data")
     ckpt = Checkpointer(
         workdir, config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save
     )
@@ -71,6 +86,34 @@ def train(
         ckpt.close()
         raise
     trainer = setup(config, has_labels=pipeline.info.has_label)
+    run, clusters = start_run(config, workdir, trainer, ckpt, pipeline, hooks)
+    timeline.mark("init")
+    end = None
+    try:
+        if run.step < run.total:
+            batches = train_batches(trainer, pipeline, observe=clusters.observe)
+            run_steps(run, batches, startup)
+        end = Timeline()
+    finally:
+        ckpt.wait()
+        for hook in run.hooks:
+            hook.close()
+    end.mark("final save")
+    for hook in run.hooks:
+        hook.end(run)
+    return finish(run, end)
+
+
+def start_run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    trainer: Trainer,
+    ckpt: Checkpointer,
+    pipeline,
+    hooks: Sequence[Hook],
+) -> tuple[RunContext, ClusterWatch]:
+    """The restored or initialised state, the run files and the hooks (and of those the
+    ClusterWatch, which observes the batches), with the pipeline at the data position."""
     state, data_state = restore_or_init(trainer, ckpt, workdir)
     write_run_files(config, trainer, workdir)
     if data_state is not None:
@@ -95,16 +138,7 @@ def train(
         SaveCheckpoints(),
         Evaluate(),
     ]
-    try:
-        if step < run.total:
-            run_steps(run, train_batches(trainer, pipeline, observe=clusters.observe))
-    finally:
-        ckpt.wait()
-        for hook in run.hooks:
-            hook.close()
-    for hook in run.hooks:
-        hook.end(run)
-    return finish(run)
+    return run, clusters
 
 
 def setup(config: ml_collections.ConfigDict, has_labels: bool = False) -> Trainer:
@@ -205,11 +239,46 @@ def train_batches(
     return prefetch_to_device(step_batches(), trainer.mesh)
 
 
-def run_steps(run: RunContext, batches: Iterator) -> None:
-    """Train steps until `run.total` or a hook sets `run.stop`."""
+class Startup:
+    """Times the start-up phases that end at the first step and reports them once it ran:
+    `first_batch(run, batch)` when the first batch is there (it compiles the train step, while
+    the input pipeline's threads prepare the next batches), `first_step(run)` after it."""
+
+    def __init__(self, timeline: Timeline):
+        self.timeline = timeline
+        self._hits = compile_cache.hits()
+
+    def first_batch(self, run: RunContext, batch: Any) -> None:
+        self.timeline.mark("first batch")
+        run.trainer.train_step.lower(run.state, batch).compile()  # what the first call runs
+        self.timeline.mark("compile")
+
+    def first_step(self, run: RunContext) -> None:
+        """Wait for the first step, then print and write the start-up."""
+        jax.block_until_ready(run.metrics)
+        self.timeline.mark("first step")
+        total = self.timeline.elapsed()
+        hits = compile_cache.hits() - self._hits
+        scalars = self.timeline.metrics("startup") | {
+            "startup/total_s": total,
+            "startup/compile_cache_hits": hits,
+        }
+        run.writer.write(run.step, scalars)
+        if jax.process_index() == 0:
+            notes = {"compile": f"{hits} from the compilation cache"} if hits else {}
+            progress_log.info(startup_line(self.timeline, total, notes))
+
+
+def run_steps(run: RunContext, batches: Iterator, startup: Startup | None = None) -> None:
+    """Train steps until `run.total` or a hook sets `run.stop`; `startup` reports the first."""
     for batch, data_state in run.progress.timed(batches):
+        if startup is not None:
+            startup.first_batch(run, batch)
         run.state, run.metrics = run.trainer.train_step(run.state, batch)
         run.step += 1
+        if startup is not None:
+            startup.first_step(run)
+            startup = None
         run.data_state = data_state
         for hook in run.hooks:
             hook.after_step(run)
@@ -217,17 +286,24 @@ def run_steps(run: RunContext, batches: Iterator) -> None:
             break
 
 
-def finish(run: RunContext) -> TrainResult:
-    """End-of-training evaluation and export (unless preempted); close the writers."""
-    config = run.config
+def finish(run: RunContext, end: Timeline | None = None) -> TrainResult:
+    """End-of-training evaluation and export (unless preempted); the end's timing (`end`: its
+    phases so far); close the writers."""
+    config, end = run.config, end or Timeline()
     if not run.preempted and config.eval.at_end:
         run.eval_metrics = run_evals(run.trainer, run.state.params)
         if run.eval_metrics:
             run.writer.write(run.step, run.eval_metrics)
+        end.mark("eval")
     if not run.preempted and config.export.dir:
         export_model(run.trainer, run.state, config.export.dir, config.export.format)
-    run.writer.close()
+        end.mark("export")
     run.checkpointer.close()
+    end.mark("close")
+    run.writer.write(run.step, end.metrics("end"))
+    if jax.process_index() == 0:
+        progress_log.info(end_line(end))
+    run.writer.close()
     return TrainResult(
         step=run.step,
         status="preempted" if run.preempted else "completed",

@@ -1,0 +1,135 @@
+"""Start-up time of the training CLI: process start -> first step, cold and warm compilation cache.
+
+Runs `python -m clipjax.train` with the demo config (the tiny CLIP, batch 128) for a few steps in
+fresh processes, each in a new workdir: first with an empty compilation cache directory (cold),
+then again with the cache that run filled (warm). Reports the seconds from launching the process
+to its first progress line (measured here, so it also works for a clipjax without the start-up
+line), and the phases of the trainer's own `start-up:` line where it prints one.
+
+  python benchmarks/startup.py --data DIR [--repo ROOT] [--runs 2] [--steps 3] [--quick]
+
+DIR: demo data (`python -m clipjax.data.demo --out DIR --n-train 1024 --n-test 64`; made in a
+temporary directory when not given). `--repo`: the clipjax checkout to time (default this
+one). `--quick`: the `quick` demo variant (16 px images, batch 16). Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASE = re.compile(r"([a-z][a-z ]*?) ([0-9.]+) s")
+
+
+def parse_startup(line: str) -> dict[str, float]:
+    """{'imports': 3.1, ..., 'first step done at': 15.0} from the trainer's start-up line."""
+    head, _, total = line.partition("->")
+    phases = {m.group(1): float(m.group(2)) for m in PHASE.finditer(re.sub(r"\(.*?\)", "", head))}
+    m = re.search(r"([0-9.]+) s", total)
+    if m:
+        phases["total"] = float(m.group(1))
+    return phases
+
+
+def run_once(repo: str, data: str, cache: str, steps: int, quick: bool, workdir: str) -> dict:
+    arg = ",".join(filter(None, ["quick" if quick else "", f"data={data}"]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipjax.train",
+        f"--config={os.path.join(repo, 'experiments', 'demo.py')}:{arg}",
+        f"--workdir={workdir}",
+        f"--config.num_steps={steps}",
+        "--config.log_every=1",
+        "--config.optimizer.warmup_steps=1",
+        "--config.eval.at_end=False",
+        "--config.checkpoint.every_steps=1000",
+    ]
+    if cache is not None:
+        cmd.append(f"--config.compile_cache_dir={cache}")
+    env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    first_step, startup, lines = None, {}, []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("start-up:"):
+            startup = parse_startup(line)
+        if first_step is None and re.match(r"step +1/", line):
+            first_step = time.monotonic() - t0
+    proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(lines[-30:])}")
+    return {
+        "first_step_line_s": round(first_step, 2),
+        "total_s": round(time.monotonic() - t0, 2),
+        "startup": startup,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="demo data directory (made when not given)")
+    p.add_argument("--repo", default=ROOT, help="the clipjax checkout to time")
+    p.add_argument("--runs", type=int, default=1, help="warm runs after the cold one")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="the quick demo variant")
+    p.add_argument("--no-cache", action="store_true", help="a clipjax without the cache key")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            data = os.path.join(tmp, "data")
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clipjax.data.demo",
+                    "--out",
+                    data,
+                    "--n-train",
+                    "1024",
+                    "--n-test",
+                    "64",
+                ],
+                check=True,
+                cwd=ROOT,
+                env=dict(os.environ, PYTHONPATH=ROOT),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        data = os.path.abspath(data)
+        cache = None if args.no_cache else os.path.join(tmp, "jax-cache")
+        rows = []
+        for i in range(1 + args.runs):
+            kind = "cold" if i == 0 else "warm"
+            row = run_once(
+                args.repo, data, cache, args.steps, args.quick, os.path.join(tmp, f"workdir{i}")
+            )
+            row["cache"] = "off" if cache is None else kind
+            rows.append(row)
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in row["startup"].items())
+            print(
+                f"{row['cache']:>4}: first step line at {row['first_step_line_s']:.1f} s"
+                + (f" ({phases})" if phases else ""),
+                flush=True,
+            )
+        if cache is not None:
+            files = os.listdir(cache)
+            print(f"cache: {len(files)} entries")
+    print(json.dumps({"quick": args.quick, "steps": args.steps, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
