@@ -82,11 +82,13 @@ def checkpoint_params(workdir, step):
 
 
 def logged_steps(workdir):
+    """The training-step records of metrics.jsonl (not the start-up, end or eval records)."""
     path = os.path.join(str(workdir), "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if "loss" in r]
 
 
 def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(tmp_path, env, demo_data):
