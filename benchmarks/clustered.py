@@ -49,6 +49,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clipjax.demo import DEMO_MODEL, QUICK_MODEL  # noqa: E402
 
 FASHION_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_CLASSNAMES = (
@@ -204,23 +205,6 @@ class Setup:
     quick: bool = False
 
 
-_NARROW = dict(
-    vision_width=64, vision_heads=2, text_width=64, text_heads=2, embed_dim=64, context_length=16
-)
-_QUICK_MODEL = dict(
-    image_size=16,
-    patch_size=8,
-    vision_width=32,
-    vision_layers=1,
-    vision_heads=2,
-    text_width=32,
-    text_layers=1,
-    text_heads=2,
-    embed_dim=32,
-    context_length=16,
-)
-
-
 def make_setup(dataset: str, steps: int | None, quick: bool) -> Setup:
     if quick:
         return Setup(
@@ -230,7 +214,7 @@ def make_setup(dataset: str, steps: int | None, quick: bool) -> Setup:
             steps=steps or 4,
             batch=16,
             shuffle_buffer=8,
-            overrides=_QUICK_MODEL,
+            overrides=QUICK_MODEL,
             quick=True,
         )
     return Setup(
@@ -240,7 +224,7 @@ def make_setup(dataset: str, steps: int | None, quick: bool) -> Setup:
         steps=steps or 250,
         batch=128,
         shuffle_buffer=256,
-        overrides=_NARROW,
+        overrides=DEMO_MODEL,
     )
 
 

@@ -26,6 +26,27 @@ DEFAULT_DATA = os.path.join("demo_out", "data")
 DATASET_SIZES = {"": (12000, 600), "quick": (256, 64)}
 
 
+# The demo's model: the 'tiny' preset, narrower (compute-bound on 2 CPU cores, and the shapes need
+# little), with a 16-token context (the demo captions are at most 14 tokens with start/end, so
+# this halves the text tower's work).
+DEMO_MODEL = dict(
+    vision_width=64, vision_heads=2, text_width=64, text_heads=2, embed_dim=64, context_length=16
+)
+# The `quick` smoke run's model: one layer per tower on 16-pixel images.
+QUICK_MODEL = dict(
+    image_size=16,
+    patch_size=8,
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=2,
+    text_width=32,
+    text_layers=1,
+    text_heads=2,
+    embed_dim=32,
+    context_length=16,
+)
+
+
 def get_config(arg: str | None = None):
     """The demo's train config; `arg`: comma-separated `quick` (a smoke run) and `data=DIR` (the
     generated demo data, default demo_out/data). The data must exist (`make_demo_data`)."""
@@ -36,13 +57,7 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.seed = 0
     c.model.preset = "tiny"
-    # The demo captions are at most 14 tokens with start/end: a 16-token context halves the text
-    # tower's work.
-    c.model.overrides.context_length = 16
-    # Narrower than the 'tiny' preset: compute-bound on 2 CPU cores, and the shapes need little.
-    c.model.overrides.update(
-        dict(vision_width=64, vision_heads=2, text_width=64, text_heads=2, embed_dim=64)
-    )
+    c.model.overrides.update(DEMO_MODEL)
     c.data.train = os.path.join(a["data"], "train", "*.tfrecord")
     c.data.shuffle_buffer = 4000
     c.data.crop_scale = (0.8, 1.0)
@@ -75,20 +90,7 @@ def _quick(c) -> None:
     c.checkpoint.every_steps = 2
     c.eval.batch_size = 32
     c.compiler_options = {"xla_backend_optimization_level": 0}  # compiling dominates here
-    c.model.overrides.update(
-        dict(
-            image_size=16,
-            patch_size=8,
-            vision_width=32,
-            vision_layers=1,
-            vision_heads=2,
-            text_width=32,
-            text_layers=1,
-            text_heads=2,
-            embed_dim=32,
-            context_length=16,
-        )
-    )
+    c.model.overrides.update(QUICK_MODEL)
 
 
 def make_demo_data(data_dir: str, variant: str = "", progress: bool = False):

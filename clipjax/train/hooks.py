@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -190,13 +189,13 @@ class Evaluate(Hook):
         run.writer.write(run.step, run.eval_metrics)
 
 
-def _names(spec: str, sep: str) -> list[str]:
-    """Class names / templates from a comma- (templates: '|'-) separated list, else a file/asset."""
-    if sep in spec or (sep == "," and " " in spec and not os.path.exists(spec)):
-        return [s.strip() for s in spec.split(sep) if s.strip()]
-    from clipjax.evaluate import classnames as cn
+def _templates(spec: str) -> list[str]:
+    """Prompt templates from a '|'-separated list, else a packaged set or file."""
+    if "|" in spec:
+        return [s.strip() for s in spec.split("|") if s.strip()]
+    from clipjax.evaluate.classnames import load_templates
 
-    return cn.load_classnames(spec) if sep == "," else cn.load_templates(spec)
+    return load_templates(spec)
 
 
 def run_evals(trainer: Trainer, params: Any) -> dict[str, float]:
@@ -217,7 +216,7 @@ def run_evals(trainer: Trainer, params: Any) -> dict[str, float]:
     if cfg.zeroshot.shards:
         from clipjax.evaluate.zeroshot import zeroshot_accuracy
 
-        templates = _names(cfg.zeroshot.templates or "openai_imagenet_templates.txt", "|")
+        templates = _templates(cfg.zeroshot.templates or "openai_imagenet_templates.txt")
         from clipjax.evaluate.classnames import classnames_for_shards
 
         classnames, _ = classnames_for_shards(  # its notes were logged by the config's validate

@@ -71,7 +71,7 @@ def train(
     built-in ones (see clipjax.train.hooks). `timeline`: the start-up so far (the CLI's, from
     process start); by default the start-up is timed from this call."""
     timeline = timeline or Timeline()
-    compile_cache.enable(config.get("compile_cache_dir", "auto"))
+    compile_cache.enable(config.compile_cache_dir)
     startup = Startup(timeline)  # from here, compilation cache hits count
     config_lib.validate(config, jax.device_count(), jax.process_count())
     timeline.mark("mesh")  # the backends start on first use
