@@ -17,6 +17,16 @@ VERBOSE_HELP = "also show the libraries' start-up and INFO logs (TensorFlow, JAX
 # Loggers of libraries whose INFO lines are start-up chatter, not the tool's output.
 LIBRARY_LOGGERS = ("absl", "jax", "jaxlib", "tensorflow", "orbax", "PIL", "etils", "h5py")
 FORMAT = "%(levelname)s %(name)s: %(message)s"
+# Errors that mean bad input (a path, a file's contents, an argument): the CLIs print them as one
+# `error:` line and exit 1 instead of a traceback.
+INPUT_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+    KeyError,
+    ImportError,
+    NotImplementedError,
+)
 
 
 def quiet_libraries(verbose: bool = False) -> None:

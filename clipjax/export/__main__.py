@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from clipjax.cli import add_verbose_flag, setup_logging
+from clipjax.cli import INPUT_ERRORS, add_verbose_flag, setup_logging
 from clipjax.files import check_replaceable, write_dir_atomically
 
 EXPORT_FORMATS = ("safetensors", "msgpack", "hf", "openai")
@@ -227,14 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         command(args)
-    except (
-        FileNotFoundError,
-        FileExistsError,
-        ValueError,
-        KeyError,
-        ImportError,
-        NotImplementedError,
-    ) as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

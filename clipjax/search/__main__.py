@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clipjax.cli import add_verbose_flag, setup_logging
+from clipjax.cli import INPUT_ERRORS, add_verbose_flag, setup_logging
 from clipjax.export.__main__ import add_trust_flag
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         run_index(args) if args.command == "index" else run_query(args)
-    except (
-        FileNotFoundError,
-        FileExistsError,
-        ValueError,
-        KeyError,
-        ImportError,
-        IndexBusyError,
-    ) as e:
+    except (*INPUT_ERRORS, IndexBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
