@@ -7,10 +7,13 @@ to its first progress line (measured here, so it also works for a clipjax withou
 line), and the phases of the trainer's own `start-up:` line where it prints one.
 
   python benchmarks/startup.py --data DIR [--repo ROOT] [--runs 2] [--steps 3] [--quick]
+      [--preset B/32 --batch 16]
 
 DIR: demo data (`python -m clipjax.data.demo --out DIR --n-train 1024 --n-test 64`; made in a
 temporary directory when not given). `--repo`: the clipjax checkout to time (default this
-one). `--quick`: the `quick` demo variant (16 px images, batch 16). Ends with one JSON line.
+one). `--quick`: the `quick` demo variant (16 px images, batch 16). `--preset`: another model preset
+(e.g. B/32 at 224 px) trained on the same demo data, with `--batch` images a step. Ends with one
+JSON line.
 """
 
 from __future__ import annotations
@@ -38,13 +41,29 @@ def parse_startup(line: str) -> dict[str, float]:
     return phases
 
 
-def run_once(repo: str, data: str, cache: str, steps: int, quick: bool, workdir: str) -> dict:
+# The demo config with a preset's model in place of the demo's tiny one.
+PRESET_CONFIG = """
+from clipjax.demo import get_config as demo_config
+
+
+def get_config(arg):
+    c = demo_config(arg)
+    c.model.overrides = {{}}
+    c.model.preset = {preset!r}
+    c.batch_size = {batch}
+    return c
+"""
+
+
+def run_once(
+    repo: str, data: str, cache: str, steps: int, quick: bool, workdir: str, config: str
+) -> dict:
     arg = ",".join(filter(None, ["quick" if quick else "", f"data={data}"]))
     cmd = [
         sys.executable,
         "-m",
         "clipjax.train",
-        f"--config={os.path.join(repo, 'experiments', 'demo.py')}:{arg}",
+        f"--config={config}:{arg}",
         f"--workdir={workdir}",
         f"--config.num_steps={steps}",
         "--config.log_every=1",
@@ -85,8 +104,15 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="the quick demo variant")
     p.add_argument("--no-cache", action="store_true", help="a clipjax without the cache key")
+    p.add_argument("--preset", help="a model preset in place of the demo's (e.g. B/32)")
+    p.add_argument("--batch", type=int, default=16, help="images a step, with --preset")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        config = os.path.join(args.repo, "experiments", "demo.py")
+        if args.preset:
+            config = os.path.join(tmp, "preset_config.py")
+            with open(config, "w") as f:
+                f.write(PRESET_CONFIG.format(preset=args.preset, batch=args.batch))
         data = args.data
         if data is None:
             data = os.path.join(tmp, "data")
@@ -114,7 +140,13 @@ def main() -> int:
         for i in range(1 + args.runs):
             kind = "cold" if i == 0 else "warm"
             row = run_once(
-                args.repo, data, cache, args.steps, args.quick, os.path.join(tmp, f"workdir{i}")
+                args.repo,
+                data,
+                cache,
+                args.steps,
+                args.quick,
+                os.path.join(tmp, f"workdir{i}"),
+                config,
             )
             row["cache"] = "off" if cache is None else kind
             rows.append(row)
@@ -127,7 +159,8 @@ def main() -> int:
         if cache is not None:
             files = os.listdir(cache)
             print(f"cache: {len(files)} entries")
-    print(json.dumps({"quick": args.quick, "steps": args.steps, "rows": rows}))
+    summary = {"quick": args.quick, "preset": args.preset, "steps": args.steps, "rows": rows}
+    print(json.dumps(summary))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""File helpers shared by the whole package: glob expansion and atomic writes.
+"""File helpers shared by the whole package: glob expansion, reading local or remote text, and
+atomic writes.
 
 Writers go through `atomic_path` / `write_dir_atomically`: the data lands under a temporary
 sibling name and is renamed into place once complete, so a crash never leaves a half-written file
@@ -61,6 +62,23 @@ def expand_globs(
             raise missing(pattern)
         out.update(dict.fromkeys(sorted(matches)))
     return list(out)
+
+
+def read_text_if_exists(path: str) -> str | None:
+    """The text of a local or remote (gs://, ...) file, or None where there is none. Local paths
+    are read without TensorFlow, whose import costs seconds of start-up."""
+    if "://" not in path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return f.read()
 
 
 @contextlib.contextmanager

@@ -82,3 +82,25 @@ def test_loss_benchmark_without_tensorflow(no_tf_env):
     out = run([sys.executable, "benchmarks/loss.py", "--quick"], no_tf_env)
     result = json.loads(out.strip().splitlines()[-1])
     assert all(r["fits"] for r in result["rows"]), result["rows"]
+
+
+MANIFEST_READS = """
+import json, os, sys
+from clipjax.data.shards import dataset_classnames, record_counts
+d = sys.argv[1]
+open(os.path.join(d, "train-00000.tfrecord"), "wb").close()
+manifest = {"classnames": ["cat", "dog"], "shards": [{"file": "train-00000.tfrecord", "count": 7}]}
+with open(os.path.join(d, "manifest.json"), "w") as f:
+    json.dump(manifest, f)
+shards = os.path.join(d, "*.tfrecord")
+assert dataset_classnames(shards) == ["cat", "dog"]
+assert record_counts([os.path.join(d, "train-00000.tfrecord")], manifest_only=True) == [7]
+print("OK")
+"""
+
+
+def test_local_manifest_reads_without_tensorflow(no_tf_env, tmp_path):
+    """Config validation reads class names from the shards' manifest before the input pipeline
+    starts: a local manifest is read without importing TensorFlow (seconds of start-up)."""
+    out = run([sys.executable, "-c", MANIFEST_READS, str(tmp_path)], no_tf_env)
+    assert out.strip().endswith("OK")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from clipjax.data import schema
-from clipjax.files import expand_globs, split_patterns
+from clipjax.files import expand_globs, read_text_if_exists, split_patterns
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,14 @@ def validate_shards(files: Sequence[str]) -> ShardInfo:
 def dataset_classnames(shards: str | Sequence[str]) -> list[str] | None:
     """Class names recorded by the shard writer (manifest.json next to the first shard), or None
     when the shards were not written with labels by make_shards (e.g. img2dataset output)."""
-    import tensorflow as tf
-
     manifest = os.path.join(os.path.dirname(list_shards(shards)[0]), schema.MANIFEST)
-    if not tf.io.gfile.exists(manifest):
+    text = read_text_if_exists(manifest)
+    if text is None:
         return None
-    with tf.io.gfile.GFile(manifest) as f:
-        try:
-            names = json.load(f).get("classnames")
-        except (ValueError, AttributeError) as e:
-            raise ValueError(f"{manifest}: not a JSON object ({e})") from None
+    try:
+        names = json.loads(text).get("classnames")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{manifest}: not a JSON object ({e})") from None
     return list(names) if names else None
 
 
@@ -155,23 +153,23 @@ def count_records(files: Sequence[str], manifest_only: bool = False) -> int | No
 def record_counts(files: Sequence[str], manifest_only: bool = False) -> list[int | None]:
     """Records of each file: from a writer's manifest.json next to it when it lists the file,
     otherwise by reading the file (no decoding) or, with `manifest_only`, None."""
-    import tensorflow as tf
-
     counts, manifests = [], {}
     for path in files:
         directory, name = os.path.split(path)
         if directory not in manifests:
             manifests[directory] = {}
             mpath = os.path.join(directory, schema.MANIFEST)
-            if tf.io.gfile.exists(mpath):
+            text = read_text_if_exists(mpath)
+            if text is not None:
                 try:
-                    with tf.io.gfile.GFile(mpath) as f:
-                        m = json.load(f)
+                    m = json.loads(text)
                     manifests[directory] = {s["file"]: s["count"] for s in m.get("shards", [])}
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, AttributeError):
                     log.warning("ignoring unparsable %s", mpath)
         count = manifests[directory].get(name)
         if count is None and not manifest_only:
+            import tensorflow as tf
+
             count = int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
         counts.append(count)
     return counts
