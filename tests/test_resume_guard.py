@@ -141,3 +141,27 @@ def test_model_changes_ignore_compute_fields(demo_data):
     )
     other = model_config(quick_config(demo_data, **{"model.overrides.text_layers": 2}))
     assert model_changes(meta, other) == [("text_layers", 1, 2)]
+
+
+def test_resume_with_another_state_layout_is_refused(workdir, demo_data):
+    """A change of the train config that changes the state's arrays (here a loss queue) stops
+    with the arrays and the changed fields named, before any state is read."""
+    before = run_files(workdir)
+    with pytest.raises(ConfigError) as e:
+        loop.train(quick_config(demo_data, **{"loss.queue_size": 32}), workdir)
+    message = str(e.value)
+    assert "step 2" in message and "loss_state/" in message
+    assert "absent (checkpoint) -> float32[32, " in message
+    assert "loss.queue_size: 0 -> 32" in message
+    assert run_files(workdir) == before
+
+
+def test_fresh_run_stopped_before_building_leaves_no_directories(demo_data, tmp_path, monkeypatch):
+    def broken(*args, **kw):
+        raise RuntimeError("no trainer")
+
+    monkeypatch.setattr(loop, "build_trainer", broken)
+    workdir = tmp_path / "new" / "w"
+    with pytest.raises(RuntimeError, match="no trainer"):
+        loop.train(quick_config(demo_data), str(workdir))
+    assert not workdir.exists() and (tmp_path / "new").is_dir()

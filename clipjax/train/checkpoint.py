@@ -55,6 +55,34 @@ def model_changes(meta: Mapping[str, Any], config: CLIPConfig) -> list[tuple[str
     ]
 
 
+def array_layout(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """'/'-joined path -> (shape, dtype name) of each array leaf of `tree` (arrays, abstract
+    arrays or orbax array metadata)."""
+    import numpy as np
+
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): (
+            tuple(x.shape),
+            np.dtype(x.dtype).name,
+        )
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def layout_changes(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """'path: checkpoint layout -> wanted layout' for each array that differs or exists on one
+    side only (layouts from `array_layout`)."""
+
+    def show(entry):
+        return "absent" if entry is None else f"{entry[1]}{list(entry[0])}"
+
+    return [
+        f"{k}: {show(saved.get(k))} (checkpoint) -> {show(wanted.get(k))} (now)"
+        for k in sorted(set(saved) | set(wanted))
+        if saved.get(k) != wanted.get(k)
+    ]
+
+
 def checkpoint_dir(workdir: str) -> epath.Path:
     """`<workdir>/checkpoints`; a local workdir is made absolute, as orbax requires."""
     if "://" not in workdir:
@@ -67,6 +95,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
         self.directory = checkpoint_dir(workdir)
+        # What this run creates (checkpoints/ and maybe the workdir), for `close_unused`.
+        self._created = [p for p in (self.directory.parent, self.directory) if not p.exists()]
         self.every_steps = int(every_steps)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep),
@@ -104,6 +134,10 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
+    def state_layout(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """`array_layout` of checkpoint `step`'s state, from its metadata (no arrays read)."""
+        return array_layout(_state_metadata(self.directory / str(step) / "state"))
+
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Restore step `step` onto the shardings/dtypes of `target` (an abstract or real state)."""
         abstract = jax.tree.map(
@@ -125,6 +159,14 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def close_unused(self) -> None:
+        """Close after a run that stopped before its first save: the directories this
+        Checkpointer created are removed again where they are still empty."""
+        self.close()
+        for path in reversed(self._created):
+            if path.exists() and not any(path.iterdir()):
+                path.rmdir()
+
 
 def read_state_arrays(workdir: str, step: int, item: str = "params") -> Any:
     """One entry of a checkpoint's state (default: the params) as host numpy arrays, whatever
@@ -132,16 +174,20 @@ def read_state_arrays(workdir: str, step: int, item: str = "params") -> Any:
     import numpy as np
 
     path = checkpoint_dir(workdir) / str(step) / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(path)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
+    tree = _state_metadata(path)
     if item not in tree:
         raise KeyError(f"{path}: no {item!r} in the checkpointed state (has {sorted(tree)})")
     target = {item: tree[item]}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    out = checkpointer.restore(
+    out = ocp.PyTreeCheckpointer().restore(
         path,
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
     return out[item]
+
+
+def _state_metadata(path: epath.Path) -> dict[str, Any]:
+    """The tree of orbax array metadata (shape, dtype, ...) of a checkpoint's `state` item."""
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    return getattr(tree, "tree", tree)

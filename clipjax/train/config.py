@@ -423,3 +423,30 @@ def model_config(config: ml_collections.ConfigDict):
     from clipjax.models import config_from_spec
 
     return config_from_spec(config.model.to_dict())
+
+
+def changed_fields(old_json: str | None, config: ml_collections.ConfigDict) -> list[str]:
+    """'key: old -> new' for each dotted key whose value differs between a config saved as JSON
+    (a workdir's config.json; None or unreadable: no changes known) and `config`."""
+    import json
+
+    try:
+        old = _flatten(json.loads(old_json)) if old_json else {}
+    except ValueError:
+        return []
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    missing = "<unset>"
+    return [
+        f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+        for k in sorted(set(old) | set(new))
+        if old and old.get(k, missing) != new.get(k, missing)
+    ]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out

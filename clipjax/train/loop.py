@@ -24,12 +24,12 @@ from typing import Any
 import jax
 import ml_collections
 
-from clipjax.files import write_text
+from clipjax.files import read_text_if_exists, write_text
 from clipjax.parallel.mesh import make_mesh
 from clipjax.train import compile_cache
 from clipjax.train import config as config_lib
 from clipjax.train.builder import Trainer, build_trainer
-from clipjax.train.checkpoint import Checkpointer, model_changes
+from clipjax.train.checkpoint import Checkpointer, array_layout, layout_changes, model_changes
 from clipjax.train.hooks import (
     ClusterWatch,
     DivergenceCheck,
@@ -82,11 +82,11 @@ def train(
     )
     try:
         check_same_model(config, ckpt)  # before compiling, and before the run files change
-    except config_lib.ConfigError:
-        ckpt.close()
+        trainer = setup(config, has_labels=pipeline.info.has_label)
+        run, clusters = start_run(config, workdir, trainer, ckpt, pipeline, hooks)
+    except BaseException:
+        ckpt.close_unused()
         raise
-    trainer = setup(config, has_labels=pipeline.info.has_label)
-    run, clusters = start_run(config, workdir, trainer, ckpt, pipeline, hooks)
     timeline.mark("init")
     end = None
     try:
@@ -188,6 +188,26 @@ def check_same_model(config: ml_collections.ConfigDict, ckpt: Checkpointer) -> N
         )
 
 
+def check_same_state_layout(
+    config: ml_collections.ConfigDict, ckpt: Checkpointer, step: int, like: Any, workdir: str
+) -> None:
+    """ConfigError naming the arrays (and the train config fields changed since config.json was
+    written) when `config` builds a state of another layout than checkpoint `step` holds, e.g.
+    another loss.queue_size, optimizer or lock: before anything is read or compiled."""
+    changes = layout_changes(ckpt.state_layout(step), array_layout(like.to_dict()))
+    if not changes:
+        return
+    shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+    old_config = read_text_if_exists(os.path.join(workdir, "config.json"))
+    fields = config_lib.changed_fields(old_config, config)
+    changed = f" Changed since the run that wrote it: {'; '.join(fields)}." if fields else ""
+    raise config_lib.ConfigError(
+        f"the checkpoint of step {step} in {ckpt.directory} holds a training state of another "
+        f"layout than this config builds.{changed} Arrays that differ ({len(changes)}): "
+        f"{shown}. Resume with the workdir's config.json or train in a new workdir"
+    )
+
+
 def restore_or_init(
     trainer: Trainer, ckpt: Checkpointer, workdir: str
 ) -> tuple[TrainState, dict | None]:
@@ -197,6 +217,7 @@ def restore_or_init(
         log.info("starting from scratch in %s", workdir)
         return fresh_state(trainer, workdir), None
     like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
+    check_same_state_layout(trainer.config, ckpt, latest, like, workdir)
     abstract = jax.tree.map(
         lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         trainer.state_shardings,
