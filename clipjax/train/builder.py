@@ -12,7 +12,7 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
 from clipjax.losses import Loss, make_loss
-from clipjax.models import CLIP, CLIPConfig, dummy_inputs
+from clipjax.models import CLIP, CLIPConfig, abstract_variables, dummy_inputs
 from clipjax.parallel.mesh import batch_sharding
 from clipjax.parallel.rules import Rules, make_rules
 from clipjax.train import config as config_lib
@@ -43,6 +43,7 @@ class Trainer:
     init: Callable[[jax.Array], TrainState]  # jitted, returns a state placed on the mesh
     train_step: Callable  # jitted (state, batch) -> (state, metrics); donates state
     state_shardings: TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs with their shardings
     batch_shardings: dict[str, NamedSharding]
     # Unjitted fn(trainable, frozen, model_state, batch, loss_state, info) -> (loss, metrics,
     # log_scale, model_state, grads): what the step differentiates (see make_grad_fn).
@@ -60,14 +61,13 @@ def build_trainer(
     mcfg = config_lib.model_config(config)
     model = CLIP(mcfg)
     rules = make_rules(dict(config.sharding_rules))
-    images, text = dummy_inputs(mcfg)
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, text)
+    boxed = abstract_variables(mcfg)
     optimizer = make_optimizer(config.optimizer, boxed["params"], config.num_steps)
     loss = make_loss(config.loss, mesh, has_labels=has_labels)
 
     compiler_options = dict(config.compiler_options) or None
-    init, state_sh = make_state_init(
-        model, optimizer, loss, mesh, rules, compiler_options=compiler_options
+    init, state_sh, abstract_state = make_state_init(
+        model, boxed, optimizer, loss, mesh, rules, compiler_options=compiler_options
     )
     keys = ("image", "text", "label") if has_labels else ("image", "text")
     batch_sh = {k: batch_sharding(mesh) for k in keys}
@@ -75,7 +75,7 @@ def build_trainer(
     embed = make_embed_fn(model, mesh, microbatches)
     cached = None
     if microbatches > 1:
-        cached = _cached_outputs(model, loss, init, embed, config.batch_size, batch_sh)
+        cached = _cached_outputs(model, loss, abstract_state, embed, config.batch_size, batch_sh)
         log.info(
             "gradient accumulation over %d microbatches caches %s", microbatches, sorted(cached)
         )
@@ -92,17 +92,18 @@ def build_trainer(
         init=init,
         train_step=jit_train_step(step, state_sh, batch_sh, rules, compiler_options),
         state_shardings=state_sh,
+        abstract_state=abstract_state,
         batch_shardings=batch_sh,
         grad_fn=grad_fn,
     )
 
 
 def _cached_outputs(
-    model: CLIP, loss: Loss, init: Callable, embed: Callable, batch_size: int, batch_sh: dict
+    model: CLIP, loss: Loss, state: TrainState, embed: Callable, batch_size: int, batch_sh: dict
 ) -> frozenset[str]:
-    """The model outputs the loss reads, found by tracing it on abstract values."""
+    """The model outputs the loss reads, found by tracing it on abstract values (`state`:
+    the abstract TrainState)."""
     mcfg = model.config
-    state = jax.eval_shape(init, jax.random.PRNGKey(0))
     images, text = dummy_inputs(mcfg, batch_size)
     batch = {"image": images, "text": text}
     if "label" in batch_sh:

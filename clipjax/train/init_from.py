@@ -402,7 +402,7 @@ def fresh_state(trainer: Any, workdir: str | None = None) -> Any:
     info.update(
         include=init.include, exclude=init.exclude, logit_scale=init.logit_scale, notes=notes
     )
-    abstract = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
+    abstract = trainer.abstract_state
     frozen = frozenset(
         name
         for name, (path, _) in looped_names(abstract.params).items()

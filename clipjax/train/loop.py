@@ -157,9 +157,9 @@ def setup(config: ml_collections.ConfigDict, has_labels: bool = False) -> Traine
     if log.isEnabledFor(logging.DEBUG):
         from clipjax.parallel.rules import describe
 
-        like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
         log.debug(
-            "param layout:\n%s", "\n".join(describe(trainer.state_shardings.params, like.params))
+            "param layout:\n%s",
+            "\n".join(describe(trainer.state_shardings.params, trainer.abstract_state.params)),
         )
     return trainer
 
@@ -189,12 +189,12 @@ def check_same_model(config: ml_collections.ConfigDict, ckpt: Checkpointer) -> N
 
 
 def check_same_state_layout(
-    config: ml_collections.ConfigDict, ckpt: Checkpointer, step: int, like: Any, workdir: str
+    config: ml_collections.ConfigDict, ckpt: Checkpointer, step: int, state: Any, workdir: str
 ) -> None:
     """ConfigError naming the arrays (and the train config fields changed since config.json was
     written) when `config` builds a state of another layout than checkpoint `step` holds, e.g.
     another loss.queue_size, optimizer or lock: before anything is read or compiled."""
-    changes = layout_changes(ckpt.state_layout(step), array_layout(like.to_dict()))
+    changes = layout_changes(ckpt.state_layout(step), array_layout(state.to_dict()))
     if not changes:
         return
     shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
@@ -216,14 +216,8 @@ def restore_or_init(
     if latest is None:  # config.init applies to a fresh run only: a checkpoint wins
         log.info("starting from scratch in %s", workdir)
         return fresh_state(trainer, workdir), None
-    like = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
-    check_same_state_layout(trainer.config, ckpt, latest, like, workdir)
-    abstract = jax.tree.map(
-        lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        trainer.state_shardings,
-        like,
-    )
-    state, meta = ckpt.restore(latest, abstract)
+    check_same_state_layout(trainer.config, ckpt, latest, trainer.abstract_state, workdir)
+    state, meta = ckpt.restore(latest, trainer.abstract_state)
     log.info("resumed from the checkpoint of step %d in %s", latest, workdir)
     return state, meta.get("data")
 

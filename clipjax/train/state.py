@@ -62,16 +62,19 @@ class TrainState:
 
 def make_state_init(
     model: Any,
+    boxed: Any,
     optimizer: Any,
     loss: Any,
     mesh: Any,
     rules: Any,
     compiler_options: dict | None = None,
-) -> tuple[Any, Any]:
-    """(jitted init(rng) -> TrainState placed on the mesh, the state's NamedShardings).
+) -> tuple[Any, Any, Any]:
+    """(jitted init(rng) -> TrainState placed on the mesh, the state's NamedShardings, the state
+    as ShapeDtypeStructs with those shardings).
 
-    Params follow the logical-axis rules; optimizer moments follow their parameter; the loss
-    state is laid out by the loss (`Loss.state_shardings`); scalars are replicated.
+    `boxed`: `jax.eval_shape(model.init, ...)` (the variables with their logical axes). Params
+    follow the logical-axis rules; optimizer moments follow their parameter; the loss state is
+    laid out by the loss (`Loss.state_shardings`); scalars are replicated.
     """
     import flax.linen as nn
 
@@ -80,9 +83,8 @@ def make_state_init(
     cfg = model.config
     images, text = dummy_inputs(cfg)
 
-    def init(rng: jax.Array) -> TrainState:
-        init_rng, state_rng = jax.random.split(rng)
-        variables = dict(nn.meta.unbox(model.init(init_rng, images, text)))
+    def state_from(variables: dict, state_rng: jax.Array) -> TrainState:
+        variables = dict(variables)
         params = variables.pop("params")
         trainable, _ = optimizer.split(params)
         return TrainState.create(
@@ -93,10 +95,18 @@ def make_state_init(
             loss_state=loss.init_state(params, cfg.embed_dim),
         )
 
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, text)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    def init(rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        return state_from(nn.meta.unbox(model.init(init_rng, images, text)), state_rng)
+
+    # The layout without tracing the model again (tracing it is most of a start-up's init).
+    abstract = jax.eval_shape(state_from, nn.meta.unbox(boxed), jax.random.PRNGKey(0))
     shardings = _state_shardings(boxed, abstract, optimizer, loss, mesh, rules)
-    return jax.jit(init, out_shardings=shardings, compiler_options=compiler_options), shardings
+    abstract = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
+    )
+    jitted = jax.jit(init, out_shardings=shardings, compiler_options=compiler_options)
+    return jitted, shardings, abstract
 
 
 def _state_shardings(
