@@ -387,6 +387,18 @@ def test_tfds_source(tmp_path):
         sources.tfds_source("tiny_shapes", "train", str(tmp_path / "tfds"), text_field="text")
 
 
+def test_tfds_source_reads_split_slices(tmp_path):
+    TinyShapes(data_dir=str(tmp_path / "tfds")).download_and_prepare()
+    data_dir = str(tmp_path / "tfds")
+    src = sources.tfds_source("tiny_shapes", "train[1:3]", data_dir, text_field="caption")
+    assert len(list(src)) == 2
+    src = sources.tfds_source("tiny_shapes", "train[:40%]+train[4:]", data_dir, label_field="label")
+    assert len(list(src)) == 3
+    for bad in ("test", "train[abc]"):
+        with pytest.raises(ValueError, match=r"no split .*it has \['train'\].*train\[:10%\]"):
+            sources.tfds_source("tiny_shapes", bad, data_dir, label_field="label")
+
+
 # ------------------------------------------------------------------ bad input: clear errors, skips
 def test_caption_rows_that_are_not_text_are_skipped_and_counted(tmp_path, capsys):
     """null / list / number captions were stored as the text 'None' / "['x', 'y']" / '3'."""

@@ -406,8 +406,13 @@ def _tfds_builder(name, split, data_dir, image_field, text_field, label_field):
             f"tfds {name}: feature {image_field!r} is "
             f"{type(features[image_field]).__name__}, expected an Image"
         )
-    if split not in builder.info.splits:
-        raise ValueError(f"tfds {name}: no split {split!r}; it has {sorted(builder.info.splits)}")
+    try:  # a split name or a slice of splits ('train[:10%]', 'train[:1000]+test')
+        builder.info.splits[split]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"tfds {name}: no split {split!r}; it has {sorted(builder.info.splits)} "
+            "(slices such as 'train[:10%]' or 'train[100:200]' also work)"
+        ) from None
     return builder
 
 
