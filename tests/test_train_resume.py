@@ -156,7 +156,7 @@ def test_two_processes_match_one_process(tmp_path, env, demo_data):
         "--config.data.crop_scale=(1.0, 1.0)",
         "--config.checkpoint.every_steps=0",
     ]
-    # Few steps: on CPU, gloo makes the token-embedding gradient's all-reduce slow (seconds).
+    # Few steps: every gloo collective costs milliseconds (benchmarks/multiprocess.py).
     steps = 3
     one = tmp_path / "one"
     r = run(

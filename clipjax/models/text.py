@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from clipjax.axes import EMBED, POS, PROJ, VOCAB
+from clipjax.models.embed_lookup import embedding_lookup
 from clipjax.models.layers import LayerNorm, Transformer, logical
 
 
@@ -60,7 +61,7 @@ class TextTransformer(nn.Module):
             logical(nn.initializers.normal(0.01), (POS, EMBED)),
             (self.context_length, self.width),
         )
-        x = jnp.take(tok, text, axis=0).astype(self.dtype) + pos[:seq].astype(self.dtype)
+        x = embedding_lookup(tok, text).astype(self.dtype) + pos[:seq].astype(self.dtype)
         x = Transformer(
             width=self.width,
             layers=self.layers,

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clipjax.losses import Loss
+from clipjax.models.embed_lookup import lookup_mesh
 from clipjax.models.patch_dropout import PATCH_DROPOUT_RNG
 from clipjax.parallel.mesh import BATCH_AXES, batch_axis_size
 from clipjax.train.optimizer import Optimizer
@@ -368,6 +369,15 @@ def _vjp_with_aux(f, primal):
     return (loss, aux), vjp
 
 
+def _mesh_of(shardings: Any) -> Mesh:
+    """The mesh of the (NamedSharding) leaves of `shardings`."""
+    leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    meshes = {s.mesh for s in leaves if isinstance(s, NamedSharding)}
+    if len(meshes) != 1:
+        raise ValueError(f"batch shardings: expected NamedShardings on one mesh, got {leaves}")
+    return meshes.pop()
+
+
 def jit_train_step(
     train_step: Callable,
     state_shardings: Any,
@@ -377,9 +387,11 @@ def jit_train_step(
 ) -> Callable:
     """jit with explicit in/out shardings; the donated state is updated in place."""
 
+    mesh = _mesh_of(batch_shardings)
+
     @functools.wraps(train_step)
     def traced(state, batch):
-        with nn.logical_axis_rules(rules):
+        with nn.logical_axis_rules(rules), lookup_mesh(mesh):
             return train_step(state, batch)
 
     return jax.jit(
