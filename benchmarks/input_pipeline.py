@@ -1,6 +1,7 @@
-"""Input pipeline throughput: clipjax's tf.data TrainPipeline vs a PIL loop, same shards, same run.
+"""Input pipeline throughput: clipjax's tf.data TrainPipeline vs a PIL loop or open_clip's loader.
 
     python benchmarks/input_pipeline.py [--quick] [--images N] [--batch B]
+    python benchmarks/input_pipeline.py --compare open_clip [--quick] [--batch B] [--repeats R]
 
 Writes synthetic photo-like JPEGs (384x288, ~q90) into TFRecord shards with the project's writer,
 then measures images/s of the full training path at 224px (read, parse, shuffle, decode, random
@@ -13,6 +14,17 @@ For scale it also estimates the most images/s a ViT-B/16 CLIP train step could c
 CPU: measured f32 matmul GFLOP/s divided by the model's training FLOPs per image (an upper bound,
 as real steps run below peak matmul speed).
 `--quick` (< 1 min) ends with one JSON line.
+
+`--compare open_clip` instead measures images/s per CPU core against open_clip's own loader on the
+same JPEG files: photo-like q90 JPEGs at 400x300 and 1024x768, written once into TFRecord shards
+(the project's writer keeps the bytes) and as an image folder plus the tab-separated CSV that
+open_clip's `CsvDataset` reads. open_clip: its ViT-B-32 train transform
+(`open_clip.image_transform(224, is_train=True)`: RandomResizedCrop scale (0.9, 1), bicubic,
+antialiased, CLIP normalisation) and tokenizer in its CsvDataset (PIL open, transform, tokenize)
+under a torch DataLoader with 0 workers (1 core) and 2 workers (2 cores; torch runs each worker
+with one thread). clipjax: TrainPipeline at 224 with a private thread pool of 1 and 2 threads on
+1 and 2 cores. Rounds alternate between the loaders; each figure is the best of `--repeats`.
+One table per image size, then one JSON line.
 """
 
 import argparse
@@ -46,6 +58,21 @@ def pin(cores: int) -> None:
             os.sched_setaffinity(int(tid), chosen)
         except OSError:  # a thread that just exited
             pass
+
+
+def photo_jpeg(rng, width: int, height: int, quality: int = 90) -> bytes:
+    """A photo-like JPEG: a smooth colour field, mid-scale texture and mild sensor noise (about 2
+    bits per pixel at q90, like camera photos)."""
+    from PIL import Image
+
+    low = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), np.float32)
+    mid = rng.normal(128, 40, (height // 16 + 1, width // 16 + 1, 3)).clip(0, 255)
+    mid = Image.fromarray(mid.astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    img += 0.7 * (np.asarray(mid, np.float32) - 128) + rng.normal(0, 6, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def synthetic_images(n: int, unique: int, seed: int = 0):
@@ -85,7 +112,35 @@ def write_shards(out_dir: str, n: int, unique: int) -> str:
     return os.path.join(out_dir, "*.tfrecord")
 
 
+def cpu_seconds(pids=()) -> float:
+    """CPU time (user + system) of this process's threads and of the processes `pids`."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def timed(step, steps: int, batch: int, pids=()) -> tuple[float, float]:
+    """(images/s, images per CPU-second) over `steps` calls of `step`, each one batch. CPU time
+    counts what the loader used whatever else runs on its cores: on a shared machine it is the
+    steadier per-core figure."""
+    start, cpu = time.perf_counter(), cpu_seconds(pids)
+    for _ in range(steps):
+        step()
+    wall, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu
+    return steps * batch / wall, steps * batch / cpu
+
+
 def time_pipeline(pattern: str, cores: int, batch: int, steps: int) -> float:
+    """The pipeline's images/s on `cores` cores."""
+    return time_pipeline_cpu(pattern, cores, batch, steps)[0]
+
+
+def time_pipeline_cpu(pattern: str, cores: int, batch: int, steps: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of TrainPipeline with `cores` threads on `cores` cores."""
     from clipjax.data.train_pipeline import TrainPipeline
 
     pin(cores)
@@ -102,10 +157,7 @@ def time_pipeline(pattern: str, cores: int, batch: int, steps: int) -> float:
     it = iter(pipe)
     for _ in range(2):  # warm-up: graph building, tokenizer load, autotuning
         next(it)
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(it)
-    return steps * batch / (time.perf_counter() - start)
+    return timed(it.__next__, steps, batch)
 
 
 # -- the PIL baseline ------------------------------------------------------------------------------
@@ -176,6 +228,206 @@ def time_pil(records, cores: int, batch: int, steps: int) -> float:
         return steps * batch / (time.perf_counter() - start)
 
 
+# -- open_clip's loader on the same files ---------------------------------------------------------
+
+COMPARE_SIZES = ((400, 300), (1024, 768))
+
+
+def write_same_files(out_dir: str, width: int, height: int, n: int, unique: int) -> tuple:
+    """`unique` distinct photo-like JPEGs, `n` rows with random captions, as (TFRecord shard
+    pattern written by the project's writer, open_clip CSV listing image files with the same
+    bytes)."""
+    from clipjax.data.writer import SourceItem
+    from clipjax.data.writer import write_shards as write
+
+    rng = np.random.default_rng(width)
+    os.makedirs(os.path.join(out_dir, "img"))
+    paths = []
+    for i in range(unique):
+        paths.append(os.path.join(out_dir, "img", f"{i:05d}.jpg"))
+        with open(paths[-1], "wb") as f:
+            f.write(photo_jpeg(rng, width, height))
+    captions = [" ".join(rng.choice(WORDS, size=int(rng.integers(6, 16)))) for _ in range(n)]
+    csv = os.path.join(out_dir, "train.csv")
+    with open(csv, "w") as f:
+        f.write("filepath\ttitle\n")
+        f.writelines(f"{paths[i % unique]}\t{c}\n" for i, c in enumerate(captions))
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    items = (
+        SourceItem(
+            key=f"{i:06d}", origin=str(i), caption=c, read=lambda p=paths[i % unique]: read(p)
+        )
+        for i, c in enumerate(captions)
+    )
+    shards = os.path.join(out_dir, "shards")
+    write(
+        items,
+        shards,
+        source={"kind": "benchmark", "n": n},
+        shard_size=max(1, n // 4),
+        progress=False,
+    )
+    return os.path.join(shards, "*.tfrecord"), csv
+
+
+def open_clip_csv_dataset():
+    """open_clip_train's CsvDataset, or (where open_clip_train cannot be imported: it needs
+    webdataset) a copy of it: PIL open -> the train transform -> tokenizer, one row at a time."""
+    try:
+        from open_clip_train.data import CsvDataset
+
+        return CsvDataset, "open_clip_train.data.CsvDataset"
+    except ImportError:
+        return _CsvDataset, "copy of open_clip_train.data.CsvDataset (webdataset not installed)"
+
+
+class _CsvDataset:
+    """open_clip_train.data.CsvDataset (3.x) as written there, but the CSV read with the csv
+    module (pandas is not installed) and imports moved inside (a map-style dataset: a torch
+    Dataset subclass only adds `__add__`)."""
+
+    def __init__(self, input_filename, transforms, img_key, caption_key, sep="\t", tokenizer=None):
+        import csv
+
+        with open(input_filename, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter=sep))
+        self.images = [r[img_key] for r in rows]
+        self.captions = [r[caption_key] for r in rows]
+        self.transforms = transforms
+        self.tokenize = tokenizer
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, idx):
+        from PIL import Image
+
+        images = self.transforms(Image.open(str(self.images[idx])))
+        texts = self.tokenize([str(self.captions[idx])])[0]
+        return images, texts
+
+
+def time_open_clip(csv: str, workers: int, batch: int, steps: int) -> tuple[float, float]:
+    """open_clip_train's get_csv_dataset loader (shuffle, drop_last) with `workers` workers on
+    max(1, workers) cores: (images/s, images per CPU-second) over `steps` batches after 2."""
+    import open_clip
+    import torch
+    from torch.utils.data import DataLoader
+
+    pin(max(1, workers))
+    torch.set_num_threads(1)
+    dataset_cls, _ = open_clip_csv_dataset()
+    dataset = dataset_cls(
+        csv,
+        open_clip.image_transform(SIZE, is_train=True),
+        img_key="filepath",
+        caption_key="title",
+        sep="\t",
+        tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+    )
+    if len(dataset) < (steps + 2) * batch:
+        raise ValueError(f"{len(dataset)} rows, need {(steps + 2) * batch} for one pass")
+    loader = DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+    )
+    it = iter(loader)
+    for _ in range(2):  # warm-up: worker start, tokenizer load (2 workers deliver in pairs)
+        images, _ = next(it)
+    assert images.shape == (batch, 3, SIZE, SIZE)
+    pids = [w.pid for w in getattr(it, "_workers", [])]
+    rates = timed(it.__next__, steps, batch, pids)
+    del it
+    return rates
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def compare_open_clip(args) -> None:
+    import open_clip
+
+    steps = 2 if args.quick else args.steps
+    batch = args.batch
+    n = args.images or (steps + 2) * batch
+    unique = min(n, 64 if args.quick else 256)
+    _, dataset_name = open_clip_csv_dataset()
+    print(f"open_clip {open_clip.__version__}; dataset: {dataset_name}")
+    configs = (  # (name, loader, cores, workers or threads)
+        ("open_clip 0 workers", "open_clip", 1, 0),
+        ("clipjax tf.data 1 thread", "clipjax", 1, 1),
+        ("open_clip 2 workers", "open_clip", 2, 2),
+        ("clipjax tf.data 2 threads", "clipjax", 2, 2),
+    )
+    usable = len(os.sched_getaffinity(0))
+    configs = tuple(c for c in configs if c[2] <= usable)
+    summary = {
+        "benchmark": "input_pipeline_vs_open_clip",
+        "image_size": SIZE,
+        "batch": batch,
+        "steps": steps,
+        "repeats": args.repeats,
+        "open_clip": open_clip.__version__,
+    }
+    loads = [load_average()]
+    for width, height in COMPARE_SIZES:
+        best: dict[str, float] = {}
+        best_cpu: dict[str, float] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            pattern, csv = write_same_files(tmp, width, height, n, unique)
+            jpg_kb = os.path.getsize(os.path.join(tmp, "img", "00000.jpg")) / 1024
+            for _ in range(args.repeats):
+                for name, loader, cores, k in configs:
+                    if loader == "open_clip":
+                        rate, cpu_rate = time_open_clip(csv, k, batch, steps)
+                    else:
+                        rate, cpu_rate = time_pipeline_cpu(pattern, cores, batch, steps)
+                    best[name] = max(best.get(name, 0.0), rate)
+                    best_cpu[name] = max(best_cpu.get(name, 0.0), cpu_rate)
+                loads.append(load_average())
+        print(
+            f"\n{width}x{height} q90 JPEGs (~{jpg_kb:.0f} KB, {unique} distinct, {n} rows) -> "
+            f"{SIZE}px, batch {batch}, best of {args.repeats}:"
+        )
+        per_core = {name: best[name] / cores for name, _, cores, _ in configs}
+        print("| loader | cores | images/s | images/s per core | images per CPU-second |")
+        print("|---|---:|---:|---:|---:|")
+        for name, _, cores, _ in configs:
+            print(
+                f"| {name} | {cores} | {best[name]:.0f} | {per_core[name]:.0f} | "
+                f"{best_cpu[name]:.0f} |"
+            )
+        key = f"{width}x{height}"
+        row = {}
+        for name in best:
+            row[name.replace(" ", "_")] = round(best[name], 1)
+            row[name.replace(" ", "_") + "_per_cpu_s"] = round(best_cpu[name], 1)
+        ratios = []
+        for label, figures in (("per core", per_core), ("per CPU-second", best_cpu)):
+            oc = max(v for k, v in figures.items() if k.startswith("open_clip"))
+            ours = max(v for k, v in figures.items() if k.startswith("clipjax"))
+            tag = label.replace(" ", "_").replace("-", "_")
+            row[f"ratio_{tag}_best"] = round(ours / oc, 2)
+            text = []
+            for c in (1, 2):
+                o = [k for k, _, n, _ in configs if k.startswith("open_clip") and n == c]
+                u = [k for k, _, n, _ in configs if k.startswith("clipjax") and n == c]
+                if o and u:
+                    row[f"ratio_{tag}_{c}core"] = round(figures[u[0]] / figures[o[0]], 2)
+                    text.append(f"{c} core(s) {row[f'ratio_{tag}_{c}core']:.2f}x")
+            text.append(f"best vs best {row[f'ratio_{tag}_best']:.2f}x")
+            ratios.append(f"{label}: " + ", ".join(text))
+        print("clipjax / open_clip " + "; ".join(ratios))
+        summary[key] = row
+    summary["load_average_1_5_15"] = loads
+    print(f"load averages (1/5/15 min) before and after each round: {loads}")
+    print(json.dumps(summary))
+
+
 # -- what a ViT-B/16 CLIP train step consumes ------------------------------------------------------
 
 
@@ -210,12 +462,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--images", type=int, default=None)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=None, help="32; --compare open_clip: 128")
     p.add_argument("--repeats", type=int, default=None, help="best of this many (2; quick: 2)")
+    p.add_argument(
+        "--compare", choices=("pil", "open_clip"), default="pil", help="the baseline loader"
+    )
+    p.add_argument("--steps", type=int, default=6, help="timed batches (--compare open_clip)")
     args = p.parse_args()
-    args.repeats = args.repeats or 2
-    n = args.images or (128 if args.quick else 512)
-    steps = 4 if args.quick else 16
     cores = len(os.sched_getaffinity(0))
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, {cores} usable cores "
@@ -223,6 +476,15 @@ def main() -> None:
     )
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date: {datetime.date.today()}")
+    if args.compare == "open_clip":
+        args.repeats = args.repeats or 3
+        args.batch = args.batch or 128
+        compare_open_clip(args)
+        return
+    args.repeats = args.repeats or 2
+    args.batch = args.batch or 32
+    n = args.images or (128 if args.quick else 512)
+    steps = 4 if args.quick else 16
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -257,3 +257,100 @@ def test_bad_inputs_raise_clear_errors():
         )
     with pytest.raises(TypeError, match="PIL"):
         image_lib.preprocess(np.zeros((8, 8, 3), np.uint8), 4)
+
+
+# -- decode_train_transform: decoding only the crop (and at DCT scale) ----------------------------
+
+
+def _photo_jpeg(height, width, seed, mode="RGB", **save):
+    """A smooth photo-like JPEG (a blurred colour field) in `mode`."""
+    rng = np.random.default_rng(seed)
+    low = rng.uniform(0, 255, (5, 6, 3)).astype(np.uint8)
+    pil = Image.fromarray(low).resize((width, height), Image.BICUBIC).convert(mode)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="JPEG", quality=90, **save)
+    return buffer.getvalue()
+
+
+def _full_decode(data, size, seed, crop_scale=(0.9, 1.0)):
+    return T.train_transform(T.decode_image(tf.constant(data)), size, seed, crop_scale)
+
+
+@pytest.mark.parametrize(
+    "mode,save", [("RGB", {}), ("L", {}), ("CMYK", {}), ("RGB", {"progressive": True})]
+)
+def test_jpeg_crop_decode_equals_full_decode_below_twice_the_output(mode, save):
+    """A crop short side < 2 x size (no DCT scaling): exactly the full decode's pixels."""
+    data = _photo_jpeg(61, 83, seed=3, mode=mode, **save)
+    for i in range(4):
+        seed = tf.constant([i, 7], tf.int32)
+        got = T.decode_train_transform(tf.constant(data), 40, seed, crop_scale=(0.5, 1.0))
+        assert got.shape.as_list() == [40, 40, 3] and got.dtype == tf.float32
+        np.testing.assert_array_equal(got.numpy(), _full_decode(data, 40, seed, (0.5, 1.0)))
+
+
+@pytest.mark.parametrize("shape,size", [((150, 200), 32), ((300, 260), 32), ((200, 250), 90)])
+def test_jpeg_dct_scaled_decode_is_the_block_mean_of_its_window(shape, size):
+    """A crop >= 2r x the output decodes at 1/r scale (r = 2, 4, 8): the box's edges rounded to
+    whole r-pixel blocks, libjpeg's scaled IDCT in place of the r x r mean of the full decode
+    (within about a grey level), the rest as `train_transform`."""
+    for i in range(3):
+        data = _photo_jpeg(*shape, seed=i)
+        image = T.decode_image(tf.constant(data))
+        seed = tf.constant([i, 5], tf.int32)
+        got = T.decode_train_transform(tf.constant(data), size, seed).numpy()
+        begin, box = T.random_resized_crop_box(tf.shape(image), seed)
+        begin, box = begin.numpy()[:2], box.numpy()[:2]
+        r = max(x for x in (1, 2, 4, 8) if x <= min(box) // size)
+        assert r > 1
+        first, last = (2 * begin + r) // (2 * r), (2 * (begin + box) + r) // (2 * r)
+        last = np.minimum(last, np.array(shape) // r)  # whole blocks only
+        window = tf.cast(image[first[0] * r : last[0] * r, first[1] * r : last[1] * r], tf.float32)
+        block_mean = tf.cast(tf.round(T.area_shrink(window, r)), tf.uint8)
+        expected = T._shrink_resize_normalize(block_mean, size).numpy()
+        levels = np.abs(to_levels(got) - to_levels(expected))
+        assert levels.mean() < 1.0 and levels.max() < 8.0, (levels.mean(), levels.max())
+        # Against the full decode's transform: the moved edges (<= r / 2 pixels, up to half an
+        # output pixel at these tiny sizes) dominate; at 224 from photos it is ~0.5 levels.
+        full = _full_decode(data, size, seed).numpy()
+        assert not np.array_equal(got, full)
+        assert np.abs(to_levels(got) - to_levels(full)).mean() < 8.0
+
+
+def test_non_jpeg_and_unfinished_jpeg_bytes_take_the_full_decode():
+    """PNG (by the decode_image rule, alpha composited) and a JPEG with bytes after its end
+    marker give exactly the full decode's transform, also where a JPEG would be DCT-scaled."""
+    rgba = np.dstack([smooth_image(np.random.default_rng(8), 120, 140), np.full((120, 140), 90)])
+    png = encode(Image.fromarray(rgba.astype(np.uint8), "RGBA"), "PNG")
+    trailing = _photo_jpeg(150, 200, seed=1) + b"trailing bytes"
+    for data in (png, trailing):
+        seed = tf.constant([3, 4], tf.int32)
+        got = T.decode_train_transform(tf.constant(data), 32, seed)
+        np.testing.assert_array_equal(got.numpy(), _full_decode(data, 32, seed).numpy())
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_or_corrupt_jpeg_raises_even_if_the_crop_is_whole(cut):
+    """A JPEG cut short raises (pipelines skip and count it) though the part the crop needs may
+    be intact: a partial decode cannot tell, so such bytes take the full decode."""
+    data = _photo_jpeg(300, 400, seed=2)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        T.decode_train_transform(tf.constant(data[: int(len(data) * cut)]), 32, tf.constant([0, 1]))
+    for bad in (b"\xff\xd8\xff not a jpeg \xff\xd9", b"", b"\xff"):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            T.decode_train_transform(tf.constant(bad), 32, tf.constant([0, 1]))
+
+
+def test_decode_train_transform_in_tf_data_and_bad_arguments():
+    data = [_photo_jpeg(150, 200, seed=0), _photo_jpeg(40, 50, seed=1, mode="L")]
+    ds = tf.data.Dataset.from_tensor_slices(data).map(
+        lambda d: T.decode_train_transform(d, 24, tf.constant([1, 2], tf.int32))
+    )
+    assert ds.element_spec.shape.as_list() == [24, 24, 3]
+    assert all(np.isfinite(x).all() and x.std() > 0.01 for x in ds.as_numpy_iterator())
+    with pytest.raises(ValueError, match="seed must be"):
+        T.decode_train_transform(tf.constant(data[0]), 24, tf.constant([1.0, 2.0]))
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        T.decode_train_transform(tf.constant(data[0]), 0, tf.constant([1, 2]))
+    with pytest.raises(ValueError, match="scale"):
+        T.decode_train_transform(tf.constant(data[0]), 8, tf.constant([1, 2]), crop_scale=(2, 3))

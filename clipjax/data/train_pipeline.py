@@ -393,7 +393,7 @@ class TrainPipeline:
         """Tagged records -> decoded, augmented batches (unusable records dropped)."""
         import tensorflow as tf
 
-        from clipjax.data.transforms import decode_image, train_transform
+        from clipjax.data.transforms import decode_train_transform
 
         info = self.info
         size, crop_scale = self.image_size, self.crop_scale
@@ -408,9 +408,7 @@ class TrainPipeline:
             seed = tf.random.stateless_uniform(
                 [2], seed=tf.stack([aug_key, pos]), dtype=tf.int32, minval=None, maxval=None
             )
-            image = train_transform(
-                decode_image(ex[schema.IMAGE]), size, seed, crop_scale=crop_scale
-            )
+            image = decode_train_transform(ex[schema.IMAGE], size, seed, crop_scale=crop_scale)
             out = {
                 "image": image,
                 schema.TEXT: ex[schema.TEXT],
