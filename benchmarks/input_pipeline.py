@@ -459,6 +459,9 @@ def matmul_gflops(cores: int) -> float:
 
 
 def main() -> None:
+    from clipjax.data import use_pooled_tf_allocator
+
+    use_pooled_tf_allocator()  # as the training CLI does
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--images", type=int, default=None)

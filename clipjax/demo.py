@@ -143,6 +143,9 @@ def _report(result, workdir: str, model_dir: str, t0: float, train_s: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from clipjax.data import use_pooled_tf_allocator
+
+    use_pooled_tf_allocator()
     parser = argparse.ArgumentParser(
         prog="python -m clipjax.demo", description=__doc__.split("\n\n")[0]
     )

@@ -104,3 +104,22 @@ def test_local_manifest_reads_without_tensorflow(no_tf_env, tmp_path):
     starts: a local manifest is read without importing TensorFlow (seconds of start-up)."""
     out = run([sys.executable, "-c", MANIFEST_READS, str(tmp_path)], no_tf_env)
     assert out.strip().endswith("OK")
+
+
+ALLOCATOR = """
+import os
+os.environ.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+import clipjax.data
+assert "TF_CPU_ALLOCATOR_USE_BFC" not in os.environ  # importing the package changes nothing
+clipjax.data.use_pooled_tf_allocator()
+assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "true"
+os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "false"
+clipjax.data.use_pooled_tf_allocator()
+assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "false"  # the caller's own setting is kept
+print("OK")
+"""
+
+
+def test_pooled_allocator_is_set_by_programs_not_by_import(no_tf_env):
+    out = run([sys.executable, "-c", ALLOCATOR], no_tf_env)
+    assert out.strip().endswith("OK")

@@ -15,7 +15,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from clipjax.cli import VERBOSE_HELP, quiet_libraries
+from clipjax.data import use_pooled_tf_allocator
 from clipjax.train.timeline import Timeline, process_start_time
+
+use_pooled_tf_allocator()  # before anything imports TensorFlow
 
 if TYPE_CHECKING:
     from clipjax.train.hooks import Hook
