@@ -174,14 +174,8 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
     return normalize(crop)
 
 
-def random_resized_crop_box(
-    image_shape: tf.Tensor,
-    seed: tf.Tensor,
-    crop_scale: tuple[float, float] = (0.9, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple:
-    """A crop window (begin [3], size [3] for tf.slice) covering `crop_scale` of the image area with
-    width/height in `ratio`; up to 10 tries, else the whole image. Deterministic given `seed`."""
+def _check_crop_args(seed, crop_scale, ratio) -> tf.Tensor:
+    """The seed as a tensor, after checking it and the crop ranges (ValueError naming them)."""
     seed = tf.convert_to_tensor(seed)
     if seed.dtype not in (tf.int32, tf.int64) or seed.shape.as_list() != [2]:
         raise ValueError(
@@ -193,6 +187,18 @@ def random_resized_crop_box(
             f"ratio[1], got "
             f"crop_scale={crop_scale}, ratio={ratio}"
         )
+    return seed
+
+
+def random_resized_crop_box(
+    image_shape: tf.Tensor,
+    seed: tf.Tensor,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple:
+    """A crop window (begin [3], size [3] for tf.slice) covering `crop_scale` of the image area with
+    width/height in `ratio`; up to 10 tries, else the whole image. Deterministic given `seed`."""
+    seed = _check_crop_args(seed, crop_scale, ratio)
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         image_shape,
         bounding_boxes=tf.zeros([1, 0, 4]),
@@ -250,7 +256,7 @@ def decode_train_transform(
     """
     encoded = tf.convert_to_tensor(encoded, tf.string)
     size = check_size(size)
-    random_resized_crop_box(tf.constant([2, 2, 3]), seed, crop_scale, ratio)  # check arguments
+    _check_crop_args(seed, crop_scale, ratio)  # before tracing either branch
     tail = tf.strings.substr(tf.strings.join(["\0\0", encoded]), -2, 2)
     whole_jpeg = tf.io.is_jpeg(encoded) & tf.equal(tail, _JPEG_END)
     out = tf.cond(

@@ -90,7 +90,7 @@ def build_trainer(
         optimizer=optimizer,
         loss=loss,
         init=init,
-        train_step=jit_train_step(step, state_sh, batch_sh, rules, compiler_options),
+        train_step=jit_train_step(step, mesh, state_sh, batch_sh, rules, compiler_options),
         state_shardings=state_sh,
         abstract_state=abstract_state,
         batch_shardings=batch_sh,

@@ -430,23 +430,16 @@ def changed_fields(old_json: str | None, config: ml_collections.ConfigDict) -> l
     (a workdir's config.json; None or unreadable: no changes known) and `config`."""
     import json
 
+    from flax.traverse_util import flatten_dict
+
     try:
-        old = _flatten(json.loads(old_json)) if old_json else {}
-    except ValueError:
+        old = flatten_dict(json.loads(old_json), sep=".") if old_json else {}
+    except (ValueError, AttributeError):  # not JSON, or not a JSON object
         return []
-    new = _flatten(json.loads(config.to_json_best_effort()))
+    new = flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
     missing = "<unset>"
     return [
         f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
         for k in sorted(set(old) | set(new))
         if old and old.get(k, missing) != new.get(k, missing)
     ]
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict) or not tree:
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out

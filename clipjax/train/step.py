@@ -369,25 +369,15 @@ def _vjp_with_aux(f, primal):
     return (loss, aux), vjp
 
 
-def _mesh_of(shardings: Any) -> Mesh:
-    """The mesh of the (NamedSharding) leaves of `shardings`."""
-    leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    meshes = {s.mesh for s in leaves if isinstance(s, NamedSharding)}
-    if len(meshes) != 1:
-        raise ValueError(f"batch shardings: expected NamedShardings on one mesh, got {leaves}")
-    return meshes.pop()
-
-
 def jit_train_step(
     train_step: Callable,
+    mesh: Mesh,
     state_shardings: Any,
     batch_shardings: Any,
     rules: Any,
     compiler_options: dict | None = None,
 ) -> Callable:
-    """jit with explicit in/out shardings; the donated state is updated in place."""
-
-    mesh = _mesh_of(batch_shardings)
+    """jit with explicit in/out shardings on `mesh`; the donated state is updated in place."""
 
     @functools.wraps(train_step)
     def traced(state, batch):
