@@ -1,16 +1,21 @@
 """What the command-line tools share: they print their own output only, unless `--verbose`.
 
 By default the start-up chatter of the libraries underneath is hidden: TensorFlow's and XLA's
-C++ log lines (CPU feature notes, "Unable to initialize backend"), their Python INFO logs and
-PIL's image warnings. `--verbose` shows all of them and the tools' INFO logs. Call
+C++ log lines (CPU feature notes, "Unable to initialize backend", the oneDNN note), their Python
+INFO logs and PIL's image warnings. `--verbose` shows all of them and the tools' INFO logs. Call
 `setup_logging` before TensorFlow is imported (TF_CPP_MIN_LOG_LEVEL is read at its import).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.machinery
 import logging
 import os
+import re
+import sys
+import tempfile
 import warnings
 
 VERBOSE_HELP = "also show the libraries' start-up and INFO logs (TensorFlow, JAX, absl, PIL)"
@@ -29,13 +34,79 @@ INPUT_ERRORS = (
 )
 
 
+# What TensorFlow's C++ code writes to stderr before absl's logging is initialised: absl's notice
+# and glog-style lines ("I0000 00:00:17... port.cc:153] oneDNN custom operations are on ...", on
+# CPUs where oneDNN is on by default), which TF_CPP_MIN_LOG_LEVEL does not reach.
+_ABSL_PREINIT_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called"
+_GLOG_LINE = re.compile(r"^([IWEF])\d{4} ")
+_GLOG_LEVELS = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3 hides the levels before its index
+
+
+def filter_preinit_log(text: str, min_level: int) -> str:
+    """`text` less absl's pre-initialisation notice and the glog lines below `min_level`
+    (TF_CPP_MIN_LOG_LEVEL's meaning); every other line is kept as it was."""
+    kept = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_ABSL_PREINIT_NOTICE):
+            continue
+        match = _GLOG_LINE.match(line)
+        if match and _GLOG_LEVELS.index(match.group(1)) < min_level:
+            continue
+        kept.append(line)
+    return "".join(kept)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports `tensorflow` with stderr (the file descriptor, where C++ writes) sent to a
+    temporary file, then writes back what `filter_preinit_log` keeps. Only the import itself is
+    captured; TensorFlow is still imported lazily, where it is first needed."""
+
+    def __init__(self, min_level: int):
+        self.min_level = min_level
+        self._loader: importlib.abc.Loader | None = None
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow" or self._loader is not None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        self._loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile(mode="w+b") as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                self._loader.exec_module(module)
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                captured.seek(0)
+                text = captured.read().decode("utf-8", "replace")
+                sys.stderr.write(filter_preinit_log(text, self.min_level))
+                sys.stderr.flush()
+
+
 def quiet_libraries(verbose: bool = False) -> None:
-    """Hide the libraries' start-up lines and warnings unless `verbose` (environment, loggers
-    and warning filters only; safe to call more than once)."""
+    """Hide the libraries' start-up lines and warnings unless `verbose` (environment, loggers,
+    warning filters and TensorFlow's import; safe to call more than once)."""
     if verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ INFO and WARNING lines
+    if "tensorflow" not in sys.modules and not any(
+        isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path
+    ):
+        min_level = int(os.environ["TF_CPP_MIN_LOG_LEVEL"] or 0)
+        sys.meta_path.insert(0, _QuietTensorFlowImport(min_level))
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -31,6 +31,16 @@ def test_data_wait_counts_time_blocked_on_the_iterator_not_the_step():
     assert "img/s" in line and "data wait " in line
 
 
+def test_eta_is_known_from_the_first_progress_line():
+    progress = Progress(total_steps=101, global_batch=4)
+    progress.first_step_done(1, step_seconds=0.5)  # the first step ran in 0.5 s after compiling
+    assert progress.rates(1)["eta_sec"] == 100 * 0.5
+    time.sleep(0.1)
+    later = progress.rates(11)["eta_sec"]  # from here the measured rate: ~10 ms a step
+    assert 90 * 0.005 < later < 90 * 0.05
+    assert "ETA ?" not in progress.line(11, {"loss": 1.0, "lr": 1e-3, "eta_sec": later})
+
+
 def test_cluster_watch_warns_on_clustered_batches_only():
     """Batches of one label warn (once); random batches of the same labels do not."""
     from clipjax.losses.pairs import equal_pair_share

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from absl import app, flags
 from ml_collections import config_flags
 
-from clipjax.cli import VERBOSE_HELP, quiet_libraries
+from clipjax.cli import FORMAT, VERBOSE_HELP, quiet_libraries
 from clipjax.data import use_pooled_tf_allocator
 from clipjax.train.timeline import Timeline, process_start_time
 
@@ -45,9 +45,13 @@ _TIMELINE = Timeline(process_start_time())  # the start-up is timed from the pro
 
 
 def _setup_logging(verbose: bool) -> None:
+    import logging
+
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.INFO)  # clipjax's own INFO lines
+    # The other CLIs' line format, not absl's (`I1202 19:53:53.162159 1406... loop.py:147] ...`).
+    absl_logging.get_absl_handler().setFormatter(logging.Formatter(FORMAT))
     quiet_libraries(verbose)
     from clipjax.train.metrics import progress_to_stdout
 

@@ -272,6 +272,7 @@ class Startup:
         """Wait for the first step, then print and write the start-up."""
         jax.block_until_ready(run.metrics)
         self.timeline.mark("first step")
+        run.progress.first_step_done(run.step, self.timeline.phases["first step"])
         total = self.timeline.elapsed()
         hits = compile_cache.hits() - self._hits
         scalars = self.timeline.metrics("startup") | {

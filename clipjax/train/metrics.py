@@ -107,6 +107,7 @@ class Progress:
         self._last_t = self._t0
         self._last_s = self._s0
         self._first = True
+        self._first_step_s = math.nan
         self._waited = 0.0  # seconds blocked on the input pipeline since the previous rates()
 
     def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
@@ -121,20 +122,28 @@ class Progress:
             self._waited += time.perf_counter() - t
             yield item
 
+    def first_step_done(self, step: int, step_seconds: float = math.nan) -> None:
+        """The ETA's rate is counted from here (after the first step's compilation); until a
+        step more has run, the ETA assumes `step_seconds` (the first step's run time) a step."""
+        self._first = False
+        self._t0, self._s0 = time.perf_counter(), step
+        self._first_step_s = step_seconds
+
     def rates(self, step: int) -> dict[str, float]:
-        """images/s since the previous call, and the ETA from the rate since the first call
-        (so the first step's compilation does not distort it)."""
+        """images/s since the previous call, and the ETA from the rate since the first step
+        finished (or, without `first_step_done`, the first call), so that compilation does not
+        distort it."""
         now = time.perf_counter()
         if self._first:
-            self._first = False
-            self._t0, self._s0 = now, step
+            self.first_step_done(step)
         dt, ds = now - self._last_t, step - self._last_s
         self._last_t, self._last_s = now, step
         ips = ds * self.batch / dt if dt > 0 and ds > 0 else float("nan")
         wait = self._waited / dt if dt > 0 else float("nan")
         self._waited = 0.0
         elapsed, done = now - self._t0, step - self._s0
-        eta = (self.total - step) * elapsed / done if done > 0 else float("nan")
+        per_step = elapsed / done if done > 0 else self._first_step_s
+        eta = (self.total - step) * per_step
         return {
             "images_per_sec": ips,
             "data_wait_frac": wait,
