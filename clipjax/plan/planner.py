@@ -242,13 +242,13 @@ def _memory(trainer, compiled, batch) -> Memory:
 
 
 def _abstract_batch(trainer, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as ShapeDtypeStructs on the batch sharding (nothing allocated)."""
     from clipjax.models import dummy_inputs
 
-    images, text = dummy_inputs(trainer.model_config, batch_size)
-    out = {"image": images, "text": text}
+    images, text = jax.eval_shape(lambda: dummy_inputs(trainer.model_config, batch_size))
     return {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_shardings[k])
-        for k, v in out.items()
+        for k, v in (("image", images), ("text", text))
     }
 
 
