@@ -205,5 +205,5 @@ def test_table_does_not_fit_and_dcn():
     assert not plan.fits
     assert "DOES NOT FIT (over by 1.25 GiB)" in text
     assert "all-reduce           data [DCN]: 4.0 KiB (1 ops, 1 runs)" in text
-    assert "across slices (DCN)    4.0 KiB per chip per step" in text
+    assert "  across slices (DCN)  4.0 KiB per chip per step" in text
     assert "2 slices over DCN" in text
