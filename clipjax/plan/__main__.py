@@ -25,7 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU slice: v5e:16x16, v4:4x4x8, or v5e-256, v6e-256, v4-256, v5p-128"
 )
-_SLICES = flags.DEFINE_integer("slices", 1, "Number of slices (data parallel over DCN).")
+_SLICES = flags.DEFINE_integer(
+    "slices", None, "Number of slices, data parallel over DCN (default: the config's mesh.slices)."
+)
 _JSON = flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
 _MAX_BATCH = flags.DEFINE_bool(
     "max_batch", False, "Search the largest global batch that fits, per remat policy."
@@ -49,7 +51,7 @@ def main(argv: list[str]) -> int:
     error = config_file_error()
     if error:
         return _error(error, 2)
-    if _SLICES.value < 1:
+    if _SLICES.value is not None and _SLICES.value < 1:
         return _error(f"--slices {_SLICES.value}: expected a positive int", 2)
     if not 0 < _MFU.value <= 1:
         return _error(f"--mfu {_MFU.value}: expected a fraction in (0, 1]", 2)
@@ -64,12 +66,15 @@ def main(argv: list[str]) -> int:
         return _error(str(e), 2)
     config = _CONFIG.value
     name = config_flags.get_config_filename(flags.FLAGS["config"])
+    slices = _SLICES.value or config.mesh.get("slices", 1)
+    if not isinstance(slices, int) or slices < 1:
+        return _error(f"config.mesh.slices={slices!r}: expected a positive int", 2)
     try:
-        devices = topology_devices(topology, _SLICES.value, quiet=not _VERBOSE.value)
+        devices = topology_devices(topology, slices, quiet=not _VERBOSE.value)
         if _MAX_BATCH.value:
-            return _max_batch(config, topology, devices, name)
+            return _max_batch(config, topology, devices, name, slices)
         plan = make_plan(
-            config, topology, _SLICES.value, config_name=name, mfu=_MFU.value, devices=devices
+            config, topology, slices, config_name=name, mfu=_MFU.value, devices=devices
         )
     except PlanError as e:
         return _error(str(e), 2)
@@ -106,7 +111,7 @@ def _write_json(path: str, payload) -> None:
     write_json(path, payload)
 
 
-def _max_batch(config, topology, devices, name) -> int:
+def _max_batch(config, topology, devices, name, slices) -> int:
     """Per remat policy, the largest global batch (a multiple of the batch divisor) that
     compiles and fits."""
     from clipjax.models.layers import REMAT_POLICIES
@@ -114,7 +119,10 @@ def _max_batch(config, topology, devices, name) -> int:
     from clipjax.plan.planner import CompileFailed, PlanError, largest_fitting, make_plan
     from clipjax.train.config import mesh_shape
 
-    shape = mesh_shape(config, len(devices))
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.mesh.slices = slices
+    shape = mesh_shape(c, len(devices))
     processes = len({d.process_index for d in devices})
     step = batch_axis_size(shape) * int(config.microbatches)
     while step % processes:
@@ -130,7 +138,7 @@ def _max_batch(config, topology, devices, name) -> int:
                 if c.loss.get("queue_size", 0):
                     c.loss.queue_size = max(c.loss.queue_size, batch)
             try:
-                plan = make_plan(c, topology, _SLICES.value, devices=devices, eval_step=False)
+                plan = make_plan(c, topology, slices, devices=devices, eval_step=False)
             except CompileFailed:
                 return False
             print(

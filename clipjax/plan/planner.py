@@ -189,7 +189,7 @@ def _shard_bytes(tree: Any) -> int:
     return total
 
 
-def make_mesh_for(config: ml_collections.ConfigDict, devices: Sequence, slices: int):
+def make_mesh_for(config: ml_collections.ConfigDict, devices: Sequence):
     """The training mesh of `config` over `devices` (the same call training makes)."""
     from clipjax.parallel.mesh import make_mesh
 
@@ -313,13 +313,16 @@ def make_plan(
     from clipjax.train import config as config_lib
     from clipjax.train.builder import build_trainer
 
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.mesh.slices = int(slices)
     devices = list(devices) if devices is not None else topology_devices(topology, slices)
     processes = len({d.process_index for d in devices})
     try:
         config_lib.validate(config, len(devices), processes, check_files=False)
     except config_lib.ConfigError as e:
         raise PlanError(str(e)) from None
-    mesh = make_mesh_for(config, devices, slices)
+    mesh = make_mesh_for(config, devices)
     try:
         trainer = build_trainer(config, mesh)
     except ValueError as e:
