@@ -110,10 +110,31 @@ def test_collectives_of_a_compiled_program():
     ar, ag = by_kind["all-reduce"], by_kind["all-gather"]
     assert (ar.bytes, ar.count, ar.axes, ar.crosses_dcn) == (64, 5, ("b",), False)
     assert (ag.bytes, ag.count, ag.axes) == (128, 1, ("a",))
-    # The same program seen as 2 slices along 'a': the all-gather crosses them, the psum not.
-    slices = [0] * 4 + [1] * 4
-    crossing = {c.kind: c.crosses_dcn for c in parse_collectives(text, (2, 4), ("a", "b"), slices)}
-    assert crossing == {"all-reduce": False, "all-gather": True}
+
+
+# From a program compiled for 2 slices of v5e:2x4 (a sum over a batch split on data=8, fsdp=2):
+# the slice-local all-reduce, then the cross-slice part handed to the megascale (DCN) runtime.
+DCN_HLO = """
+ENTRY %main.1 (param: f32[4,128]) -> f32[128] {
+  %all-reduce.1 = f32[1,1,128]{2,1,0:T(1,128)} all-reduce(%bitcast.2), channel_id=1, \
+replica_groups={{0,1,2,3,4,5,6,7}}, use_global_device_ids=true, to_apply=%region_0.0.clone
+  %send = (f32[1,1,128]{2,1,0:T(1,128)}, u32[], token[]) send(%all-reduce.1, %after-all), \
+channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name=\
+"xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce_0",\
+_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}"}
+  %recv = (f32[1,1,128]{2,1,0:T(1,128)}, u32[], token[]) recv(%after-all), channel_id=1, \
+is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name=\
+"xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce_0"}
+}
+""".replace("\\\n", "")
+
+
+def test_collectives_across_slices():
+    found = parse_collectives(DCN_HLO, (8, 2, 1), ("data", "fsdp", "tensor"), slices=2)
+    assert found == [
+        Collective("all-reduce", 512, 1, ("data", "fsdp"), False),  # inside one slice
+        Collective("all-reduce", 512, 1, ("data",), True),  # over DCN
+    ]
 
 
 def test_flops_match_a_hand_count():

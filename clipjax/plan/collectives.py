@@ -4,8 +4,13 @@ Each collective instruction's bytes are its data per device: the result for all-
 all-gather, all-to-all and collective-permute, the operand (result x group size) for
 reduce-scatter. Instructions inside a while loop's body count once per iteration
 (`known_trip_count`; a layer scan runs its body once per layer). The devices of a replica group
-are positions in the mesh's device order, mapped back to the mesh axes along which they differ;
-with several slices, a group that spans slices crosses the data-centre network (DCN).
+are positions in the mesh's device order, mapped back to the mesh axes along which they differ.
+
+With several slices (a multi-slice mesh: 'data' split across slices, the first axis), the TPU
+compiler emits one program per slice: its collectives run inside the slice (device positions
+within one slice's block of the mesh), and what crosses the data-centre network (DCN) becomes
+`send`s to the megascale runtime, named after the collective they complete
+(`_xla_host_transfer_rendezvous="all-reduce_0"`); those count as crossing 'data' over DCN.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _MESH_GROUPS = re.compile(
     r"replica_groups=mesh\[([^\]]*)\]"
     r"(?:, device_ids=\(\[([0-9,]+)\]T\(([0-9,]+)\)\))? \{([^}]*)\}"
+)
+_DCN_SEND = re.compile(
+    r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) send\(.*_xla_host_transfer_handler_name=\"xla_megascale"
+    r".*_xla_host_transfer_rendezvous=\"([a-z\-]+?)(?:[-_.]?\d+)?\""
 )
 _WHILE = re.compile(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 _S32_CONST = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
@@ -161,35 +170,37 @@ def _computation_counts(lines: Sequence[str]) -> tuple[dict[str, int], list[str]
 
 
 def parse_collectives(
-    hlo_text: str,
-    mesh_shape: Sequence[int],
-    axis_names: Sequence[str],
-    slice_of: Sequence[int] | None = None,
+    hlo_text: str, mesh_shape: Sequence[int], axis_names: Sequence[str], slices: int = 1
 ) -> list[Collective]:
-    """Every collective in the compiled module `hlo_text` (see the module docstring);
-    `slice_of[i]`: the slice of the mesh's i-th device (None: one slice)."""
+    """Every collective in the compiled module `hlo_text` (see the module docstring) of a mesh
+    of `mesh_shape` made of `slices` slices."""
     lines = hlo_text.splitlines()
     counts, owner = _computation_counts(lines)
-    num_devices = math.prod(mesh_shape)
+    local_shape = (mesh_shape[0] // slices, *mesh_shape[1:])  # the devices one program sees
+    num_devices = math.prod(local_shape)
     out = []
     for line, comp in zip(lines, owner):
+        if comp is None or counts.get(comp, 0) == 0:
+            continue
+        send = _DCN_SEND.match(line) if slices > 1 else None
+        if send:
+            kind = send[2] if send[2] in KINDS else "all-reduce"
+            nbytes = shape_bytes(_tuple_items(send[1])[0]) if send[1].startswith("(") else 0
+            out.append(Collective(kind, nbytes, counts[comp], (axis_names[0],), True))
+            continue
         m = _INSTR.match(line)
-        if not m or comp is None or counts.get(comp, 0) == 0:
+        if not m:
             continue
         result, kind, _, attrs = m.groups()
         groups = parse_groups(attrs, num_devices)
         nbytes = shape_bytes(result)
         if kind == "reduce-scatter":
             nbytes *= max(len(g) for g in groups)
-        elif kind in ("all-gather", "collective-permute", "all-to-all") and result.startswith("("):
+        elif kind in ("all-gather", "collective-permute") and result.startswith("("):
             # async -start results are (operand, result[, scratch]) tuples: count the result
-            nbytes = shape_bytes(_tuple_items(result)[1]) if kind != "all-to-all" else nbytes
-        crosses = bool(slice_of) and any(len({slice_of[d] for d in g}) > 1 for g in groups)
-        out.append(
-            Collective(
-                kind, nbytes, counts[comp], group_axes(groups, mesh_shape, axis_names), crosses
-            )  # fmt: skip
-        )
+            nbytes = shape_bytes(_tuple_items(result)[1])
+        axes = group_axes(groups, local_shape, axis_names)
+        out.append(Collective(kind, nbytes, counts[comp], axes, False))
     return out
 
 

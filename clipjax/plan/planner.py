@@ -332,14 +332,8 @@ def make_plan(
         lambda: trainer.train_step.lower(trainer.abstract_state, batch).compile()
     )
     memory = _memory(trainer, compiled, batch)
-    order = {d.id: i for i, d in enumerate(mesh.devices.flat)}
-    slice_of = None
-    if slices > 1:
-        slice_of = [0] * len(order)
-        for d in mesh.devices.flat:
-            slice_of[order[d.id]] = getattr(d, "slice_index", 0)
     collectives = parse_collectives(
-        compiled.as_text(), tuple(mesh.devices.shape), tuple(mesh.axis_names), slice_of
+        compiled.as_text(), tuple(mesh.devices.shape), tuple(mesh.axis_names), slices
     )
     eval_memory, eval_seconds = _eval_embedding(trainer, config) if eval_step else ({}, 0.0)
     try:
