@@ -21,23 +21,28 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 B16, L14 = "experiments/b16_laion.py", "experiments/l14_datacomp.py"
+# The FSDP size chosen per topology: a product of physical torus axes (v5e/v6e 16x16: 16,
+# v4 4x4x8: 8, v5p 4x4x4: 16), as the topology-aware mesh needs.
+FSDP = {"v5e-256": 16, "v6e-256": 16, "v4-256": 8, "v5p-128": 16}
+K32 = "--config.batch_size=32768"
+GATHERED = "--config.loss.impl=gathered"
 # name -> (config, topology, extra flags)
 RUNS = {
-    "b16_v5e-256": (B16, "v5e-256", ["--config.batch_size=32768"]),
-    "l14_v5p-128": (L14, "v5p-128", ["--config.batch_size=32768"]),
+    "b16_v5e-256": (B16, "v5e-256", [K32]),
+    "l14_v5p-128": (L14, "v5p-128", [K32]),
     "b16_v5e-256_ring_64k": (B16, "v5e-256", ["--config.batch_size=65536"]),
-    "b16_v5e-256_gathered_64k": (
-        B16, "v5e-256", ["--config.batch_size=65536", "--config.loss.impl=gathered"]),
+    "b16_v5e-256_gathered_64k": (B16, "v5e-256", ["--config.batch_size=65536", GATHERED]),
     "b16_v5e-256_ring_256k": (B16, "v5e-256", ["--config.batch_size=262144"]),
-    "b16_v5e-256_gathered_256k": (
-        B16, "v5e-256", ["--config.batch_size=262144", "--config.loss.impl=gathered"]),
-    "b16_v4-256": (B16, "v4-256", ["--config.batch_size=32768"]),
-    "b16_v5p-128": (B16, "v5p-128", ["--config.batch_size=32768"]),
-    "b16_v6e-256": (B16, "v6e-256", ["--config.batch_size=32768"]),
-    "l14_v4-256": (L14, "v4-256", ["--config.batch_size=32768"]),
-    "l14_v5e-256": (L14, "v5e-256", ["--config.batch_size=32768"]),
-    "l14_v6e-256": (L14, "v6e-256", ["--config.batch_size=32768"]),
-}  # fmt: skip
+    "b16_v5e-256_gathered_256k": (B16, "v5e-256", ["--config.batch_size=262144", GATHERED]),
+    "b16_v4-256": (B16, "v4-256", [K32]),
+    "b16_v5p-128": (B16, "v5p-128", [K32]),
+    "b16_v6e-256": (B16, "v6e-256", [K32]),
+    "l14_v4-256": (L14, "v4-256", [K32]),
+    "l14_v5e-256": (L14, "v5e-256", [K32]),
+    "l14_v6e-256": (L14, "v6e-256", [K32]),
+}
+for _name, (_config, _topology, _flags) in RUNS.items():
+    _flags.append(f"--config.mesh.fsdp={FSDP[_topology]}")
 
 
 def run(name: str, out: str, extra: list[str]) -> None:

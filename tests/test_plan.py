@@ -1,6 +1,10 @@
 """The plan command's pure parts: topology names, collective parsing (on a program compiled
 for the test's CPU devices), the analytic FLOPs count, the batch search and the table."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +18,8 @@ from clipjax.plan.collectives import Collective, group_axes, parse_collectives, 
 from clipjax.plan.flops import train_step_flops
 from clipjax.plan.planner import Memory, Plan, largest_fitting
 from clipjax.plan.report import render
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
@@ -228,3 +234,20 @@ def test_table_does_not_fit_and_dcn():
     assert "all-reduce           data [DCN]: 4.0 KiB (1 ops, 1 runs)" in text
     assert "  across slices (DCN)  4.0 KiB per chip per step" in text
     assert "2 slices over DCN" in text
+
+
+def test_missing_libtpu_is_one_line():
+    """Without libtpu the plan stops before any work with one line saying how to install it."""
+    env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
+    env["PYTHONPATH"] = ROOT
+    code = (
+        "import sys, clipjax.parallel.tpu_topology as t; t.find_libtpu = lambda: None; "
+        "sys.argv = ['plan', '--config=experiments/demo.py', '--topology=v5e-8']; "
+        "from absl import app; import clipjax.plan.__main__ as m; "
+        "app.run(m.main, flags_parser=m.parse_config_flags)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "libtpu is not installed" in proc.stderr

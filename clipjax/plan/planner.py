@@ -322,7 +322,10 @@ def make_plan(
         config_lib.validate(config, len(devices), processes, check_files=False)
     except config_lib.ConfigError as e:
         raise PlanError(str(e)) from None
-    mesh = make_mesh_for(config, devices)
+    try:
+        mesh = make_mesh_for(config, devices)
+    except (ValueError, NotImplementedError) as e:  # e.g. axis sizes the torus cannot hold
+        raise PlanError(f"config.mesh={dict(config.mesh)} on {topology.name}: {e}") from None
     try:
         trainer = build_trainer(config, mesh)
     except ValueError as e:
