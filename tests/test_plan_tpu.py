@@ -1,8 +1,8 @@
 """`python -m clipjax.plan` against the real TPU compiler (libtpu, compile-only, no TPU): the pod
 recipes fit with the intended collective pattern, multi-slice crosses DCN only with gradient
-all-reduces over 'data', and a config that does not fit says so and exits 1. Slow (each compile
-is tens of seconds on 2 cores); small topologies stand in for the pods (the README's pod table
-is benchmarks/plan_pods.py)."""
+all-reduces over 'data', and a config that does not fit says so and exits 1. Slow (a B/16
+compile takes minutes of CPU); small topologies stand in for the pods. The L/14 recipe on v5p
+and the pods themselves are in benchmarks/plan_pods.py (the README's table)."""
 
 import json
 import os
@@ -32,7 +32,7 @@ def run_plan(*args, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=3600,
     )
     plan = json.loads(out.read_text()) if out.exists() else None
     return proc, plan
@@ -71,16 +71,6 @@ def test_b16_recipe_fits_with_fsdp_collectives(tmp_path):
     assert plan["flops_per_step"] > 0 and plan["images_per_second"]["mfu"] > 0
 
 
-def test_l14_recipe_fits_on_v5p(tmp_path):
-    proc, plan = run_plan(
-        "--config=experiments/l14_datacomp.py:batch=512,fsdp=4", "--topology=v5p-8",
-        tmp_path=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert plan["num_chips"] == 4 and plan["mesh"]["fsdp"] == 4 and plan["fits"]
-    assert rows(plan, "all-gather", ["fsdp"])
-
-
 def test_multi_slice_crosses_dcn_with_gradient_all_reduces_only(tmp_path):
     proc, plan = run_plan(
         "--config=experiments/demo.py", "--topology=v5e-8", "--slices=2",
@@ -95,10 +85,11 @@ def test_multi_slice_crosses_dcn_with_gradient_all_reduces_only(tmp_path):
 
 
 def test_a_config_that_does_not_fit_says_so(tmp_path):
-    """L/14 without FSDP or remat, float32, 512 images per chip on 16 GiB v5e chips."""
+    """The B/16 recipe without FSDP or remat, float32, 1024 images per chip on 16 GiB chips."""
     proc, plan = run_plan(
-        "--config=experiments/l14_datacomp.py:batch=4096,fsdp=1", "--topology=v5e-8",
-        "--config.model.remat=none", "--config.model.dtype=float32", tmp_path=tmp_path,
+        "--config=experiments/b16_laion.py:batch=8192", "--topology=v5e-8",
+        "--config.mesh.fsdp=1", "--config.model.remat=none", "--config.model.dtype=float32",
+        tmp_path=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
