@@ -41,8 +41,9 @@ _MESH_GROUPS = re.compile(
 )
 _DCN_SEND = re.compile(
     r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) send\(.*_xla_host_transfer_handler_name=\"xla_megascale"
-    r".*_xla_host_transfer_rendezvous=\"([a-z\-]+?)(?:[-_.]?\d+)?\""
+    r".*_xla_host_transfer_rendezvous=\"([a-z\-]+)"
 )
+_DCN_TYPE = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
 _WHILE = re.compile(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 _S32_CONST = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
 
@@ -184,7 +185,8 @@ def parse_collectives(
             continue
         send = _DCN_SEND.match(line) if slices > 1 else None
         if send:
-            kind = send[2] if send[2] in KINDS else "all-reduce"
+            typed = _DCN_TYPE.search(line)
+            kind = typed[1].lower().replace("_", "-") if typed else send[2]
             nbytes = shape_bytes(_tuple_items(send[1])[0]) if send[1].startswith("(") else 0
             out.append(Collective(kind, nbytes, counts[comp], (axis_names[0],), True))
             continue
