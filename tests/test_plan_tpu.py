@@ -1,8 +1,8 @@
-"""`python -m clipjax.plan` against the real TPU compiler (libtpu, compile-only, no TPU): the pod
-recipes fit with the intended collective pattern, multi-slice crosses DCN only over 'data'
-(gradient all-reduces, the loss's global batch), and a config that does not fit says so and exits 1. Slow (a B/16
-compile takes minutes of CPU); small topologies stand in for the pods. The L/14 recipe on v5p
-and the pods themselves are in benchmarks/plan_pods.py (the README's table)."""
+"""`python -m clipjax.plan` against the real TPU compiler (libtpu, compile-only, no TPU): the B/16
+pod recipe fits with the intended collective pattern, multi-slice crosses DCN only over 'data'
+(gradient all-reduces, the loss's global batch), and a config that does not fit says so and
+exits 1. Slow (a B/16 compile takes minutes of CPU); small topologies stand in for the pods. The
+L/14 recipe on v5p and the pods themselves are in benchmarks/plan_pods.py (the README's table)."""
 
 import json
 import os
