@@ -56,3 +56,23 @@ def test_multi_slice_mesh_splits_data_across_contiguous_device_groups():
 def test_bad_slices_name_the_problem(sizes, message):
     with pytest.raises(ValueError, match=message):
         mesh_lib.make_mesh(sizes)
+
+
+def test_find_libtpu_order_and_missing_libtpu(tmp_path, monkeypatch):
+    from clipjax.parallel import tpu_topology
+
+    venv_lib = tmp_path / "venv" / "tpu" / "libtpu" / "libtpu.so"
+    venv_lib.parent.mkdir(parents=True)
+    venv_lib.write_bytes(b"")
+    own = tmp_path / "own.so"
+    own.write_bytes(b"")
+    monkeypatch.setattr(tpu_topology.sys, "prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr(tpu_topology.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("TPU_LIBRARY_PATH", str(own))
+    assert tpu_topology.find_libtpu() == str(own)
+    monkeypatch.setenv("TPU_LIBRARY_PATH", str(tmp_path / "missing.so"))
+    assert tpu_topology.find_libtpu() == str(venv_lib)
+    venv_lib.unlink()
+    assert tpu_topology.find_libtpu() is None
+    with pytest.raises(RuntimeError, match="libtpu is not installed: run `make`"):
+        tpu_topology.abstract_devices("v5e:2x4")

@@ -93,11 +93,21 @@ def make_mesh(
     if slices > 1:
         device_array = _multi_slice_array(shape, slices, devices)
     elif devices == list(jax.devices()) or devices[0].platform == "tpu":
-        # Topology-aware placement of a whole slice (keeps hosts and ICI rings contiguous).
-        device_array = mesh_utils.create_device_mesh(shape, devices)
+        device_array = _physical_array(shape, devices)
     else:
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _physical_array(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """Topology-aware placement of one slice (keeps hosts and ICI rings contiguous), splitting
+    physical axes where a mesh axis needs it (e.g. fsdp=8 on a 16x16 torus); the devices in
+    their given order when no such placement exists (e.g. one device per TensorCore)."""
+    try:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        log.info("mesh %s: no topology-aware placement (%s); devices in order", shape, e)
+        return np.asarray(devices).reshape(shape)
 
 
 def _multi_slice_array(
@@ -106,10 +116,11 @@ def _multi_slice_array(
     """[data, fsdp, tensor] device array whose 'data' axis is `slices` blocks, one per slice."""
     per_slice = (shape[0] // slices, *shape[1:])
     if hasattr(devices[0], "slice_index"):
-        found = len({d.slice_index for d in devices})
-        if found != slices:
-            raise ValueError(f"mesh: {SLICES}={slices}, but the devices are in {found} slices")
-        return mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
+        found = sorted({d.slice_index for d in devices})
+        if len(found) != slices:
+            raise ValueError(f"mesh: {SLICES}={slices}, but the devices are in {len(found)} slices")
+        groups = [[d for d in devices if d.slice_index == i] for i in found]
+        return np.concatenate([_physical_array(per_slice, g) for g in groups], axis=0)
     size = len(devices) // slices
     groups = [devices[i * size : (i + 1) * size] for i in range(slices)]
     return np.concatenate([np.asarray(g).reshape(per_slice) for g in groups], axis=0)
