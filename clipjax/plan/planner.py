@@ -331,9 +331,24 @@ def make_plan(
     except ValueError as e:
         raise PlanError(f"config: {e}") from None
     batch = _abstract_batch(trainer, int(config.batch_size))
-    compiled, seconds = _compile(
-        lambda: trainer.train_step.lower(trainer.abstract_state, batch).compile()
-    )
+    try:
+        compiled, seconds = _compile(
+            lambda: trainer.train_step.lower(trainer.abstract_state, batch).compile()
+        )
+    except CompileFailed as e:
+        if not e.buffers:  # XLA named only its temporaries: add the state's parts per chip
+            st = trainer.abstract_state
+            parts = {
+                "optimizer state": _shard_bytes(st.opt_state),
+                "parameters": _shard_bytes(st.params),
+                "batch": _shard_bytes(batch),
+                "loss state": _shard_bytes(st.loss_state),
+            }
+            e.buffers = [
+                f"{name}: {n / 2**30:.2f} GiB per chip"
+                for name, n in sorted(parts.items(), key=lambda kv: -kv[1])
+            ]
+        raise
     memory = _memory(trainer, compiled, batch)
     collectives = parse_collectives(
         compiled.as_text(), tuple(mesh.devices.shape), tuple(mesh.axis_names), slices
