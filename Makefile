@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
+# libtpu, for `python -m clipjax.plan` (compiles for TPU topologies on this host, no TPU needed):
+# the version jax[tpu] pins for the jax in constraints.txt (0.0.42.1 for jax 0.10.2); change both
+# together. Installed under $(VENV)/tpu, outside the import path, so CPU runs never load it.
+LIBTPU_VERSION := 0.0.42.1
+LIBTPU := $(VENV)/tpu/.installed-libtpu-$(LIBTPU_VERSION)
 # CPU runs: XLA's large host buffers on transparent huge pages (see clipjax/hostmem.py); a
 # hugetlb setting of the caller's own is kept.
 ifeq ($(findstring glibc.malloc.hugetlb,$(GLIBC_TUNABLES)),)
@@ -22,7 +27,12 @@ $(STAMP): $(PY) setup.py constraints.txt
 	$(PY) -m pip install -c constraints.txt --no-deps clip-anytorch==2.6.0
 	rm -f $(VENV)/.installed-* && touch $@
 
-install: $(STAMP)
+$(LIBTPU): $(PY)
+	rm -rf $(VENV)/tpu
+	$(PY) -m pip install --no-deps --target $(VENV)/tpu libtpu==$(LIBTPU_VERSION)
+	touch $@
+
+install: $(STAMP) $(LIBTPU)
 
 demo: install
 	$(PY) -m clipjax.demo

@@ -44,53 +44,12 @@ import sys
 import time
 
 from clipjax.hostmem import with_hugepage_malloc
+from clipjax.plan.flops import train_step_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_BATCH = {"tiny": 32, "S/32": 32, "B/32": 32, "B/16": 8, "L/14": 4}
 RESULT_TAG = "RESULT "
-
-
-# ------------------------------------------------------------------------------------------------
-# Analytic FLOPs (shared with openclip_step.py).
-
-
-def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
-    """Forward matmul FLOPs of one sequence through a pre-LN transformer stack."""
-    mlp = int(round(width * mlp_ratio))
-    per_layer = (
-        2 * tokens * width * 4 * width  # q, k, v, out projections
-        + 2 * 2 * tokens * tokens * width  # scores q.k and mixing p.v
-        + 2 * 2 * tokens * width * mlp
-    )  # fc and proj
-    return float(layers * per_layer)
-
-
-def forward_flops_per_example(cfg: dict) -> dict[str, float]:
-    """Forward matmul FLOPs per example of each tower (a ViT image tower), pooled projections
-    only."""
-    if cfg["vision_type"] != "vit":
-        raise ValueError(f"FLOP count supports ViT image towers only, got {cfg['vision_type']!r}")
-    patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
-    # Patch dropout: every patch is embedded, the transformer sees the kept ones (as open_clip).
-    kept = max(1, int(patches * (1.0 - cfg.get("patch_dropout", 0.0))))
-    vw, tw, d = cfg["vision_width"], cfg["text_width"], cfg["embed_dim"]
-    image = (
-        2 * patches * cfg["patch_size"] ** 2 * 3 * vw
-        + transformer_flops(kept + 1, vw, cfg["vision_layers"], cfg["mlp_ratio"])
-        + 2 * vw * d
-    )
-    text = (
-        transformer_flops(cfg["context_length"], tw, cfg["text_layers"], cfg["mlp_ratio"])
-        + 2 * tw * d
-    )
-    return {"image": float(image), "text": float(text)}
-
-
-def train_step_flops(cfg: dict, batch: int) -> float:
-    """fwd + bwd = 3 x forward matmul FLOPs of both towers and the B x B logits matmul."""
-    per = forward_flops_per_example(cfg)
-    return 3.0 * (batch * (per["image"] + per["text"]) + 2.0 * batch * batch * cfg["embed_dim"])
 
 
 # ------------------------------------------------------------------------------------------------

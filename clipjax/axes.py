@@ -14,6 +14,10 @@ NORM = "norm"
 CONV_IN = "conv_in"
 CONV_OUT = "conv_out"
 LAYERS = "layers"
+# Activations (`clipjax.models.sharding.constrain`), not parameters.
+ACT_BATCH = "activation_batch"
+ACT_HEADS = "activation_heads"
+ACT_MLP = "activation_mlp"
 LOGICAL_AXES: dict[str, str] = {
     EMBED: "residual-stream width of a tower (d_model)",
     MLP_HIDDEN: "hidden width of a transformer MLP",
@@ -26,5 +30,8 @@ LOGICAL_AXES: dict[str, str] = {
     CONV_IN: "input channels of a convolution kernel",
     CONV_OUT: "output channels of a convolution kernel",
     LAYERS: "stacked layer axis of a scanned transformer (only with scan_layers)",
+    ACT_BATCH: "batch dim of an activation (split like the input batch)",
+    ACT_HEADS: "attention-head dim of an activation (q, k, v, attention output)",
+    ACT_MLP: "hidden dim of a transformer MLP's activation",
 }
 # Spatial kernel dims of convolutions are left unnamed (None): they are tiny and never sharded.

@@ -123,3 +123,36 @@ def setup_logging(verbose: bool = False, level: int = logging.INFO) -> None:
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     """`--verbose` (see the module docstring) on an argparse (sub)parser."""
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+
+
+def config_file_error(flag: str = "config") -> str | None:
+    """Why the absl config-file flag `flag` cannot be used (a missing file), or None.
+    ml_collections defers that error to the first use of the config, as a traceback."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    spec = config_flags.get_config_filename(flags.FLAGS[flag])  # PATH[:ARG]
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        return (
+            f"--{flag} {spec}: {path} does not exist; expected an experiment file such as "
+            "experiments/demo.py (optionally with :ARG)"
+        )
+    return None
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (for `app.run(flags_parser=...)`), except that an error raised by a
+    config file's get_config (e.g. an unknown :ARG key) is printed as one line, not as the
+    traceback absl embeds."""
+    from absl import app, flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        text = str(e)
+        if "Error whilst parsing config file" not in text:
+            return app.parse_flags_with_usage(argv)  # absl's own message and exit
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        print(f"error: --config: {last.split(': ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)

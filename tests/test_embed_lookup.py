@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clipjax.models.embed_lookup import embedding_lookup, gathered_grad_is_smaller, lookup_mesh
+from clipjax.models.embed_lookup import embedding_lookup, gathered_grad_is_smaller
+from clipjax.models.sharding import model_mesh
 from clipjax.parallel.mesh import batch_sharding, make_mesh
 
 V, W = 1000, 16
@@ -23,12 +24,12 @@ def loss_of(lookup):
 
 
 def sharded_grad(mesh, lookup, table, ids, weights):
-    """value_and_grad under jit with the batch split over the mesh, traced in lookup_mesh."""
+    """value_and_grad under jit with the batch split over the mesh, traced in model_mesh."""
     rep = NamedSharding(mesh, P())
     fn = jax.value_and_grad(loss_of(lookup))
 
     def traced(*args):
-        with lookup_mesh(mesh):
+        with model_mesh(mesh):
             return fn(*args)
 
     jitted = jax.jit(

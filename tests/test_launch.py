@@ -116,6 +116,23 @@ def test_tpu_pod_dry_run_prints_the_lifecycle():
     assert r.returncode != 0 and "--name is required" in r.stderr
 
 
+def test_tpu_pod_multi_slice_dry_run_uses_a_queued_resource():
+    argv = ["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--name", "pod", "--zone", "z"]
+    argv += ["--type", "v5litepod-256", "--slices", "2", "--dry-run", "--", "--workdir", "gs://b"]
+    lines = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[0].startswith("gcloud compute tpus queued-resources create pod")
+    assert "--node-count 2" in lines[0] and "--accelerator-type v5litepod-256" in lines[0]
+    for node in ("pod-0", "pod-1"):
+        assert any(
+            f"ssh {node}" in line and "clipjax.train" in line and "--config.mesh.slices=2" in line
+            for line in lines
+        )
+    assert lines[-1].startswith("gcloud compute tpus queued-resources delete pod")
+    r = subprocess.run(argv[:8] + ["--slices", "0", "--", "--workdir", "gs://b"], text=True,
+                       capture_output=True)  # fmt: skip
+    assert r.returncode != 0 and "--slices must be a positive integer" in r.stderr
+
+
 def test_slurm_script_and_local_launcher_commands():
     r = subprocess.run(["bash", "-n", os.path.join(REPO, "launch", "slurm.sbatch")])
     assert r.returncode == 0

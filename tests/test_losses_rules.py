@@ -215,3 +215,14 @@ def test_batch_homogeneity_on_constructed_batches():
     np.testing.assert_allclose(m["batch/text_cos"], (sims.sum() - np.trace(sims)) / 56, rtol=1e-5)
     same = jnp.tile(emb[:1], (8, 1))
     np.testing.assert_allclose(batch_homogeneity(one_class, same)["batch/text_cos"], 1.0, rtol=1e-5)
+
+
+def test_batch_shares_beyond_int32_pair_counts():
+    """At a 64k batch the pair count b * (b - 1) passes int32: the shares still trace and are
+    exact (all captions equal: every pair; one-hot embeddings: no cosine)."""
+    from clipjax.losses.pairs import mean_offdiag_cosine
+
+    b = 65536
+    assert float(jax.jit(equal_pair_share)(jnp.zeros((b, 1), jnp.int32))) == 1.0
+    emb = jnp.zeros((b, 4), jnp.float32).at[:, 0].set(1.0)
+    assert float(jax.jit(mean_offdiag_cosine)(emb)) == 1.0

@@ -284,6 +284,7 @@ def test_nonfinite_step_is_skipped_and_counted(single):
         ({"microbatches": 3}, "config.batch_size=16"),
         ({"model.preset": "ViT-Q/7"}, "config.model.preset"),
         ({"mesh.tensor": 3}, "config.mesh"),
+        ({"mesh.slices": 3}, "slices=3 does not divide the 8 devices"),
         ({"optimizer.warmup_steps": 50}, "config.optimizer.warmup_steps"),
         ({"optimizer.schedule": "step"}, "config.optimizer.schedule"),
         ({"optimizer.lr": 0.0}, "config.optimizer.lr"),

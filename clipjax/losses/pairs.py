@@ -156,7 +156,9 @@ def equal_pair_share(keys: jax.Array) -> jax.Array:
         same_prev = same_prev & (c[1:] == c[:-1])
     idx = jnp.arange(b)
     run_start = lax.cummax(jnp.where(jnp.concatenate([jnp.ones((1,), bool), ~same_prev]), idx, 0))
-    return 2.0 * jnp.sum(idx - run_start) / max(b * (b - 1), 1)
+    # float: b * (b - 1) and the pair count pass int32 beyond a 46k batch
+    pairs = jnp.sum((idx - run_start).astype(jnp.float32))
+    return 2.0 * pairs / float(max(b * (b - 1), 1))
 
 
 def mean_offdiag_cosine(emb: jax.Array) -> jax.Array:
@@ -164,7 +166,7 @@ def mean_offdiag_cosine(emb: jax.Array) -> jax.Array:
     b = emb.shape[0]
     emb = emb.astype(jnp.float32)
     total = jnp.sum(emb, axis=0)
-    return (total @ total - jnp.sum(emb * emb)) / max(b * (b - 1), 1)
+    return (total @ total - jnp.sum(emb * emb)) / float(max(b * (b - 1), 1))
 
 
 def batch_homogeneity(

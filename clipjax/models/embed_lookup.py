@@ -13,32 +13,20 @@ and the CPU demo. Large-batch training (B*L beyond ~2V) keeps the dense all-redu
 gradient are those of `jnp.take(table, ids, axis=0)` either way (up to summation order).
 
 The all-gather needs the mesh, which models do not know: it is placed only inside
-`with lookup_mesh(mesh):` (the train step sets it); elsewhere the lookup is the plain gather.
+`with clipjax.models.sharding.model_mesh(mesh):` (the train step sets it); elsewhere the lookup is
+the plain gather.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("lookup_mesh", default=None)
-
-
-@contextlib.contextmanager
-def lookup_mesh(mesh: Mesh) -> Iterator[None]:
-    """Within this context (while tracing), `embedding_lookup` may gather over `mesh`."""
-    token = _MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _MESH.reset(token)
+from clipjax.models.sharding import current_mesh
 
 
 def gathered_grad_is_smaller(vocab: int, width: int, num_ids: int) -> bool:
@@ -72,7 +60,7 @@ def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     """`jnp.take(table, ids, axis=0)` ([V, W] table, int ids of any shape -> ids.shape + (W,));
     the table gradient is reduced in the smaller of the two forms (see the module docstring)."""
     vocab, width = table.shape
-    mesh = _MESH.get()
+    mesh = current_mesh()
     if mesh is None or mesh.size == 1 or not gathered_grad_is_smaller(vocab, width, ids.size):
         return jnp.take(table, ids, axis=0)
     return _gathered_lookup(table, ids, vocab, mesh)

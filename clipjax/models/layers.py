@@ -8,7 +8,8 @@ Dtype policy: parameters are always float32; matmuls run in the module's compute
 bfloat16); layer norms and the attention softmax run in float32.
 
 Every parameter carries logical axis names (`clipjax.axes`) so that sharding rules can map them
-onto mesh axes without the model knowing about the mesh.
+onto mesh axes without the model knowing about the mesh; activations are constrained the same way
+at block boundaries (`clipjax.models.sharding`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipjax.axes import (
+    ACT_BATCH,
+    ACT_HEADS,
+    ACT_MLP,
     EMBED,
     HEADS,
     KV,
@@ -29,6 +33,7 @@ from clipjax.axes import (
     MLP_HIDDEN,
     NORM,
 )
+from clipjax.models.sharding import constrain
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -154,9 +159,10 @@ class MultiHeadAttention(nn.Module):
                 name=name,
             )(inp)
 
-        q = proj("query", x_q)  # [B, Q, H, Dh]
-        k = proj("key", x_kv)  # [B, K, H, Dh]
-        v = proj("value", x_kv)
+        heads = (ACT_BATCH, None, ACT_HEADS, None)
+        q = constrain(proj("query", x_q), heads)  # [B, Q, H, Dh]
+        k = constrain(proj("key", x_kv), heads)  # [B, K, H, Dh]
+        v = constrain(proj("value", x_kv), heads)
         if self.attention == "cudnn":
             if mask is not None:
                 raise ValueError("attention='cudnn' takes causal=True, not a mask")
@@ -171,6 +177,7 @@ class MultiHeadAttention(nn.Module):
                 logits = jnp.where(mask, logits, _MASK_VALUE)
             weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = constrain(out, heads)
         return nn.DenseGeneral(
             features=out_features,
             axis=(-2, -1),
@@ -204,7 +211,7 @@ class MLP(nn.Module):
             bias_init=logical(nn.initializers.zeros, (MLP_HIDDEN,)),
             name="fc",
         )(x)
-        h = get_activation(self.act)(h)
+        h = constrain(get_activation(self.act)(h), (ACT_BATCH, None, ACT_MLP))
         return nn.Dense(
             width,
             dtype=self.dtype,
@@ -234,6 +241,8 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
+        residual = (ACT_BATCH, None, None)  # [B, T, width], split like the batch
+        x = constrain(x, residual)
         h = LayerNorm(self.eps, self.dtype, name="ln_1")(x)
         h = MultiHeadAttention(
             self.num_heads,
@@ -244,7 +253,7 @@ class ResidualBlock(nn.Module):
             attention=self.attention,
             name="attn",
         )(h, mask=mask)
-        x = x + h
+        x = constrain(x + h, residual)
         h = LayerNorm(self.eps, self.dtype, name="ln_2")(x)
         h = MLP(
             self.mlp_dim,
@@ -254,7 +263,7 @@ class ResidualBlock(nn.Module):
             out_init_std=self.proj_std,
             name="mlp",
         )(h)
-        return x + h, None
+        return constrain(x + h, residual), None
 
 
 def _remat_policy(name: str):

@@ -76,12 +76,13 @@ class TextTransformer(nn.Module):
             attention=self.attention,
             name="transformer",
         )(x)
-        x = LayerNorm(self.eps, self.dtype, name="ln_final")(x)
+        ln_final = LayerNorm(self.eps, self.dtype, name="ln_final")
         proj = self.param(
             "text_projection",
             logical(nn.initializers.normal(self.width**-0.5), (EMBED, PROJ)),
             (self.width, self.output_dim),
-        )
-        x = x @ proj.astype(self.dtype)  # [B, L, D]
+        ).astype(self.dtype)
+        # Pool, then project (both act per token): the token sequence's own projection is dead
+        # code unless a loss reads it.
         pooled = x[jnp.arange(b), jnp.argmax(text, axis=-1)]
-        return pooled, x
+        return ln_final(pooled) @ proj, ln_final(x) @ proj

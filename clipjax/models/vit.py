@@ -109,11 +109,12 @@ class VisionTransformer(nn.Module):
             attention=self.attention,
             name="transformer",
         )(x)
-        x = LayerNorm(self.eps, self.dtype, name="ln_post")(x)
+        ln_post = LayerNorm(self.eps, self.dtype, name="ln_post")
         proj = self.param(
             "proj",
             logical(nn.initializers.normal(scale), (EMBED, PROJ)),
             (self.width, self.output_dim),
-        )
-        x = x @ proj.astype(self.dtype)  # [B, 1 + N, D]
-        return x[:, 0], x[:, 1:]
+        ).astype(self.dtype)
+        # Pool, then project (LayerNorm and projection act per token): the patch tokens' own
+        # projection is dead code unless a loss reads them (the token-wise loss).
+        return ln_post(x[:, 0]) @ proj, ln_post(x[:, 1:]) @ proj

@@ -20,6 +20,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clipjax.axes import (
+    ACT_BATCH,
+    ACT_HEADS,
+    ACT_MLP,
     CONV_IN,
     CONV_OUT,
     EMBED,
@@ -32,6 +35,7 @@ from clipjax.axes import (
     PROJ,
     VOCAB,
 )
+from clipjax.parallel.mesh import BATCH_AXES
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,12 @@ Rules = tuple[tuple[str, Any], ...]
 
 # Order matters: flax assigns each mesh axis at most once per array, first rule first.
 DEFAULT_RULES: Rules = (
-    # Parameters only: activations are not annotated; their batch sharding comes from the inputs
-    # (clipjax.parallel.placement) and XLA propagates it.
+    # Activations (clipjax.models.sharding.constrain): split like the input batch, heads and MLP
+    # hidden units over 'tensor'.
+    (ACT_BATCH, BATCH_AXES),
+    (ACT_HEADS, "tensor"),
+    (ACT_MLP, "tensor"),
+    # Parameters.
     (MLP_HIDDEN, "tensor"),
     (HEADS, "tensor"),
     (VOCAB, "tensor"),

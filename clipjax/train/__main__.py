@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from absl import app, flags
 from ml_collections import config_flags
 
-from clipjax.cli import FORMAT, VERBOSE_HELP, quiet_libraries
+from clipjax.cli import FORMAT, VERBOSE_HELP, config_file_error, parse_config_flags, quiet_libraries
 from clipjax.data import use_pooled_tf_allocator
 from clipjax.train.timeline import Timeline, process_start_time
 
@@ -56,19 +56,6 @@ def _setup_logging(verbose: bool) -> None:
     from clipjax.train.metrics import progress_to_stdout
 
     progress_to_stdout()
-
-
-def config_file_error() -> str | None:
-    """Why --config cannot be used (a missing file), or None. ml_collections defers that error
-    to the first use of the config, deep inside training, as a traceback."""
-    spec = config_flags.get_config_filename(flags.FLAGS["config"])  # PATH[:ARG]
-    path = spec.split(":", 1)[0]
-    if not os.path.isfile(path):
-        return (
-            f"--config {spec}: {path} does not exist; expected an experiment file such as "
-            "experiments/demo.py (optionally with :ARG)"
-        )
-    return None
 
 
 def main(argv: list[str], hooks: Sequence[Hook] = ()) -> int:
@@ -116,19 +103,5 @@ def main(argv: list[str], hooks: Sequence[Hook] = ()) -> int:
     return 0
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, except that an error raised by the config file's get_config (e.g. an
-    unknown :ARG key) is printed as one line, not as the traceback absl embeds."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        text = str(e)
-        if "Error whilst parsing config file" not in text:
-            return app.parse_flags_with_usage(argv)  # absl's own message and exit
-        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
-        print(f"error: --config: {last.split(': ', 1)[-1]}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=parse_config_flags)

@@ -104,7 +104,7 @@ def _cached_outputs(
     """The model outputs the loss reads, found by tracing it on abstract values (`state`:
     the abstract TrainState)."""
     mcfg = model.config
-    images, text = dummy_inputs(mcfg, batch_size)
+    images, text = jax.eval_shape(lambda: dummy_inputs(mcfg, batch_size))  # nothing allocated
     batch = {"image": images, "text": text}
     if "label" in batch_sh:
         batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)

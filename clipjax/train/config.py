@@ -62,7 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.read_windows = 1
     c.data.crop_scale = (0.9, 1.0)  # random-resized-crop area range (fractions of the image)
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Axis sizes of the whole mesh (one may be -1: the rest). slices > 1: that many TPU slices
+    # joined over the data-centre network; 'data' is split across them, fsdp and tensor stay
+    # inside one (clipjax.parallel.mesh), so only gradient all-reduces cross slices.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "slices": 1})
     c.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axis overrides
 
     c.optimizer = ml_collections.ConfigDict()

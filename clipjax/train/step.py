@@ -37,8 +37,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clipjax.losses import Loss
-from clipjax.models.embed_lookup import lookup_mesh
 from clipjax.models.patch_dropout import PATCH_DROPOUT_RNG
+from clipjax.models.sharding import model_mesh
 from clipjax.parallel.mesh import BATCH_AXES, batch_axis_size
 from clipjax.train.optimizer import Optimizer
 from clipjax.train.state import TrainState
@@ -381,7 +381,7 @@ def jit_train_step(
 
     @functools.wraps(train_step)
     def traced(state, batch):
-        with nn.logical_axis_rules(rules), lookup_mesh(mesh):
+        with nn.logical_axis_rules(rules), model_mesh(mesh):
             return train_step(state, batch)
 
     return jax.jit(
