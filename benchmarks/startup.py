@@ -90,11 +90,13 @@ def run_once(
     proc = subprocess.Popen(
         cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    first_step, startup, lines = None, {}, []
+    first_step, startup, lines, hits = None, {}, [], 0
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("start-up:"):
             startup = parse_startup(line)
+            m = re.search(r"\((\d+) from the compilation cache\)", line)
+            hits = int(m.group(1)) if m else 0
         if first_step is None and re.match(r"step +1/", line):
             first_step = time.monotonic() - t0
     proc.wait()
@@ -104,6 +106,7 @@ def run_once(
         "first_step_line_s": round(first_step, 2),
         "total_s": round(time.monotonic() - t0, 2),
         "startup": startup,
+        "cache_hits": hits,
     }
 
 
@@ -118,6 +121,7 @@ def main() -> int:
     p.add_argument("--preset", help="a model preset in place of the demo's (e.g. B/32)")
     p.add_argument("--batch", type=int, default=16, help="images a step, with --preset")
     p.add_argument("--sweep", help="time every run of this sweep file (one shared cache)")
+    p.add_argument("--sweep-runs", type=int, help="only the sweep's first N runs")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = os.path.join(args.repo, "experiments", "demo.py")
@@ -184,6 +188,7 @@ def time_sweep(args, data: str, cache: str | None, config: str, tmp: str) -> int
     from clipjax.launch.sweep import flag_value, load_sweep
 
     _, runs = load_sweep(args.sweep)
+    runs = runs[: args.sweep_runs]
     rows = []
     for i, run in enumerate(runs):
         overrides = tuple(f"--config.{k}={flag_value(v)}" for k, v in run.items())
@@ -199,10 +204,11 @@ def time_sweep(args, data: str, cache: str | None, config: str, tmp: str) -> int
         )
         row["overrides"] = run
         rows.append(row)
-        hits = row["startup"].get("compile", None)
+        compile_s = row["startup"].get("compile", None)
         print(
             f"run {i} {run}: first step line at {row['first_step_line_s']:.1f} s"
-            + (f" (compile {hits:.1f} s)" if hits is not None else ""),
+            + (f" (compile {compile_s:.1f} s)" if compile_s is not None else "")
+            + f"; {row['cache_hits']} compilation cache hits",
             flush=True,
         )
     total = sum(r["first_step_line_s"] for r in rows)

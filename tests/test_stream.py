@@ -96,7 +96,7 @@ if sys.argv[2] == "close":
 print("done", flush=True)
 """
 
-RUNS = 30
+RUNS = 20
 
 
 def test_scripts_that_take_two_batches_and_exit_do_not_hang(tmp_path):
