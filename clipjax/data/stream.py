@@ -48,8 +48,10 @@ class NumpyStream:
     def _gate(self, ds):
         import tensorflow as tf
 
+        from clipjax.data.records import traced
+
         stop = self._stop
-        return ds.take_while(lambda *_: tf.logical_not(stop.read_value()))
+        return ds.take_while(traced(lambda *_: tf.logical_not(stop.read_value())))
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -66,7 +68,10 @@ class NumpyStream:
         if iterator is None:
             return
         self._stop.assign(True)
-        for _ in iterator:  # ends once the gate's end reaches the output
+        try:
+            for _ in iterator:  # ends once the gate's end reaches the output
+                pass
+        except Exception:  # noqa: BLE001 - a pipeline error after its reader left: moot
             pass
         del iterator
         with _open_lock:
