@@ -61,30 +61,35 @@ def test_override_keys():
     assert not key_known("data.demo_dir") and not key_known("optimiser.lr")
 
 
-# The :ARG each experiment needs (none by default), and variants that set other keys.
+# The :ARG each experiment needs (none by default), and variants that set other keys; MODEL is
+# a model directory (fine-tuning and LiT read its config).
 EXPERIMENT_ARGS = {
-    "finetune.py": ["path=model"],
-    "lit.py": ["path=model"],
+    "finetune.py": ["path=MODEL"],
+    "lit.py": ["path=MODEL"],
     "clipa.py": ["stage=1", "stage=2,init=workdir"],
 }
 
 
-def _experiment_configs():
+def _experiment_configs(model_dir):
     for path in sorted(glob.glob(os.path.join(REPO, "experiments", "*.py"))):
         spec = importlib.util.spec_from_file_location("_exp", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         name = os.path.basename(path)
         for arg in EXPERIMENT_ARGS.get(name, [None]):
-            yield name, module.get_config(arg)
+            yield name, module.get_config(arg and arg.replace("MODEL", model_dir))
     from clipjax.demo import get_config
 
     yield "clipjax/demo.py", get_config("quick,data=/nonexistent")
 
 
-def test_every_experiment_and_sweep_has_known_keys_only():
+def test_every_experiment_and_sweep_has_known_keys_only(tmp_path):
+    from clipjax.export.modeldir import save_model_dir
+    from tests.test_init_from import SRC, random_params
+
+    save_model_dir(str(tmp_path / "model"), SRC, random_params(SRC))
     names = []
-    for name, config in _experiment_configs():
+    for name, config in _experiment_configs(str(tmp_path / "model")):
         check_keys(config)
         names.append(name)
     assert {"demo.py", "lit.py", "clipjax/demo.py"} <= set(names)
