@@ -33,7 +33,7 @@ def reference_schedule(cfg, num_steps):
 CASES = list(
     itertools.product(
         ("cosine", "linear", "constant"),
-        (0, 1, 7),  # warm-up steps
+        (0, 7),  # warm-up steps
         (0.0, 0.1),  # min_lr_ratio
         (3e-4, 1e-3),  # lr
         (20, 1000),  # num_steps
