@@ -32,6 +32,7 @@ clipjax does not have are listed as skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gzip
@@ -464,12 +465,13 @@ def homogeneity(
         process_count=1,
     )
     labels, captions, classes = [], [], []
-    for i, (batch, _) in enumerate(pipe):
-        labels.append(same_pair_share(batch["label"]))
-        captions.append(same_pair_share(batch["text"]))
-        classes.append(len(np.unique(batch["label"])))
-        if i + 1 >= HOMOGENEITY_BATCHES:
-            break
+    with contextlib.closing(iter(pipe)) as batches:  # closed: the pipeline's threads stop
+        for i, (batch, _) in enumerate(batches):
+            labels.append(same_pair_share(batch["label"]))
+            captions.append(same_pair_share(batch["text"]))
+            classes.append(len(np.unique(batch["label"])))
+            if i + 1 >= HOMOGENEITY_BATCHES:
+                break
     return {
         "same_label": float(np.mean(labels)),
         "same_caption": float(np.mean(captions)),

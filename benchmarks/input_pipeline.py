@@ -28,6 +28,7 @@ One table per image size, then one JSON line.
 """
 
 import argparse
+import contextlib
 import datetime
 import io
 import json
@@ -154,10 +155,10 @@ def time_pipeline_cpu(pattern: str, cores: int, batch: int, steps: int) -> tuple
         process_index=0,
         process_count=1,
     )
-    it = iter(pipe)
-    for _ in range(2):  # warm-up: graph building, tokenizer load, autotuning
-        next(it)
-    return timed(it.__next__, steps, batch)
+    with contextlib.closing(iter(pipe)) as it:  # closed: the pipeline's threads stop cleanly
+        for _ in range(2):  # warm-up: graph building, tokenizer load, autotuning
+            next(it)
+        return timed(it.__next__, steps, batch)
 
 
 # -- the PIL baseline ------------------------------------------------------------------------------

@@ -7,11 +7,14 @@ to its first progress line (measured here, so it also works for a clipjax withou
 line), and the phases of the trainer's own `start-up:` line where it prints one.
 
   python benchmarks/startup.py --data DIR [--repo ROOT] [--runs 2] [--steps 3] [--quick]
-      [--preset B/32 --batch 16]
+      [--preset B/32 --batch 16] [--sweep experiments/sweeps/demo_lr.py]
 
 DIR: demo data (`python -m clipjax.data.demo --out DIR --n-train 1024 --n-test 64`; made in a
 temporary directory when not given). `--repo`: the clipjax checkout to time (default this
-one). `--quick`: the `quick` demo variant (16 px images, batch 16). `--preset`: another model preset
+one). `--sweep`: instead, every run of a sweep file (its overrides over the demo config), one
+after another with one compilation cache that starts empty, as `clipjax.launch.sweep` runs
+them; reports each run's start-up and the sweep's total. `--quick`: the `quick` demo variant
+(16 px images, batch 16). `--preset`: another model preset
 (e.g. B/32 at 224 px) trained on the same demo data, with `--batch` images a step. Ends with one
 JSON line.
 """
@@ -56,7 +59,14 @@ def get_config(arg):
 
 
 def run_once(
-    repo: str, data: str, cache: str, steps: int, quick: bool, workdir: str, config: str
+    repo: str,
+    data: str,
+    cache: str,
+    steps: int,
+    quick: bool,
+    workdir: str,
+    config: str,
+    overrides: tuple[str, ...] = (),
 ) -> dict:
     arg = ",".join(filter(None, ["quick" if quick else "", f"data={data}"]))
     cmd = [
@@ -70,6 +80,7 @@ def run_once(
         "--config.optimizer.warmup_steps=1",
         "--config.eval.at_end=False",
         "--config.checkpoint.every_steps=1000",
+        *overrides,
     ]
     if cache is not None:
         cmd.append(f"--config.compile_cache_dir={cache}")
@@ -79,11 +90,13 @@ def run_once(
     proc = subprocess.Popen(
         cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    first_step, startup, lines = None, {}, []
+    first_step, startup, lines, hits = None, {}, [], 0
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("start-up:"):
             startup = parse_startup(line)
+            m = re.search(r"\((\d+) from the compilation cache\)", line)
+            hits = int(m.group(1)) if m else 0
         if first_step is None and re.match(r"step +1/", line):
             first_step = time.monotonic() - t0
     proc.wait()
@@ -93,6 +106,7 @@ def run_once(
         "first_step_line_s": round(first_step, 2),
         "total_s": round(time.monotonic() - t0, 2),
         "startup": startup,
+        "cache_hits": hits,
     }
 
 
@@ -106,6 +120,8 @@ def main() -> int:
     p.add_argument("--no-cache", action="store_true", help="a clipjax without the cache key")
     p.add_argument("--preset", help="a model preset in place of the demo's (e.g. B/32)")
     p.add_argument("--batch", type=int, default=16, help="images a step, with --preset")
+    p.add_argument("--sweep", help="time every run of this sweep file (one shared cache)")
+    p.add_argument("--sweep-runs", type=int, help="only the sweep's first N runs")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = os.path.join(args.repo, "experiments", "demo.py")
@@ -136,6 +152,8 @@ def main() -> int:
             )
         data = os.path.abspath(data)
         cache = None if args.no_cache else os.path.join(tmp, "jax-cache")
+        if args.sweep:
+            return time_sweep(args, data, cache, config, tmp)
         rows = []
         for i in range(1 + args.runs):
             kind = "cold" if i == 0 else "warm"
@@ -161,6 +179,41 @@ def main() -> int:
             print(f"cache: {len(files)} entries")
     summary = {"quick": args.quick, "preset": args.preset, "steps": args.steps, "rows": rows}
     print(json.dumps(summary))
+    return 0
+
+
+def time_sweep(args, data: str, cache: str | None, config: str, tmp: str) -> int:
+    """Every run of `args.sweep` in turn, sharing `cache`; prints each and the total."""
+    sys.path.insert(0, ROOT)
+    from clipjax.launch.sweep import flag_value, load_sweep
+
+    _, runs = load_sweep(args.sweep)
+    runs = runs[: args.sweep_runs]
+    rows = []
+    for i, run in enumerate(runs):
+        overrides = tuple(f"--config.{k}={flag_value(v)}" for k, v in run.items())
+        row = run_once(
+            args.repo,
+            data,
+            cache,
+            args.steps,
+            args.quick,
+            os.path.join(tmp, f"w{i}"),
+            config,
+            overrides,
+        )
+        row["overrides"] = run
+        rows.append(row)
+        compile_s = row["startup"].get("compile", None)
+        print(
+            f"run {i} {run}: first step line at {row['first_step_line_s']:.1f} s"
+            + (f" (compile {compile_s:.1f} s)" if compile_s is not None else "")
+            + f"; {row['cache_hits']} compilation cache hits",
+            flush=True,
+        )
+    total = sum(r["first_step_line_s"] for r in rows)
+    print(f"sweep of {len(rows)} runs: start-up total {total:.1f} s")
+    print(json.dumps({"sweep": args.sweep, "quick": args.quick, "total_s": total, "rows": rows}))
     return 0
 
 

@@ -141,14 +141,40 @@ def config_file_error(flag: str = "config") -> str | None:
     return None
 
 
+def override_keys(argv: list[str]) -> list[str]:
+    """The dotted keys of the `--config.KEY[=VALUE]` overrides in `argv`."""
+    keys = []
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        m = re.match(r"--?config\.([^=\s]+)", arg)
+        if m:
+            keys.append(m.group(1))
+    return keys
+
+
 def parse_config_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (for `app.run(flags_parser=...)`), except that an error raised by a
-    config file's get_config (e.g. an unknown :ARG key) is printed as one line, not as the
-    traceback absl embeds."""
+    config file's get_config (e.g. an unknown :ARG key) or by an override of a key the trainer
+    does not read is printed as one line, not as the traceback absl embeds."""
     from absl import app, flags
 
+    from clipjax.train.config import key_known, unknown_key_message
+
+    unknown = [k for k in override_keys(argv) if not key_known(k)]
+    if unknown:
+        print(f"error: {unknown_key_message(unknown, where='--config.')}", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # a known key the experiment's config lacks
+        keys = ", ".join(f"--config.{k}" for k in override_keys(argv))
+        print(
+            f"error: {keys}: not in the experiment's config ({e}); set new keys in the "
+            "experiment file (under config.extra for the experiment's own values)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except flags.Error as e:
         text = str(e)
         if "Error whilst parsing config file" not in text:

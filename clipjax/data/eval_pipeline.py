@@ -16,6 +16,7 @@ from clipjax.data.shards import (
     process_info,
     validate_shards,
 )
+from clipjax.data.stream import NumpyStream
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class EvalPipeline:
         self.num_batches = max(1, math.ceil(per_host / self.batch_size))
         self.skipped = 0
 
-    def dataset(self):
+    def dataset(self, gate=None):
         import tensorflow as tf
 
         from clipjax.data import transforms
@@ -74,6 +75,8 @@ class EvalPipeline:
 
         ds = ds.map(records.traced(decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors().batch(self.batch_size)
+        if gate is not None:  # a NumpyStream's, before the tokenizer (clipjax.data.stream)
+            ds = gate(ds)
 
         def tokenize(b):
             b[schema.TEXT] = b["caption"]
@@ -108,17 +111,20 @@ class EvalPipeline:
         return out
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """The padded batches; an iterator left before the end should be closed (`.close()`):
+        that stops the pipeline's threads cleanly (clipjax.data.stream)."""
         yielded = real = 0
-        for batch in self.dataset().as_numpy_iterator():
-            n = len(batch["image"])
-            real += n
-            yielded += 1
-            if yielded > self.num_batches:
-                raise RuntimeError(
-                    f"eval shards hold more records than counted "
-                    f"({self.num_records}); did a manifest go stale?"
-                )
-            yield self._pad(batch, n)
+        with NumpyStream(self.dataset) as stream:
+            for batch in stream:
+                n = len(batch["image"])
+                real += n
+                yielded += 1
+                if yielded > self.num_batches:
+                    raise RuntimeError(
+                        f"eval shards hold more records than counted "
+                        f"({self.num_records}); did a manifest go stale?"
+                    )
+                yield self._pad(batch, n)
         for _ in range(self.num_batches - yielded):
             yield self._pad(None, 0)
         mine = len(range(self.process_index, self.num_records, self.process_count))

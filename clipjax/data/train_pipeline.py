@@ -53,6 +53,7 @@ from clipjax.data.shards import (
     record_counts,
     validate_shards,
 )
+from clipjax.data.stream import NumpyStream
 
 log = logging.getLogger(__name__)
 
@@ -422,9 +423,12 @@ class TrainPipeline:
         ds = ds.ignore_errors()  # undecodable images: dropped, counted from position gaps
         return ds.batch(self.batch_size, drop_remainder=True)
 
-    def dataset(self, start_epoch: int = 0, start_offset: int = 0, carry: dict | None = None):
+    def dataset(
+        self, start_epoch: int = 0, start_offset: int = 0, carry: dict | None = None, gate=None
+    ):
         """The endless tf.data.Dataset of batches from (start_epoch, start_offset), after the
-        carried records (if any), which share their last batch with that epoch."""
+        carried records (if any), which share their last batch with that epoch. `gate`: a
+        NumpyStream's, applied before the tokenizer (see clipjax.data.stream)."""
         import tensorflow as tf
 
         first = self._epoch_records(start_epoch, start_offset)
@@ -434,6 +438,8 @@ class TrainPipeline:
             records.traced(lambda e: self._batches(self._epoch_records(e, 0)))
         )
         ds = self._batches(first).concatenate(later)
+        if gate is not None:
+            ds = gate(ds)
         ds = ds.map(
             records.traced(lambda b: records.tokenize_batch(b, self.context_length, self.info)),
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -443,14 +449,18 @@ class TrainPipeline:
         return ds.prefetch(self.prefetch).with_options(records.dataset_options(self.threads))
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
+        """The batches from the current state; close the iterator (`.close()`, or
+        `contextlib.closing`) when done with it: that stops the pipeline's threads cleanly."""
         state = dict(self._state)
-        stream = self.dataset(state["epoch"], state["offset"], state.get("carry"))
-        for batch in stream.as_numpy_iterator():
-            epochs, positions = batch.pop("_epoch"), batch.pop("_pos")
-            carried = batch.pop("_carried")
-            state = self._advance(state, epochs, positions, carried)
-            self._state = state
-            yield batch, _copy(state)
+        with NumpyStream(
+            lambda gate: self.dataset(state["epoch"], state["offset"], state.get("carry"), gate)
+        ) as stream:
+            for batch in stream:
+                epochs, positions = batch.pop("_epoch"), batch.pop("_pos")
+                carried = batch.pop("_carried")
+                state = self._advance(state, epochs, positions, carried)
+                self._state = state
+                yield batch, _copy(state)
 
     def _advance(
         self, state: dict, epochs: np.ndarray, positions: np.ndarray, carried: np.ndarray

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from clipjax.data.stream import closing_iter
 from clipjax.files import expand_globs
 
 log = logging.getLogger(__name__)
@@ -207,11 +208,12 @@ class _limited:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         seen = 0
-        for batch in self.batches:
-            if seen >= self.limit:
-                break
-            mask = np.asarray(batch["mask"]).copy()
-            real = np.flatnonzero(mask)
-            mask[real[self.limit - seen :]] = False
-            seen += int(mask.sum())
-            yield {**batch, "mask": mask}
+        with closing_iter(self.batches) as batches:  # left early: close the pipeline
+            for batch in batches:
+                if seen >= self.limit:
+                    break
+                mask = np.asarray(batch["mask"]).copy()
+                real = np.flatnonzero(mask)
+                mask[real[self.limit - seen :]] = False
+                seen += int(mask.sum())
+                yield {**batch, "mask": mask}

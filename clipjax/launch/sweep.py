@@ -81,6 +81,11 @@ def load_sweep(path: str) -> tuple[str, list[dict[str, Any]]]:
         bad = [k for k in r if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", str(k))]
         if bad:
             raise SystemExit(f"error: {path}: run {i} has invalid config keys {bad}")
+    from clipjax.train.config import key_known, unknown_key_message
+
+    unknown = sorted({k for r in runs for k in r if not key_known(k)})
+    if unknown:  # caught here, not by every run of the sweep
+        raise SystemExit(f"error: {path}: {unknown_key_message(unknown)}")
     return config, runs
 
 

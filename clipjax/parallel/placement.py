@@ -50,7 +50,8 @@ def fetch_local(x: jax.Array) -> np.ndarray:
 
 def prefetch_to_device(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
     """Keep `size` batches in flight on the devices. Items may be batch dicts or
-    (batch, state) pairs as yielded by TrainPipeline; the shape of items is preserved."""
+    (batch, state) pairs as yielded by TrainPipeline; the shape of items is preserved. Close the
+    generator when done early: that closes `batches`' iterator."""
     queue: deque = deque()
 
     def put(item):
@@ -58,9 +59,14 @@ def prefetch_to_device(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator
             return (to_global(item[0], mesh),) + tuple(item[1:])
         return to_global(item, mesh)
 
-    for item in batches:
-        queue.append(put(item))
-        if len(queue) > size:
-            yield queue.popleft()
+    items = iter(batches)
+    try:
+        for item in items:
+            queue.append(put(item))
+            if len(queue) > size:
+                yield queue.popleft()
+    finally:  # closing this generator closes the source (and its pipeline) too
+        if hasattr(items, "close"):
+            items.close()
     while queue:
         yield queue.popleft()

@@ -19,6 +19,7 @@ from clipjax.train import config as config_lib
 from clipjax.train.optimizer import Optimizer, make_optimizer
 from clipjax.train.state import TrainState, make_state_init
 from clipjax.train.step import (
+    BoundStep,
     jit_train_step,
     make_embed_fn,
     make_grad_fn,
@@ -41,7 +42,7 @@ class Trainer:
     optimizer: Optimizer
     loss: Loss
     init: Callable[[jax.Array], TrainState]  # jitted, returns a state placed on the mesh
-    train_step: Callable  # jitted (state, batch) -> (state, metrics); donates state
+    train_step: BoundStep  # jitted (state, batch) -> (state, metrics); donates state
     state_shardings: TrainState
     abstract_state: TrainState  # ShapeDtypeStructs with their shardings
     batch_shardings: dict[str, NamedSharding]
@@ -90,7 +91,9 @@ def build_trainer(
         optimizer=optimizer,
         loss=loss,
         init=init,
-        train_step=jit_train_step(step, mesh, state_sh, batch_sh, rules, compiler_options),
+        train_step=jit_train_step(
+            step, mesh, state_sh, batch_sh, rules, optimizer.hparams, compiler_options
+        ),
         state_shardings=state_sh,
         abstract_state=abstract_state,
         batch_shardings=batch_sh,

@@ -3,10 +3,17 @@
 Experiments (`experiments/*.py`) define `get_config(arg=None)` returning `base_config()` with their
 changes; the CLI applies `--config.key=value` overrides on top. `validate` checks the resolved
 config against the devices and files at hand and raises `ConfigError` naming the key and the fix.
+
+Every key must be one `base_config()` has (`check_keys`): a misspelt or renamed key is an error,
+not a silently ignored setting. Free-form dicts take any key: a ConfigDict `base_config()` leaves
+empty (`config.extra` for an experiment's own values, `model.overrides`, `sharding_rules`, ...)
+or one named in `FREE_FORM` (dicts with defaults the user may extend); a leaf whose default is not
+a ConfigDict may hold a dict of its own.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -23,6 +30,11 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key and what was expected."""
+
+
+# ConfigDicts of base_config() with defaults whose keys the user may add to (beside the empty
+# ConfigDicts, which are free-form by being empty): tower names and their multipliers.
+FREE_FORM = ("optimizer.towers", "optimizer.lr_mult")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -125,7 +137,107 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.dir = ""  # if set: write a model directory there at the end
     c.export.format = "safetensors"
+
+    # An experiment's own values (any keys): the trainer reads none of them. Every other key
+    # must be one of the above (check_keys).
+    c.extra = ml_collections.ConfigDict()
     return c
+
+
+def _is_free(node: ml_collections.ConfigDict, path: str) -> bool:
+    return not node.keys() or path in FREE_FORM
+
+
+def unknown_keys(
+    config: ml_collections.ConfigDict, base: ml_collections.ConfigDict | None = None
+) -> list[str]:
+    """The dotted keys of `config` that `base` (default: `base_config()`) does not have, outside
+    its free-form dicts (see the module docstring)."""
+    base = base_config() if base is None else base
+    out = []
+
+    def walk(node, ref, prefix):
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            if key not in ref:
+                out.append(path)
+                continue
+            value, default = node[key], ref[key]
+            if isinstance(value, ml_collections.ConfigDict) and isinstance(
+                default, ml_collections.ConfigDict
+            ):
+                if not _is_free(default, path):
+                    walk(value, default, path + ".")
+
+    walk(config, base, "")
+    return out
+
+
+def key_known(key: str, base: ml_collections.ConfigDict | None = None) -> bool:
+    """Whether the dotted `key` (a --config.KEY override) is a key of `base` (default:
+    `base_config()`), a key inside one of its free-form dicts or inside a leaf's own dict."""
+    node = base_config() if base is None else base
+    path = ""
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return True  # inside a leaf that holds a dict of its own
+        if path and _is_free(node, path):
+            return True
+        if part not in node:
+            return False
+        node, path = node[part], f"{path}.{part}" if path else part
+    return True
+
+
+def suggest_keys(key: str, base: ml_collections.ConfigDict | None = None) -> list[str]:
+    """Known dotted keys close to `key`: by the whole key, else by its last part."""
+    from flax.traverse_util import flatten_dict
+
+    base = base_config() if base is None else base
+    known = list(flatten_dict(base.to_dict(), sep=".", keep_empty_nodes=True))
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if not close:
+        last = key.rsplit(".", 1)[-1]
+        by_last = {k.rsplit(".", 1)[-1]: k for k in known}
+        close = [by_last[k] for k in difflib.get_close_matches(last, list(by_last), 3, 0.6)]
+    return close
+
+
+def _section_keys(key: str) -> list[str]:
+    """The keys base_config() has beside `key` (in its parent section), if that section exists."""
+    node = base_config()
+    for part in key.split(".")[:-1]:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return []
+        node = node[part]
+    return sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+
+
+def unknown_key_message(keys: list[str], where: str = "config.") -> str:
+    """One line naming each unknown key with the closest known ones."""
+    parts = []
+    for key in keys:
+        close = suggest_keys(key)
+        section = key.rsplit(".", 1)[0] if "." in key else "config"
+        beside = _section_keys(key)
+        if close:
+            hint = f" (did you mean {' or '.join(close)}?)"
+        elif beside:
+            hint = f" ({section} has {', '.join(beside)})"
+        else:
+            hint = ""
+        parts.append(f"{where}{key}{hint}")
+    return (
+        f"unknown config key{'s' if len(keys) > 1 else ''} {'; '.join(parts)}: the trainer "
+        "reads no such key; put deliberate extra keys under config.extra"
+    )
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+    """ConfigError naming every key of `config` the trainer does not read (see `unknown_keys`)."""
+    unknown = unknown_keys(config)
+    if unknown:
+        raise ConfigError(unknown_key_message(unknown))
 
 
 def _loss_defaults() -> ml_collections.ConfigDict:
@@ -205,6 +317,7 @@ def validate(
     check_files: bool = True,
 ) -> dict[str, int]:
     """Check a resolved config before any compilation; returns the mesh shape it implies."""
+    check_keys(config)
     _validate_counts(config)
     _validate_model(config)
     shape = mesh_shape(config, num_devices)

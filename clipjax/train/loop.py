@@ -92,7 +92,10 @@ def train(
     try:
         if run.step < run.total:
             batches = train_batches(trainer, pipeline, observe=clusters.observe)
-            run_steps(run, batches, startup)
+            try:
+                run_steps(run, batches, startup)
+            finally:  # stop the input pipeline's threads now, not at interpreter exit
+                batches.close()
         end = Timeline()
     finally:
         ckpt.wait()
@@ -243,13 +246,15 @@ def train_batches(
     trainer: Trainer, pipeline, observe: Callable[[dict], None] = lambda batch: None
 ) -> Iterator:
     """(global batch, host data state) pairs from `pipeline`'s position; `observe` sees each host
-    batch (labels included) first."""
+    batch (labels included) first. Close the generator when done: that stops the pipeline."""
+    from clipjax.data.stream import closing_iter
     from clipjax.parallel.placement import prefetch_to_device
 
     def step_batches():
-        for batch, state in pipeline:
-            observe(batch)
-            yield {k: batch[k] for k in trainer.batch_shardings}, state
+        with closing_iter(pipeline) as pairs:
+            for batch, state in pairs:
+                observe(batch)
+                yield {k: batch[k] for k in trainer.batch_shardings}, state
 
     return prefetch_to_device(step_batches(), trainer.mesh)
 

@@ -2,6 +2,13 @@
 
 Frozen parameters (LiT's locked image tower, or any `optimizer.freeze` pattern) are split off
 before the optimizer sees the tree: they get no gradient and no optimizer state at all.
+
+The learning-rate schedule's numbers and the weight decay are *arguments* of the compiled step
+(`Optimizer.hparams`, passed as `tx.update(..., hparams=...)`), not constants compiled into it:
+runs that differ only in lr, warm-up, min_lr_ratio, weight decay or num_steps (a sweep) compile
+the same program and share the persistent compilation cache. The schedule's kind (cosine,
+linear, constant) is part of the program. The values are those of optax's schedules, float32
+operation for float32 operation, and the optimizer state is laid out as before.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -73,9 +81,15 @@ def tower_of(path: PathTuple, towers: Mapping[str, str]) -> str | None:
 class Optimizer:
     """The optax transform over the trainable params, and how to split/merge the full tree."""
 
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
+    tx: optax.GradientTransformationExtraArgs  # update(..., hparams=) (default: self.hparams)
+    hparams: dict[str, np.ndarray]  # schedule_hparams: the step's hyperparameter argument
+    schedule_kind: str
     frozen_paths: frozenset[PathTuple]
+
+    def learning_rate(self, count: jax.Array, hparams: dict | None = None) -> jax.Array:
+        """The learning rate after `count` updates."""
+        hparams = self.hparams if hparams is None else hparams
+        return schedule_value(self.schedule_kind, count, hparams)
 
     def split(self, params: Params) -> tuple[Params, Params]:
         """(trainable, frozen) nested dicts; frozen is {} when nothing is locked."""
@@ -91,22 +105,84 @@ class Optimizer:
         return traverse_util.unflatten_dict(flat)
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then `schedule` decay to `lr * min_lr_ratio` at num_steps."""
+def schedule_hparams(cfg: ml_collections.ConfigDict, num_steps: int) -> dict[str, np.ndarray]:
+    """The schedule's and weight decay's numbers as float32/int32 scalars (what optax's
+    schedules would compile in as constants, computed the same way in Python)."""
     peak, warmup = float(cfg.lr), int(cfg.warmup_steps)
     end = peak * float(cfg.min_lr_ratio)
-    decay_steps = max(num_steps - warmup, 1)
-    if cfg.schedule == "constant":
-        after = optax.constant_schedule(peak)
-    elif cfg.schedule == "linear":
-        after = optax.linear_schedule(peak, end, decay_steps)
-    elif cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
-    else:
-        raise ValueError(f"optimizer.schedule={cfg.schedule!r}; expected one of {SCHEDULES}")
-    if warmup == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    alpha = end / peak if peak else 0.0
+    f32, i32 = np.float32, np.int32
+    return {
+        "peak": f32(peak),
+        "end": f32(end),
+        "peak_minus_end": f32(peak - end),
+        "alpha": f32(alpha),
+        "one_minus_alpha": f32(1 - alpha),
+        "warmup_steps": i32(warmup),
+        "decay_steps": i32(max(num_steps - warmup, 1)),
+        "weight_decay": f32(cfg.weight_decay),
+    }
+
+
+def schedule_value(kind: str, count: jax.Array, hp: dict) -> jax.Array:
+    """Linear warm-up from 0 to `peak` over `warmup_steps` updates, then `kind` decay to `end`
+    at `decay_steps` after it: optax's join_schedules of linear_schedule and
+    cosine_decay_schedule / linear_schedule / constant_schedule, with array numbers."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule={kind!r}; expected one of {SCHEDULES}")
+    count = jnp.asarray(count, jnp.int32)
+    peak, warmup, decay = hp["peak"], hp["warmup_steps"], hp["decay_steps"]
+
+    def after(c):
+        if kind == "constant":
+            return jnp.broadcast_to(jnp.asarray(peak, jnp.float32), c.shape)
+        if kind == "linear":
+            frac = 1 - jnp.clip(c, 0, decay) / decay
+            return hp["peak_minus_end"] * frac + hp["end"]
+        decay_f = jnp.asarray(decay, jnp.float32)
+        c = jnp.minimum(c.astype(jnp.float32), decay_f)
+        # times the reciprocal: the form XLA folds optax's `pi * count / decay_steps` into when
+        # decay_steps is a constant, so that the values agree to the bit
+        cosine = 0.5 * (1 + jnp.cos((jnp.pi * c) * (1 / decay_f)))
+        return peak * (hp["one_minus_alpha"] * cosine + hp["alpha"])
+
+    # warm-up: linear_schedule(0, peak, warmup); with no warm-up the where picks `after`
+    frac = 1 - jnp.clip(count, 0, warmup) / jnp.maximum(warmup, 1)
+    warm = (0.0 - peak) * frac + peak
+    return jnp.where(count < warmup, warm, after(count - warmup))
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """The learning rate after `count` updates for `cfg` (see schedule_value)."""
+    hp = schedule_hparams(cfg, num_steps)
+    return lambda count: schedule_value(cfg.schedule, count, hp)
+
+
+def _scale_by_schedule(kind: str, default: dict) -> optax.GradientTransformationExtraArgs:
+    """optax.scale_by_learning_rate(schedule) with the schedule's numbers from `hparams`."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, hparams=None, **extra):
+        del params, extra
+        step_size = -1 * schedule_value(kind, state.count, default if hparams is None else hparams)
+        updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _add_decayed_weights(default: dict) -> optax.GradientTransformationExtraArgs:
+    """optax.add_decayed_weights with the rate from `hparams['weight_decay']`."""
+
+    def update(updates, state, params=None, *, hparams=None, **extra):
+        del extra
+        rate = (default if hparams is None else hparams)["weight_decay"]
+        return jax.tree.map(lambda g, p: g + rate * p, updates, params), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def frozen_patterns(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -142,18 +218,25 @@ def make_optimizer(
         {p: float(mults.get(tower_of(p, towers), 1.0)) for p in trainable}
     )
 
-    schedule = make_schedule(cfg, num_steps)
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule={cfg.schedule!r}; expected one of {SCHEDULES}")
+    hparams = schedule_hparams(cfg, num_steps)
     parts = []
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
-    parts += [
+    parts += [  # the state layout of optax.adamw's parts, so checkpoints resume unchanged
         optax.scale_by_adam(b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps)),
-        optax.add_decayed_weights(float(cfg.weight_decay), mask=decay_tree),
-        optax.scale_by_learning_rate(schedule),
+        optax.masked(_add_decayed_weights(hparams), decay_tree),
+        _scale_by_schedule(cfg.schedule, hparams),
     ]
     if any(m != 1.0 for m in jax.tree.leaves(mult_tree)):
         parts.append(scale_by_tree(mult_tree))
-    return Optimizer(tx=optax.chain(*parts), schedule=schedule, frozen_paths=frozen)
+    return Optimizer(
+        tx=optax.chain(*parts),
+        hparams=hparams,
+        schedule_kind=cfg.schedule,
+        frozen_paths=frozen,
+    )
 
 
 def scale_by_tree(factors: Params) -> optax.GradientTransformation:

@@ -1,8 +1,10 @@
 """The sharded train step: forward both towers, contrastive loss, gradients, optax update.
 
-`make_train_step` returns a pure `train_step(state, batch) -> (state, metrics)`; `jit_train_step`
-compiles it with the state's shardings (params/optimizer state laid out by the logical-axis rules,
-the batch split over ('data', 'fsdp')).
+`make_train_step` returns a pure `train_step(state, batch, hparams) -> (state, metrics)`;
+`jit_train_step` compiles it with the state's shardings (params/optimizer state laid out by the
+logical-axis rules, the batch split over ('data', 'fsdp')) and returns a `BoundStep`, called as
+`step(state, batch)` with the optimizer's hyperparameters (learning-rate schedule, weight decay)
+as the compiled program's third argument: runs that differ only in those share one executable.
 
 Gradient accumulation (`microbatches > 1`) keeps the contrastive semantics exactly, by gradient
 caching (as open_clip's accumulation): pass 1 runs the towers over every microbatch without
@@ -288,7 +290,9 @@ def make_train_step(
     """The pure train step for `model` under `optimizer` and `loss`; `grad_fn` from
     `make_grad_fn`, `embed` from `make_embed_fn` (used by losses with EMA encoders)."""
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(
+        state: TrainState, batch: Batch, hparams: dict[str, jax.Array]
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, step_rng = jax.random.split(state.rng)
         trainable, frozen = optimizer.split(state.params)
         loss_state, info = loss.prepare(
@@ -300,7 +304,7 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         new_trainable, new_opt = _update_if_finite(
-            optimizer, finite, grads, state.opt_state, trainable
+            optimizer, finite, grads, state.opt_state, trainable, hparams
         )
         new_loss_state = loss.update_state(loss_state, info)
 
@@ -318,7 +322,8 @@ def make_train_step(
             nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)),
         )
         applied = state.step - state.nonfinite_total  # updates actually made = optax's count
-        out = _step_metrics(metrics, value, grad_norm, optimizer.schedule(applied), log_scale)
+        lr = optimizer.learning_rate(applied, hparams)
+        out = _step_metrics(metrics, value, grad_norm, lr, log_scale)
         out.update(
             nonfinite_streak=new_state.nonfinite_streak,
             nonfinite_total=new_state.nonfinite_total,
@@ -328,14 +333,14 @@ def make_train_step(
     return train_step
 
 
-def _update_if_finite(optimizer: Optimizer, finite, grads, opt_state, trainable):
+def _update_if_finite(optimizer: Optimizer, finite, grads, opt_state, trainable, hparams):
     """(new trainable params, new optimizer state): the optax update when `finite`, else both
     unchanged. A conditional, not a select of new vs old: the update runs in place on the
     donated buffers instead of keeping copies of the old params and moments alive."""
 
     def apply_update(operands):
         grads, opt_state, trainable = operands
-        updates, new_opt = optimizer.tx.update(grads, opt_state, trainable)
+        updates, new_opt = optimizer.tx.update(grads, opt_state, trainable, hparams=hparams)
         return optax.apply_updates(trainable, updates), new_opt
 
     def keep(operands):
@@ -369,25 +374,54 @@ def _vjp_with_aux(f, primal):
     return (loss, aux), vjp
 
 
+@dataclasses.dataclass(frozen=True)
+class BoundStep:
+    """The jitted `train_step(state, batch, hparams)` with this run's hparams (host scalars,
+    replicated on the mesh) bound: `step(state, batch)`, `step.lower(state, batch)`. Lowering
+    needs no device, so a step for an abstract TPU topology compiles on a CPU host."""
+
+    jitted: Any
+    hparams: dict[str, Any]
+    sharding: NamedSharding
+
+    @functools.cached_property
+    def _placed_hparams(self) -> dict[str, jax.Array]:
+        return jax.device_put(self.hparams, self.sharding)
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        return self.jitted(state, batch, self._placed_hparams)
+
+    def lower(self, state: TrainState, batch: Batch) -> Any:
+        abstract = {
+            k: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v), sharding=self.sharding)
+            for k, v in self.hparams.items()
+        }
+        return self.jitted.lower(state, batch, abstract)
+
+
 def jit_train_step(
     train_step: Callable,
     mesh: Mesh,
     state_shardings: Any,
     batch_shardings: Any,
     rules: Any,
+    hparams: dict[str, Any],
     compiler_options: dict | None = None,
-) -> Callable:
-    """jit with explicit in/out shardings on `mesh`; the donated state is updated in place."""
+) -> BoundStep:
+    """jit with explicit in/out shardings on `mesh`; the donated state is updated in place;
+    `hparams` (the optimizer's) are an argument, replicated on the mesh."""
 
     @functools.wraps(train_step)
-    def traced(state, batch):
+    def traced(state, batch, hparams):
         with nn.logical_axis_rules(rules), model_mesh(mesh):
-            return train_step(state, batch)
+            return train_step(state, batch, hparams)
 
-    return jax.jit(
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(
         traced,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=(state_shardings, batch_shardings, replicated),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
         compiler_options=compiler_options,
     )
+    return BoundStep(jitted, hparams, replicated)
