@@ -70,7 +70,9 @@ def oracle(img, txt, s, rules, pairs, queue):
                     )
                 )
                 if is_pos or is_neg:
-                    logits.append(s * anchors[i] @ cands[j])
+                    # Queue-only (MoCo): the candidates are the momentum encoders' embeddings.
+                    key = cands[j] if rules.batch_negatives else e[j]
+                    logits.append(s * anchors[i] @ key)
                     pos.append(is_pos)
             if queue is not None:
                 qg, qe = np.asarray(queue.group), np.asarray(q_emb, np.float64)
