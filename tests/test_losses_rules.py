@@ -184,6 +184,11 @@ def test_missing_pair_info_is_a_clear_error():
             rules=PairRules(duplicate_threshold=0.9),
             pairs=PairInfo(group=jnp.zeros((B, 1), jnp.int32)),
         )
+    _, _, _, queue = setup()
+    with pytest.raises(ValueError, match="queue-only needs PairInfo.ema_image"):
+        infonce_reference(
+            img, txt, LOG_SCALE, queue=queue, rules=PairRules(batch_negatives=False), pairs=None
+        )
 
 
 # ------------------------------------------------------------------ homogeneity metrics
