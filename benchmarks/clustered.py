@@ -163,6 +163,24 @@ RUNS = (
         "MoCo-style with a fast EMA",
     ),
     Run(
+        "sorted/queue-only+label@m0.99",
+        "sorted",
+        {"in_batch_negatives": False, "positives": "label", "queue_size": _ALL, "momentum": 0.99},
+        "MoCo-style, EMA lag ~100 steps",
+    ),
+    Run(
+        "sorted/queue-only+label@m0.999",
+        "sorted",
+        {"in_batch_negatives": False, "positives": "label", "queue_size": _ALL, "momentum": 0.999},
+        "MoCo-style, keys from a near-frozen encoder (no drift between queue and batch keys)",
+    ),
+    Run(
+        "shuffled/queue-only+label@m0.99",
+        "shuffled",
+        {"in_batch_negatives": False, "positives": "label", "queue_size": _ALL, "momentum": 0.99},
+        "MoCo-style on mixed batches: does the queue-only loss learn at all",
+    ),
+    Run(
         "shuffled/queue+auto@m0.9",
         "shuffled",
         {"positives": "auto", "queue_size": _ALL, "momentum": 0.9},

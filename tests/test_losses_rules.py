@@ -70,7 +70,9 @@ def oracle(img, txt, s, rules, pairs, queue):
                     )
                 )
                 if is_pos or is_neg:
-                    logits.append(s * anchors[i] @ cands[j])
+                    # Queue-only (MoCo): the candidates are the momentum encoders' embeddings.
+                    key = cands[j] if rules.batch_negatives else e[j]
+                    logits.append(s * anchors[i] @ key)
                     pos.append(is_pos)
             if queue is not None:
                 qg, qe = np.asarray(queue.group), np.asarray(q_emb, np.float64)
@@ -181,6 +183,11 @@ def test_missing_pair_info_is_a_clear_error():
             LOG_SCALE,
             rules=PairRules(duplicate_threshold=0.9),
             pairs=PairInfo(group=jnp.zeros((B, 1), jnp.int32)),
+        )
+    _, _, _, queue = setup()
+    with pytest.raises(ValueError, match="queue-only needs PairInfo.ema_image"):
+        infonce_reference(
+            img, txt, LOG_SCALE, queue=queue, rules=PairRules(batch_negatives=False), pairs=None
         )
 
 

@@ -7,7 +7,8 @@ negatives, softmax only); momentum (EMA decay of the encoders behind the queue a
 test); tile (ring only); tokenwise_mode. False-negative rules (softmax only, see
 clipjax.losses.pairs): positives 'pair'|'caption'|'label'|'auto' (pairs of one caption / label are
 positives; 'auto' = label when the shards carry labels, else caption); in_batch_negatives (False:
-negatives come from the queue only, MoCo-style); duplicate_threshold (None, or the EMA cosine
+negatives come from the queue only and positives are the partners' momentum-encoder embeddings,
+MoCo-style); duplicate_threshold (None, or the EMA cosine
 above which a negative is left out as a near-duplicate of the positive).
 """
 

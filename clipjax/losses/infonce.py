@@ -4,7 +4,8 @@ Both take L2-normalised embeddings [B, D] and the *log* temperature `logit_scale
 `(loss, aux)` with aux = {'i2t_acc', 't2i_acc'} (top-1 within the batch is a positive; queue
 excluded). An optional momentum `QueueState` adds its filled entries as extra negatives in both
 directions. `rules` + `pairs` (clipjax.losses.pairs) turn on the false-negative rules: group
-positives, near-duplicate masking by the EMA encoders, queue-only negatives.
+positives, near-duplicate masking by the EMA encoders, queue-only negatives (MoCo-style: the
+positive keys are then the momentum encoders' embeddings of the partners, as the queue's are).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def _directions(x, y, all_x, all_y, s, row0, rules, pair, all_pair, queue):
     b, n = x.shape[0], all_x.shape[0]
     diag = (row0 + jnp.arange(b))[:, None] == jnp.arange(n)[None, :]
     total, hits = jnp.zeros((), jnp.float32), []
+    if not rules.batch_negatives:  # MoCo-style: positive keys from the momentum encoders
+        all_x, all_y = all_pair[1], all_pair[2]
     # i2t: image anchors, text candidates, duplicates judged on the texts; t2i the other way.
     for anchor, cands, dup_i, q_i in ((x, all_y, 2, 1), (y, all_x, 1, 0)):
         logits = s * anchor @ cands.T  # [b, B]

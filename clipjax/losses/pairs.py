@@ -12,6 +12,10 @@ queue):
   are off (MoCo-style: negatives come from the queue only), and queue entries of the anchor's group;
 - negative: everything else.
 
+With in-batch negatives off, the in-batch candidates are the momentum encoders' embeddings of the
+partners (MoCo's keys), so positives and queue negatives live in one, slowly moving space that
+the online encoders cannot leave together: pulling every embedding together no longer pays.
+
 The row loss is `logsumexp(kept logits) - mean(positive logits)`; with one positive per row and
 every other pair kept it is the usual InfoNCE row. `batch_homogeneity` measures how clustered a
 batch is, so the trainer can say when these rules are needed.
@@ -37,6 +41,11 @@ class PairRules(NamedTuple):
     group_positives: bool = False  # pairs of equal group (caption / label) are positives
     duplicate_threshold: float | None = None  # EMA cosine above which a negative is left out
     batch_negatives: bool = True  # False: in-batch pairs are never negatives (queue only)
+
+    @property
+    def needs_ema(self) -> bool:
+        """The rules read the momentum encoders' embeddings of the batch (PairInfo.ema_*)."""
+        return self.duplicate_threshold is not None or not self.batch_negatives
 
     @property
     def plain(self) -> bool:
@@ -73,12 +82,13 @@ def check_pair_info(rules: PairRules, pairs: PairInfo | None, batch: int, queue=
                 f"queue groups have width {queue.group.shape[1]}, the batch's "
                 f"{pairs.group.shape[1]}"
             )
-    if rules.duplicate_threshold is not None:
+    if rules.needs_ema:
+        what = "duplicate_threshold" if rules.duplicate_threshold is not None else "queue-only"
         for name in ("ema_image", "ema_text"):
             a = getattr(pairs, name)
             if a is None or a.ndim != 2 or a.shape[0] != batch:
                 raise ValueError(
-                    f"duplicate_threshold needs PairInfo.{name} [{batch}, D], got "
+                    f"{what} needs PairInfo.{name} [{batch}, D], got "
                     f"{None if a is None else a.shape}"
                 )
 

@@ -10,8 +10,10 @@ block). Communication per shard: forward (n-1)·b·D + n·3b floats, backward (2
 With false-negative rules (clipjax.losses.pairs) a second, masked path runs: the block's pair info
 (groups, EMA embeddings) and its queue shard's groups travel with it, each block's positive and
 kept masks are built in forward and rebuilt in backward, and both directions also accumulate
-positive counts and positive logit sums (rows at home, columns travelling). Plain rules take the
-unmasked path above, unchanged.
+positive counts and positive logit sums (rows at home, columns travelling). With in-batch
+negatives off, the rows' candidates are the travelling block's EMA texts and the columns' the
+resident EMA images (MoCo's keys), so the two directions have separate logit blocks. Plain rules
+take the unmasked path above, unchanged.
 """
 
 from __future__ import annotations
@@ -255,6 +257,22 @@ def _queue_rows(anchors, emb, grp, mask, rules, a_group, a_dup, s):
     return jnp.where(keep, s * anchors @ emb.T, -jnp.inf)
 
 
+def _candidates(x_t, y, pr_t, pc, rules):
+    """(text candidates of the image rows, image candidates of the text columns): the online
+    embeddings, or with in-batch negatives off the momentum encoders' (MoCo's keys)."""
+    if rules.batch_negatives:
+        return y, x_t
+    return pc[2], pr_t[1]
+
+
+def _block_sims(x_t, y, pr_t, pc, s, rules):
+    """(row logits, column logits) [t, b] of image rows x_t vs text columns y: one matrix when
+    both directions use the online embeddings."""
+    y_c, x_c = _candidates(x_t, y, pr_t, pc, rules)
+    sim_r = s * x_t @ y_c.T
+    return sim_r, (sim_r if rules.batch_negatives else s * x_c @ y.T)
+
+
 def _rules_fwd_block(x, pr, row, blk, col, q_res, home, s, t, rules):
     """One text block against this shard's images with the rules; returns (row, col) states."""
     y, pc, q_trav = blk
@@ -262,14 +280,14 @@ def _rules_fwd_block(x, pr, row, blk, col, q_res, home, s, t, rules):
 
     def row_tile(col, inp):
         x_t, idx_t, pr_t, acc = inp
-        sim = s * x_t @ y.T  # [t, b]
+        sim_r, sim_c = _block_sims(x_t, y, pr_t, pc, s, rules)  # [t, b]
         diag = home & (idx_t[:, None] == jnp.arange(b)[None, :])
         pos, keep_r, keep_c = _block_masks(diag, rules, pr_t, pc)
         extra = None
         if q_trav is not None:
             extra = _queue_rows(x_t, q_trav[0], q_trav[1], q_trav[2], rules, pr_t[0], pr_t[2], s)
-        acc = _acc_update(acc, sim, pos, keep_r, 1, extra)
-        return _acc_update(col, sim, pos, keep_c, 0), acc
+        acc = _acc_update(acc, sim_r, pos, keep_r, 1, extra)
+        return _acc_update(col, sim_c, pos, keep_c, 0), acc
 
     tiles = jax.tree.map(lambda a: to_tiles(a, t), (x, jnp.arange(x.shape[0]), pr, row))
     col, row_t = lax.scan(row_tile, col, tiles)
@@ -301,17 +319,21 @@ def _rules_bwd_block(x, pr, lse_r, npos_r, dx, blk, lse_c, npos_c, dy, q_res, ho
     def row_tile(carry, inp):
         dy, dls = carry
         x_t, idx_t, pr_t, lse_t, npos_t, dx_t = inp
-        sim = s * x_t @ y.T  # [t, b], recomputed
+        sim_r, sim_c = _block_sims(x_t, y, pr_t, pc, s, rules)  # [t, b], recomputed
         diag = home & (idx_t[:, None] == jnp.arange(b)[None, :])
         pos, keep_r, keep_c = _block_masks(diag, rules, pr_t, pc)
-        g = (
-            _softmax_kept(sim, lse_t[:, None], keep_r)
-            + _softmax_kept(sim, lse_c[None], keep_c)
-            - pos * (1.0 / npos_t[:, None] + 1.0 / npos_c[None, :])
-        )
-        dx_t = dx_t + g @ y
-        dy = dy + g.T @ x_t
-        dls = dls + jnp.sum(g * sim)
+        g_r = _softmax_kept(sim_r, lse_t[:, None], keep_r) - pos / npos_t[:, None]
+        g_c = _softmax_kept(sim_c, lse_c[None], keep_c) - pos / npos_c[None, :]
+        if rules.batch_negatives:  # one logit matrix: both directions in one product
+            g = g_r + g_c
+            dx_t = dx_t + g @ y
+            dy = dy + g.T @ x_t
+            dls = dls + jnp.sum(g * sim_r)
+        else:  # the candidates are momentum keys: each side gets its anchors' gradient only
+            y_c, x_c = _candidates(x_t, y, pr_t, pc, rules)
+            dx_t = dx_t + g_r @ y_c
+            dy = dy + g_c.T @ x_c
+            dls = dls + jnp.sum(g_r * sim_r) + jnp.sum(g_c * sim_c)
         if q_trav is not None:
             lg = _queue_rows(x_t, q_trav[0], q_trav[1], q_trav[2], rules, pr_t[0], pr_t[2], s)
             p_q = jnp.exp(lg - lse_t[:, None])  # -inf (not kept) -> 0
@@ -412,11 +434,11 @@ def _rules_aux(rules: PairRules, pairs: PairInfo | None, queue: QueueState | Non
     """The masked path's non-differentiated inputs: (pair info, queue or None), holding only
     what the rules read (only that is sent around the ring)."""
     pairs = pairs or PairInfo()
-    dup = rules.duplicate_threshold is not None
+    ema = rules.needs_ema
     pr = (
         pairs.group if rules.group_positives else None,
-        pairs.ema_image if dup else None,
-        pairs.ema_text if dup else None,
+        pairs.ema_image if ema else None,
+        pairs.ema_text if ema else None,
     )
     pr = tuple(None if a is None else lax.stop_gradient(a) for a in pr)
     q = _queue_arrays(queue, n)

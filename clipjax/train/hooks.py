@@ -21,6 +21,7 @@ import numpy as np
 
 from clipjax.train.builder import Trainer
 from clipjax.train.checkpoint import Checkpointer, model_meta
+from clipjax.train.homogeneity import MIN_BATCHES, CaptionOverlap, overlap_excess
 from clipjax.train.metrics import MetricWriter, Progress, progress_log
 
 log = logging.getLogger(__name__)
@@ -141,13 +142,18 @@ class PreemptionWatch(Hook):
             self._previous = None
 
 
+def is_log_step(run: RunContext) -> bool:
+    """Metrics are logged every `log_every` steps, at the last step and at a preempted step."""
+    return run.step % run.config.log_every == 0 or run.step == run.total or run.preempted
+
+
 class LogMetrics(Hook):
     """Metrics to the writer and the progress line every `log_every` steps, the last step and a
     preempted step."""
 
     def after_step(self, run: RunContext) -> None:
         cfg, step = run.config, run.step
-        if step % cfg.log_every and step != run.total and not run.preempted:
+        if not is_log_step(run):
             return
         check_divergence(run.metrics, step, cfg.max_nonfinite, run.checkpointer)
         run.last_metrics = {k: float(v) for k, v in jax.device_get(run.metrics).items()}
@@ -252,6 +258,14 @@ def run_evals(trainer: Trainer, params: Any) -> dict[str, float]:
     return out
 
 
+_CLUSTER_ADVICE = (
+    "Plain InfoNCE then treats true matches as negatives. Re-write the shards with "
+    "make_shards (it shuffles by default), or read them with data.read_windows=16 and "
+    "train with loss.positives=auto (README: 'Batches of one category')"
+)
+OVERLAP_EXCESS = 0.08  # clipjax.train.homogeneity.overlap_excess above which batches are sorted
+
+
 class ClusterWatch(Hook):
     """Warns when training batches hold one category ("a batch all about cats").
 
@@ -259,13 +273,17 @@ class ClusterWatch(Hook):
     their frequencies (at most `max_keys` distinct ones), and compares the trainer's in-batch
     shares of pairs with one label / one caption (`batch/same_label`, `batch/same_caption`) with
     the share random batches would have, sum(p_k^2). Clustered: over twice that and 10 points
-    above it.
+    above it. Captions of one category in varied wordings have few identical pairs, so it also
+    compares the word overlap of captions within a batch with that across recent batches
+    (clipjax.train.homogeneity; logged as `batch/caption_overlap` and `..._across`): clustered
+    when the excess is over OVERLAP_EXCESS. Runs before LogMetrics, which writes its figures.
     """
 
     def __init__(self, max_keys: int = 100_000):
         self.max_keys = max_keys
         self._counts: dict[Any, int] = {}
         self._kind: str | None = None
+        self.overlap = CaptionOverlap()
         self.warned = False
 
     def observe(self, batch: Mapping[str, np.ndarray]) -> None:
@@ -277,6 +295,7 @@ class ClusterWatch(Hook):
                 self._counts[key] += 1
             elif len(self._counts) < self.max_keys:
                 self._counts[key] = 1
+        self.overlap.observe(batch["text"])
 
     def expected_share(self) -> float:
         """The share of pairs of one label/caption among random batches of what was seen."""
@@ -284,25 +303,56 @@ class ClusterWatch(Hook):
         total = counts.sum()
         return float(np.sum((counts / total) ** 2)) if total else 0.0
 
+    def overlap_metrics(self) -> dict[str, float]:
+        """{'batch/caption_overlap', 'batch/caption_overlap_across'} once enough batches were
+        seen, else {}."""
+        sim = self.overlap.similarity() if self.overlap.batches >= MIN_BATCHES else None
+        if sim is None:
+            return {}
+        return {"batch/caption_overlap": sim[0], "batch/caption_overlap_across": sim[1]}
+
     def after_step(self, run: RunContext) -> None:
-        if run.step % run.config.log_every == 0 and jax.process_index() == 0:
-            warning = self.check(run.last_metrics)
+        if not is_log_step(run):
+            return
+        figures = self.overlap_metrics()
+        if figures:
+            run.metrics = {**run.metrics, **figures}
+        if jax.process_index() == 0 and not self.warned:
+            shares = {
+                k: float(jax.device_get(run.metrics[k]))
+                for k in ("batch/same_label", "batch/same_caption")
+                if k in run.metrics
+            }
+            warning = self.check({**shares, **figures})
             if warning:
                 log.warning("step %d: %s", run.step, warning)
 
     def check(self, metrics: Mapping[str, float]) -> str | None:
-        """A warning (once per run) when the batch in `metrics` is clustered, else None."""
-        key = f"batch/same_{self._kind}"
-        if self.warned or self._kind is None or key not in metrics:
+        """A warning (once per run) when the batch in `metrics` is clustered, else None. Without
+        overlap figures in `metrics`, they are computed from the observed batches."""
+        if self.warned:
             return None
-        share, expected = float(metrics[key]), self.expected_share()
-        if share <= max(2 * expected, expected + 0.1):
+        key = f"batch/same_{self._kind}"
+        if self._kind is not None and key in metrics:
+            share, expected = float(metrics[key]), self.expected_share()
+            if share > max(2 * expected, expected + 0.1):
+                self.warned = True
+                return (
+                    f"training batches are clustered: {100 * share:.0f}% of in-batch pairs "
+                    f"share a {self._kind}, random batches of this data would give "
+                    f"{100 * expected:.0f}%. " + _CLUSTER_ADVICE
+                )
+        if "batch/caption_overlap" not in metrics:
+            metrics = {**metrics, **self.overlap_metrics()}
+        if "batch/caption_overlap" not in metrics:
+            return None
+        within, across = metrics["batch/caption_overlap"], metrics["batch/caption_overlap_across"]
+        if overlap_excess(within, across) <= OVERLAP_EXCESS:
             return None
         self.warned = True
         return (
-            f"training batches are clustered: {100 * share:.0f}% of in-batch pairs share a "
-            f"{self._kind}, random batches of this data would give {100 * expected:.0f}%. "
-            "Plain InfoNCE then treats true matches as negatives. Re-write the shards with "
-            "make_shards (it shuffles by default), or read them with data.read_windows=16 and "
-            "train with loss.positives=auto (README: 'Batches of one category')"
+            f"training batches look like one category each: captions of one batch share more "
+            f"words (mean bag-of-words cosine {within:.2f}) than captions of different recent "
+            f"batches ({across:.2f}; random batches give about equal figures), though few are "
+            f"identical. " + _CLUSTER_ADVICE
         )

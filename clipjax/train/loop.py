@@ -136,8 +136,8 @@ def start_run(
         DivergenceCheck(),
         *hooks,
         PreemptionWatch(),
+        clusters,  # before LogMetrics: it adds the caption-overlap figures to the step's metrics
         LogMetrics(),
-        clusters,
         SaveCheckpoints(),
         Evaluate(),
     ]
