@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -99,9 +100,23 @@ def launch(workdir, data_dir, env, leg: str, processes: int, steps: int, faults:
     cmd += [f"--config.batch_size={BATCH}", "--config.checkpoint.every_steps=4"]
     cmd += ["--config.eval.at_end=False", "--config.tensorboard=False", "--config.log_every=100"]
     cmd += ["--config.eval.zeroshot.shards=", "--config.eval.retrieval.shards="]  # no test split
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    p = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = p.communicate(timeout=600)  # minutes on a loaded machine
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and the processes it started
+        p.wait()
+        raise
     with open(os.path.join(logs, "process_0.log")) as f:
-        return r.returncode, r.stderr, f.read()
+        return p.returncode, err, f.read()
 
 
 def read_leg(workdir, leg: str) -> dict[int, dict[int, list[int]]]:
