@@ -3,6 +3,9 @@
     python benchmarks/learning_parity.py --bench-python VENV/bin/python [--seeds 0,1,2]
         [--steps 1000] [--batch 128] [--per-class 1000] [--test-per-class 100]
         [--fashion-mnist DIR] [--workdir DIR] [--out results.json]
+    python benchmarks/learning_parity.py --bench-python VENV/bin/python --quick
+
+`--quick`: tiny sizes and one seed, a smoke run that ends with one JSON line (the summary).
 
 Data: Fashion-MNIST (real photographs of clothing, 28x28 grey; default: Debian's
 `dataset-fashion-mnist` package), the first `per_class` train images of each class, captioned with
@@ -253,33 +256,8 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bench-python", required=True, help="Python with the `bench` extra")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--per-class", type=int, default=1000)
-    p.add_argument("--test-per-class", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the open_clip side")
-    p.add_argument("--fashion-mnist", default=FASHION_DEFAULT_DIR)
-    p.add_argument("--workdir", default=None, help="default: a temporary directory")
-    p.add_argument("--out", default=None, help="write the rows and summary as JSON here")
-    a = p.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    if a.warmup > a.steps or a.steps < 1 or a.batch > 10 * a.per_class:
-        p.error("need 1 <= --warmup <= --steps and --batch <= 10 * --per-class")
-    if not os.path.exists(a.bench_python):
-        p.error(f"--bench-python {a.bench_python} does not exist")
-    _fashion_file(a.fashion_mnist, "train-images-idx3-ubyte")  # a clear error before any work
-
-    from clipjax.train.config import model_config
-
-    recipe = Recipe(a.steps, a.batch, a.lr, a.warmup, 0.2, (0.9, 1.0), 10 * a.per_class)
-    cfg = model_config(train_config("unused", recipe, 0))
-    workdir = a.workdir or tempfile.mkdtemp(prefix="learning_parity_")
+def run_all(a, recipe: Recipe, cfg, seeds: list[int], workdir: str) -> list[dict]:
+    """Every seed on each side; one row per run (printed as it ends)."""
     paths = prepare(workdir, a.fashion_mnist, a.per_class, a.test_per_class, cfg)
     labels = np.load(paths["arrays"])["test_labels"]
     rows = []
@@ -294,6 +272,46 @@ def main(argv: list[str] | None = None) -> None:
             row = {"side": side, "seed": seed, **info, **figures(emb, labels)}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "versions"}), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bench-python", required=True, help="Python with the `bench` extra")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--per-class", type=int, default=1000)
+    p.add_argument("--test-per-class", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the open_clip side")
+    p.add_argument("--fashion-mnist", default=FASHION_DEFAULT_DIR)
+    p.add_argument(
+        "--workdir", default=None, help="default: a temporary directory, removed at the end"
+    )
+    p.add_argument("--out", default=None, help="write the rows and summary as JSON here")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, seed 0")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.seeds, a.steps, a.batch, a.warmup, a.per_class, a.test_per_class = "0", 4, 16, 1, 4, 2
+    seeds = [int(s) for s in a.seeds.split(",")]
+    if a.warmup > a.steps or a.steps < 1 or a.batch > 10 * a.per_class:
+        p.error("need 1 <= --warmup <= --steps and --batch <= 10 * --per-class")
+    if not os.path.exists(a.bench_python):
+        p.error(f"--bench-python {a.bench_python} does not exist")
+    _fashion_file(a.fashion_mnist, "train-images-idx3-ubyte")  # a clear error before any work
+
+    from clipjax.train.config import model_config
+
+    recipe = Recipe(a.steps, a.batch, a.lr, a.warmup, 0.2, (0.9, 1.0), 10 * a.per_class)
+    cfg = model_config(train_config("unused", recipe, 0))
+    workdir = a.workdir or tempfile.mkdtemp(prefix="learning_parity_")
+    try:
+        rows = run_all(a, recipe, cfg, seeds, workdir)
+    finally:
+        if a.workdir is None:  # a temporary directory: nothing left behind
+            shutil.rmtree(workdir, ignore_errors=True)
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": platform.processor() or platform.machine(),
@@ -309,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         from clipjax.files import write_json
 
         write_json(a.out, result)
+    if a.quick:
+        print(json.dumps(result["summary"]))
 
 
 if __name__ == "__main__":
