@@ -217,3 +217,32 @@ def test_sweep_refuses_a_local_root_for_tpu_runs(tmp_path, capsys):
     assert sweep.main(argv) == 0
     for launcher in ("local", "slurm"):  # their workdirs outlive the job
         assert sweep.main([path, "--launcher", launcher, "--root", str(tmp_path), "--dry-run"]) == 0
+
+
+def test_local_launcher_kills_a_process_that_ignores_sigterm_after_a_failure(tmp_path):
+    """A JAX process whose peer died can ignore SIGTERM (the runtime's preemption notifier takes
+    it) until the heartbeat timeout: after --stop-grace the launcher kills it."""
+    ready = tmp_path / "ignoring"
+    stubborn = [
+        sys.executable,
+        "-c",
+        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "open(sys.argv[1], 'w').close(); time.sleep(120)",
+        str(ready),
+    ]
+    failing = [  # fails once the other ignores SIGTERM
+        sys.executable,
+        "-c",
+        "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+        "raise SystemExit(4)",
+        str(ready),
+    ]
+    procs = [subprocess.Popen(stubborn), subprocess.Popen(failing)]
+    assert local.supervise(procs, grace_s=1) == 4
+    assert procs[0].returncode == -9
+    r = subprocess.run(
+        [sys.executable, "-m", "clipjax.launch.local", "-n", "1", "--stop-grace", "-1", "--", "x"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--stop-grace must be >= 0 seconds, got -1" in r.stderr

@@ -5,8 +5,9 @@
 
 Each process gets `--coordinator 127.0.0.1:PORT --num_processes N --process_id I` appended and,
 with --devices-per-process K, K fake CPU devices (JAX_PLATFORMS=cpu, gloo collectives, huge-page
-malloc as in clipjax.hostmem). If one process fails the others are stopped; the exit status is the
-first failure's (0 if all pass).
+malloc as in clipjax.hostmem). If one process fails the others are stopped: SIGTERM, then SIGKILL
+after --stop-grace seconds (a JAX process whose peer died may neither exit nor end on SIGTERM
+until the runtime's heartbeat timeout); the exit status is the first failure's (0 if all pass).
 Process i's output goes to LOGDIR/process_i.log when --log-dir is given (process 0's log is
 printed when all have finished), otherwise every process writes to the terminal.
 """
@@ -52,10 +53,11 @@ def commands(argv: list[str], n: int, port: int) -> list[list[str]]:
     ]
 
 
-def supervise(procs: list[subprocess.Popen]) -> int:
-    """Wait for every process; on the first failure (or Ctrl-C) SIGTERM the others. Returns the
-    first failure's exit status (130 on Ctrl-C), 0 if all pass."""
-    status = 0
+def supervise(procs: list[subprocess.Popen], grace_s: float = 30.0) -> int:
+    """Wait for every process; on the first failure (or Ctrl-C) SIGTERM the others and SIGKILL
+    those still running `grace_s` seconds later. Returns the first failure's exit status (130 on
+    Ctrl-C), 0 if all pass."""
+    status, kill_at = 0, None
     try:
         remaining = set(range(len(procs)))
         while remaining:
@@ -72,6 +74,16 @@ def supervise(procs: list[subprocess.Popen]) -> int:
                     )
                     for j in remaining:
                         procs[j].send_signal(signal.SIGTERM)
+                    kill_at = time.monotonic() + grace_s
+            if remaining and kill_at is not None and time.monotonic() >= kill_at:
+                print(
+                    f"clipjax.launch.local: processes {sorted(remaining)} still running "
+                    f"{grace_s:g} s after SIGTERM; killing them",
+                    file=sys.stderr,
+                )
+                for j in remaining:
+                    procs[j].kill()
+                kill_at = None  # reaped by the polls above
             time.sleep(0.2)
     except KeyboardInterrupt:
         for p in procs:
@@ -80,9 +92,10 @@ def supervise(procs: list[subprocess.Popen]) -> int:
     finally:
         for p in procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
     return status
 
 
@@ -99,6 +112,12 @@ def main(args: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
     parser.add_argument("--log-dir", default=None, help="write process_I.log files here")
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        default=30.0,
+        help="seconds between SIGTERM and SIGKILL when stopping the others after a failure",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument(
         "command",
@@ -111,6 +130,8 @@ def main(args: list[str] | None = None) -> int:
         parser.error("give the command to run after '--'")
     if ns.num_processes < 1:
         parser.error(f"--num-processes must be >= 1, got {ns.num_processes}")
+    if ns.stop_grace < 0:
+        parser.error(f"--stop-grace must be >= 0 seconds, got {ns.stop_grace}")
     port = ns.port or free_port()
     cmds = commands(cmd, ns.num_processes, port)
     if ns.dry_run:
@@ -129,7 +150,7 @@ def main(args: list[str] | None = None) -> int:
             subprocess.Popen(c, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
         )
     try:
-        status = supervise(procs)
+        status = supervise(procs, ns.stop_grace)
     finally:
         for f in logs:
             f.close()
