@@ -421,7 +421,7 @@ class MixturePipeline:
             ds = tf.data.Dataset.choose_from_datasets(
                 streams, self._draws(e, start), stop_on_empty_dataset=True
             )
-            return with_pos(e, ds.take(tf.maximum(n - start, 0)), start)
+            return with_pos(e, ds.take(max(n - start, 0)), start)
 
         first = epoch_of(e0, [self._source_start(i, loc) for i, loc in enumerate(locals_)], m0)
 
