@@ -10,7 +10,7 @@ from PIL import Image
 
 from clipjax.data import schema
 from clipjax.data.mixture import MixturePipeline, combine_mixture_states, mixture_metrics
-from clipjax.data.train_pipeline import gather_state
+from clipjax.data.train_pipeline import TrainPipeline, gather_state
 from clipjax.train import config as config_lib
 
 SIZES = {"a": 40, "b": 20}  # source a: labels 0..39, source b: 1000..1019
@@ -151,3 +151,8 @@ def test_bad_mixture_configs_name_the_key(data):
     check({"a": {"shards": a}}, r"config\.data\.epoch_samples", epoch_samples=-1)
     with pytest.raises(ValueError, match="single shard glob"):
         _pipe(data, state={"seed": 1, "epoch": 0, "offset": 0, "skipped": 0})
+    mixed = {"seed": 1, "process_count": 1, "sources": ["a", "b"], "hosts": []}
+    with pytest.raises(ValueError, match=r"mixture of sources \['a', 'b'\], but config.data.train"):
+        TrainPipeline(
+            a, global_batch=4, image_size=8, seed=1, state=mixed, process_index=0, process_count=1
+        )

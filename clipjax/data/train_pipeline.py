@@ -223,6 +223,12 @@ class TrainPipeline:
         this or another process count."""
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"data state has seed {state.get('seed')}, pipeline has {self.seed}")
+        if "sources" in state:
+            raise ValueError(
+                f"the data state is of a mixture of sources {list(state['sources'])}, but "
+                "config.data.train is now one glob; resume with the data config the run started "
+                "with"
+            )
         try:
             if "hosts" not in state:  # one host's own state()
                 self._state = self.local_state(state, state.get("carry"))
