@@ -3,6 +3,8 @@ samples, metadata kept, corrupt members skipped and counted, exact resume, img2d
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -166,3 +168,18 @@ def test_bad_tar_inputs_are_clear_errors(tmp_path, same_samples):
         _pipe(str(tmp_path / "nocap.tar"))
     with pytest.raises(ValueError, match="mix webdataset tars"):
         _pipe(f"{same_samples['tar']},{same_samples['tfrecord']}")
+
+
+def test_process_exits_with_a_tar_reader_open(same_samples):
+    """A tar reader's iterator still open at exit is closed before the interpreter shuts down
+    (destroyed during shutdown, it waits forever for its generator thread)."""
+    code = (
+        "from clipjax.data.train_pipeline import TrainPipeline\n"
+        f"pipe = TrainPipeline({same_samples['tar.gz']!r}, global_batch=4, image_size=8, "
+        "context_length=16, shuffle_buffer=8, process_index=0, process_count=1)\n"
+        "it = iter(pipe)\n"
+        "next(it)\n"
+        "print('read')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "read" in out.stdout, out.stderr[-2000:]

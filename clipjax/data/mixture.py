@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from clipjax.data import records
+from clipjax.data import records, webdataset
 from clipjax.data.shards import ShardInfo, host_batch_size, process_info
 from clipjax.data.train_pipeline import (
     _HOST_STRIDE,
@@ -482,6 +482,11 @@ class MixturePipeline:
         return finish_batches(ds, self.info, self.context_length, self.prefetch, self.threads)
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
+        batches = self._iterate()
+        tars = any(src.tars for src in self.sources)
+        return webdataset.closed_at_exit(batches) if tars else batches
+
+    def _iterate(self) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
         state = _copy(self._state)
         drawn = 0
         for batch in self.dataset(state).as_numpy_iterator():

@@ -435,6 +435,10 @@ class TrainPipeline:
         return finish_batches(ds, self.info, self.context_length, self.prefetch, self.threads)
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
+        batches = self._iterate()
+        return webdataset.closed_at_exit(batches) if self.tars else batches
+
+    def _iterate(self) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
         state = dict(self._state)
         stream = self.dataset(state["epoch"], state["offset"], state.get("carry"))
         for batch in stream.as_numpy_iterator():

@@ -19,10 +19,12 @@ come from img2dataset's `{shard}_stats.json` ("successes") or `{shard}.parquet` 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import tarfile
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -155,6 +157,26 @@ def tar_examples(path: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) ->
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         log.warning("%s: unreadable after %d samples (%s); the rest of it is skipped", path, n, e)
         yield sample_example(f"{path}:broken", {}, str(e))
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def closed_at_exit(batches: Iterator) -> Iterator:
+    """`batches` (a pipeline's generator over a tf.data iterator that reads tars), closed when the
+    interpreter exits if it is still open. A tar reader's iterator destroyed during interpreter
+    shutdown waits for its generator thread, which can no longer run Python: the process hangs."""
+    _LIVE.add(batches)
+    return batches
+
+
+@atexit.register
+def _close_live_readers() -> None:
+    for batches in list(_LIVE):
+        try:
+            batches.close()
+        except ValueError:  # running in another thread: nothing to do from here
+            pass
 
 
 def tar_dataset(path):
