@@ -170,12 +170,14 @@ def test_bad_tar_inputs_are_clear_errors(tmp_path, same_samples):
         _pipe(f"{same_samples['tar']},{same_samples['tfrecord']}")
 
 
-def test_process_exits_with_a_tar_reader_open(same_samples):
+def test_process_exits_with_a_tar_reader_open(tmp_path):
     """A tar reader's iterator still open at exit is closed before the interpreter shuts down
     (destroyed during shutdown it cannot run its generator's Python any more)."""
+    path = tmp_path / "big.tar.gz"  # more samples than the pipeline reads ahead
+    _write_tar(path, [_sample(i) for i in range(200)], mode="w:gz")
     code = (
         "from clipjax.data.train_pipeline import TrainPipeline\n"
-        f"pipe = TrainPipeline({same_samples['tar.gz']!r}, global_batch=4, image_size=8, "
+        f"pipe = TrainPipeline({str(path)!r}, global_batch=4, image_size=8, "
         "context_length=16, shuffle_buffer=8, process_index=0, process_count=1)\n"
         "it = iter(pipe)\n"
         "next(it)\n"
