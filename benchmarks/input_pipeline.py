@@ -2,6 +2,7 @@
 
     python benchmarks/input_pipeline.py [--quick] [--images N] [--batch B]
     python benchmarks/input_pipeline.py --compare open_clip [--quick] [--batch B] [--repeats R]
+    python benchmarks/input_pipeline.py --compare tar [--quick] [--batch B] [--repeats R]
 
 Writes synthetic photo-like JPEGs (384x288, ~q90) into TFRecord shards with the project's writer,
 then measures images/s of the full training path at 224px (read, parse, shuffle, decode, random
@@ -25,6 +26,12 @@ under a torch DataLoader with 0 workers (1 core) and 2 workers (2 cores; torch r
 with one thread). clipjax: TrainPipeline at 224 with a private thread pool of 1 and 2 threads on
 1 and 2 cores. Rounds alternate between the loaders; each figure is the best of `--repeats`.
 One table per image size, then one JSON line.
+
+`--compare tar` measures the pipeline reading webdataset tars (img2dataset's default output, read
+as they are) against reading TFRecord shards of the same samples: the same photo-like JPEGs and
+captions in 4 TFRecord shards (the project's writer), 4 plain tars and 4 gzipped tars (members
+KEY.jpg, KEY.txt, KEY.json, plus img2dataset's `_stats.json` per shard), TrainPipeline at 224 with
+1 and 2 threads on 1 and 2 cores, rounds alternating between the formats, best of `--repeats`.
 """
 
 import argparse
@@ -345,6 +352,86 @@ def time_open_clip(csv: str, workers: int, batch: int, steps: int) -> tuple[floa
     return rates
 
 
+def write_tars(out_dir: str, pattern: str, gzipped: bool) -> str:
+    """The TFRecord shards' samples (same order and split) as webdataset tars, img2dataset
+    style: KEY.jpg, KEY.txt, KEY.json per sample and a `_stats.json` per shard."""
+    import tarfile
+
+    import tensorflow as tf
+
+    os.makedirs(out_dir, exist_ok=True)
+    suffix = ".tar.gz" if gzipped else ".tar"
+    for k, path in enumerate(sorted(tf.io.gfile.glob(pattern))):
+        count = 0
+        with tarfile.open(
+            os.path.join(out_dir, f"{k:05d}{suffix}"), "w:gz" if gzipped else "w"
+        ) as tar:
+            for r in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                f = tf.train.Example.FromString(r).features.feature
+                key = f["key"].bytes_list.value[0].decode()
+                meta = json.dumps({"key": key, "status": "success", "width": 0, "height": 0})
+                for ext, data in (
+                    ("jpg", f["jpg"].bytes_list.value[0]),
+                    ("txt", f["txt"].bytes_list.value[0]),
+                    ("json", meta.encode()),
+                ):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+        with open(os.path.join(out_dir, f"{k:05d}_stats.json"), "w") as f:
+            json.dump({"count": count, "successes": count}, f)
+    return os.path.join(out_dir, f"*{suffix}")
+
+
+def compare_tar(args) -> None:
+    """TrainPipeline over webdataset tars (plain, gzipped) vs TFRecords of the same samples."""
+    steps, batch = (3 if args.quick else args.steps), args.batch
+    n = args.images or (steps + 2) * batch * 2
+    unique = min(n, 64 if args.quick else 256)
+    width, height = COMPARE_SIZES[0]
+    summary = {"benchmark": "input_pipeline_tar_vs_tfrecord", "image_size": SIZE, "batch": batch}
+    summary |= {"steps": steps, "repeats": args.repeats, "images": n, "jpeg": f"{width}x{height}"}
+    usable = len(os.sched_getaffinity(0))
+    loads = [load_average()]
+    best: dict[str, float] = {}
+    best_cpu: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pattern, _ = write_same_files(tmp, width, height, n, unique)
+        kinds = {
+            "tfrecord": pattern,
+            "tar": write_tars(os.path.join(tmp, "tar"), pattern, gzipped=False),
+            "tar.gz": write_tars(os.path.join(tmp, "targz"), pattern, gzipped=True),
+        }
+        for _ in range(args.repeats):
+            for cores in (1, 2):
+                if cores > usable:
+                    continue
+                for kind, files in kinds.items():
+                    name = f"{kind} {cores}core"
+                    rate, cpu_rate = time_pipeline_cpu(files, cores, batch, steps)
+                    best[name] = max(best.get(name, 0.0), rate)
+                    best_cpu[name] = max(best_cpu.get(name, 0.0), cpu_rate)
+            loads.append(load_average())
+    print(
+        f"\n{width}x{height} q90 JPEGs ({unique} distinct, {n} samples) -> {SIZE}px, batch "
+        f"{batch}, {steps} timed batches, best of {args.repeats}:"
+    )
+    print("| input | cores | images/s | images per CPU-second | vs TFRecord (per CPU-second) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in best:
+        kind, cores = name.split()
+        ref = best_cpu[f"tfrecord {cores}"]
+        ratio = best_cpu[name] / ref
+        print(f"| {kind} | {cores[0]} | {best[name]:.0f} | {best_cpu[name]:.0f} | {ratio:.2f} |")
+        summary[name.replace(" ", "_")] = round(best[name], 1)
+        summary[name.replace(" ", "_") + "_per_cpu_s"] = round(best_cpu[name], 1)
+        summary[name.replace(" ", "_") + "_ratio_per_cpu_s"] = round(ratio, 2)
+    summary["load_average_1_5_15"] = loads
+    print(f"load averages (1/5/15 min) before and after each round: {loads}")
+    print(json.dumps(summary))
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -469,9 +556,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="32; --compare open_clip: 128")
     p.add_argument("--repeats", type=int, default=None, help="best of this many (2; quick: 2)")
     p.add_argument(
-        "--compare", choices=("pil", "open_clip"), default="pil", help="the baseline loader"
+        "--compare",
+        choices=("pil", "open_clip", "tar"),
+        default="pil",
+        help="the baseline loader (tar: webdataset tars vs TFRecords of the same samples)",
     )
-    p.add_argument("--steps", type=int, default=6, help="timed batches (--compare open_clip)")
+    p.add_argument("--steps", type=int, default=6, help="timed batches (--compare open_clip/tar)")
     args = p.parse_args()
     cores = len(os.sched_getaffinity(0))
     print(
@@ -484,6 +574,11 @@ def main() -> None:
         args.repeats = args.repeats or 3
         args.batch = args.batch or 128
         compare_open_clip(args)
+        return
+    if args.compare == "tar":
+        args.repeats = args.repeats or 3
+        args.batch = args.batch or 64
+        compare_tar(args)
         return
     args.repeats = args.repeats or 2
     args.batch = args.batch or 32

@@ -23,12 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from clipjax.data.webdataset import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    member_groups,
+    read_member,
+    split_member,
+)
+from clipjax.data.webdataset import IMAGE_EXTS as _WDS_IMAGE_EXTS
 from clipjax.data.writer import SourceItem
 from clipjax.files import expand_globs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # a webdataset member larger than this is skipped, unread
 
 
 @dataclasses.dataclass
@@ -213,12 +218,6 @@ def class_folder_source(root: str, template: str = "a photo of a {}.") -> Source
 # (c) webdataset tars (img2dataset's default output) ---------------------------------------------
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    directory, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return os.path.join(directory, stem), ext.lower()
-
-
 def _range_reader(path: str, offset: int, size: int) -> Callable[[], bytes]:
     def read() -> bytes:
         with open(path, "rb") as f:
@@ -261,34 +260,18 @@ def _tar_items(path: str, lazy: bool, max_member_bytes: int) -> Iterator[SourceI
             key=key, origin=origin, caption=parts.get("txt", b""), read=read, label=label
         )
 
+    def read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Any:
+        if split_member(member.name)[1] in ("txt", "cls"):
+            return read_member(tar, member)
+        if lazy:  # an image, read by offset when its shard is written
+            return _range_reader(path, member.offset_data, member.size)
+        return lambda d=read_member(tar, member): d
+
+    wanted = (*_WDS_IMAGE_EXTS, "txt", "cls")
     try:
         with tarfile.open(path, "r:" if lazy else "r|*") as tar:
-            key, parts, too_big = None, {}, None
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_member(member.name)
-                if k != key and key is not None:
-                    yield make(key, parts, too_big)
-                    parts, too_big = {}, None
-                key = k
-                used = ext in _WDS_IMAGE_EXTS or ext in ("txt", "cls")
-                if used and member.size > max_member_bytes:
-                    too_big = (
-                        f"member {member.name} is {member.size} bytes, over the cap of "
-                        f"{max_member_bytes} (--max-member-mb); not read"
-                    )
-                    parts[ext] = None
-                elif ext in _WDS_IMAGE_EXTS and lazy:
-                    parts[ext] = _range_reader(path, member.offset_data, member.size)
-                elif ext in _WDS_IMAGE_EXTS:
-                    parts[ext] = lambda d=tar.extractfile(member).read(): d
-                elif ext in ("txt", "cls"):
-                    parts[ext] = tar.extractfile(member).read()
-                else:
-                    parts[ext] = None  # e.g. .json: unused, but it names a key
-            if key is not None:
-                yield make(key, parts, too_big)
+            for key, parts, problem in member_groups(tar, wanted, read, max_member_bytes):
+                yield make(key, parts, problem and f"{problem} (--max-member-mb); not read")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(
             f"{path}: unreadable tar ({e}); expected webdataset shards (KEY.jpg + KEY.txt members)"

@@ -44,8 +44,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from clipjax.data import records, schema
+from clipjax.data import records, schema, webdataset
 from clipjax.data.shards import (
+    ShardInfo,
     count_records,
     host_batch_size,
     list_shards,
@@ -67,9 +68,14 @@ def gather_state(local_state: dict) -> dict:
     while records are carried over from another process count, its position in them).
 
     A collective when there are several processes (call it on all of them at the same step).
+    A mixture's state (clipjax.data.mixture) is gathered by its own rules.
     """
     import jax
 
+    if "sources" in local_state:
+        from clipjax.data.mixture import gather_mixture_state
+
+        return gather_mixture_state(local_state)
     carry = local_state.get("carry")
     row = np.array(
         [
@@ -160,6 +166,7 @@ class TrainPipeline:
         self.batch_size = host_batch_size(global_batch, self.process_count)
         _check_sizes(image_size, context_length, shuffle_buffer, read_windows)
         self.all_files = list_shards(shards)
+        self.tars = webdataset.all_tars(self.all_files)
         self.files, self.record_split = self._split(self.process_index, self.process_count)
         if self.record_split:
             log.warning(
@@ -168,7 +175,8 @@ class TrainPipeline:
                 self.process_count,
                 self.process_count,
             )
-        self.info = validate_shards(self.files)
+        validate = webdataset.validate_tars if self.tars else validate_shards
+        self.info = validate(self.files)
         self.image_size, self.context_length = image_size, context_length
         self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
         self.crop_scale = tuple(crop_scale)
@@ -183,8 +191,9 @@ class TrainPipeline:
 
     def _check_epoch_holds_a_batch(self) -> None:
         """An epoch without one full batch would make the endless stream spin: refuse it when
-        the writer's manifests tell the counts (counting img2dataset shards means reading them)."""
-        known = count_records(self.files, manifest_only=True)
+        the writer's manifests (or img2dataset's stats) tell the counts (else counting means
+        reading the shards)."""
+        known = self.count_records(self.files, manifest_only=True)
         if known is None:
             return
         mine = (
@@ -199,6 +208,12 @@ class TrainPipeline:
                 f"{self.batch_size}; use a smaller global batch or more data"
             )
 
+    def count_records(self, files: Sequence[str], manifest_only: bool = False) -> int | None:
+        """Records in `files` (TFRecords: the writer's manifest; tars: img2dataset's stats)."""
+        if self.tars:
+            return webdataset.count_samples(files, manifest_only)
+        return count_records(files, manifest_only)
+
     # -- state ----------------------------------------------------------------------------
     def state(self) -> dict:
         """This host's position after the last batch yielded (a copy)."""
@@ -209,9 +224,15 @@ class TrainPipeline:
         this or another process count."""
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"data state has seed {state.get('seed')}, pipeline has {self.seed}")
+        if "sources" in state:
+            raise ValueError(
+                f"the data state is of a mixture of sources {list(state['sources'])}, but "
+                "config.data.train is now one glob; resume with the data config the run started "
+                "with"
+            )
         try:
             if "hosts" not in state:  # one host's own state()
-                self._state = self._local_state(state, state.get("carry"))
+                self._state = self.local_state(state, state.get("carry"))
             elif state.get("process_count") == self.process_count:
                 local = state["hosts"][self.process_index]
                 carry = state.get("carry")
@@ -219,15 +240,15 @@ class TrainPipeline:
                     carry = dict(carry, offset=local["carry_offset"])
                 else:
                     carry = None
-                self._state = self._local_state(local, carry)
+                self._state = self.local_state(local, carry)
             else:
-                self._state = self._resized_state(state)
+                self._state = self.resized_state(state)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(
                 f"bad data state {state!r}: expected keys epoch, offset, skipped ({e})"
             ) from None
 
-    def _local_state(self, local: dict, carry: dict | None) -> dict:
+    def local_state(self, local: dict, carry: dict | None) -> dict:
         out = {
             "seed": self.seed,
             "epoch": int(local["epoch"]),
@@ -244,7 +265,7 @@ class TrainPipeline:
             }
         return out
 
-    def _resized_state(self, state: dict) -> dict:
+    def resized_state(self, state: dict) -> dict:
         """This host's start after a change of process count: the old hosts' remaining records
         carried, then the epoch after the newest old one."""
         old_count, hosts = int(state["process_count"]), state["hosts"]
@@ -279,7 +300,7 @@ class TrainPipeline:
             "offset": 0,
             "skipped": total_skipped if self.process_index == 0 else 0,
         }
-        return self._local_state(local, carry)
+        return self.local_state(local, carry)
 
     # -- tf.data graph --------------------------------------------------------------------
     def _split(self, host: int, count: int) -> tuple[list[str], bool]:
@@ -293,7 +314,8 @@ class TrainPipeline:
         key = tuple(files)
         if key not in self._window_tables:
             paths, firsts, sizes = [], [], []
-            for path, count in zip(files, record_counts(files)):
+            counts = webdataset.sample_counts(files) if self.tars else record_counts(files)
+            for path, count in zip(files, counts):
                 bounds = np.linspace(0, count, self.read_windows + 1).astype(np.int64)
                 keep = bounds[1:] > bounds[:-1]
                 paths += [path] * int(keep.sum())
@@ -315,15 +337,16 @@ class TrainPipeline:
             )
             return tuple(tf.gather(tf.constant(c), order) for c in columns)
 
+        file_records = webdataset.tar_dataset if self.tars else tf.data.TFRecordDataset
         if self.read_windows == 1:
             sources = tf.data.Dataset.from_tensor_slices(permuted(files)[0])
-            read, cycle = tf.data.TFRecordDataset, max(1, min(self.cycle_length, len(files)))
+            read, cycle = file_records, max(1, min(self.cycle_length, len(files)))
         else:
             windows = self._window_table(files)
             sources = tf.data.Dataset.from_tensor_slices(permuted(*windows))
 
             def read(path, first, count):
-                return tf.data.TFRecordDataset(path).skip(first).take(count)
+                return file_records(path).skip(first).take(count)
 
             cycle = min(self.cycle_length * self.read_windows, len(windows[0]))
         return sources.interleave(
@@ -361,18 +384,21 @@ class TrainPipeline:
         )
         return ds.enumerate().map(records.traced(lambda pos, rec: (pos, rec, keys[1])))
 
-    def _epoch_records(self, epoch, skip):
-        """This host's epoch from position `skip`, tagged (epoch, position, carried=False)."""
+    def epoch_records(self, epoch, skip):
+        """This host's epoch from position `skip`: (tags {_epoch, _pos, _carried=False},
+        serialized record, augmentation key)."""
         import tensorflow as tf
 
         ds = self._host_stream(epoch, self.process_index, self.process_count).skip(skip)
         return ds.map(
-            records.traced(lambda pos, rec, key: (tf.cast(epoch, tf.int64), pos, False, rec, key))
+            records.traced(
+                lambda pos, rec, key: (_tags(tf.cast(epoch, tf.int64), pos, False), rec, key)
+            )
         )
 
-    def _carried_records(self, carry: dict):
-        """This host's share of the old hosts' remaining records, tagged (-1, position in the
-        share, carried=True)."""
+    def carried_records(self, carry: dict):
+        """This host's share of the old hosts' remaining records, tagged {_epoch=-1, _pos=position
+        in the share, _carried=True}."""
         import tensorflow as tf
 
         old = carry["process_count"]
@@ -386,42 +412,14 @@ class TrainPipeline:
         ds = ds.shard(self.process_count, self.process_index).enumerate().skip(carry["offset"])
         return ds.map(
             records.traced(
-                lambda cpos, item: (tf.constant(-1, tf.int64), cpos, True, item[1], item[2])
+                lambda cpos, item: (_tags(tf.constant(-1, tf.int64), cpos, True), item[1], item[2])
             )
         )
 
     def _batches(self, ds):
-        """Tagged records -> decoded, augmented batches (unusable records dropped)."""
-        import tensorflow as tf
-
-        from clipjax.data.transforms import decode_train_transform
-
-        info = self.info
-        size, crop_scale = self.image_size, self.crop_scale
-        ds = ds.map(
-            records.traced(
-                lambda e, pos, c, rec, key: (e, pos, c, records.parse_record(rec, info), key)
-            )
+        return decode_batches(
+            ds, self.info, self.image_size, self.crop_scale, self.context_length, self.batch_size
         )
-        ds = ds.filter(records.traced(lambda e, pos, c, ex, key: records.usable(ex, info)))
-
-        def decode(epoch, pos, carried, ex, aug_key):
-            seed = tf.random.stateless_uniform(
-                [2], seed=tf.stack([aug_key, pos]), dtype=tf.int32, minval=None, maxval=None
-            )
-            image = decode_train_transform(ex[schema.IMAGE], size, seed, crop_scale=crop_scale)
-            out = {
-                "image": image,
-                schema.TEXT: ex[schema.TEXT],
-                "_epoch": epoch,
-                "_pos": pos,
-                "_carried": carried,
-            }
-            return out | records.optional_fields(ex, info, self.context_length)
-
-        ds = ds.map(records.traced(decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.ignore_errors()  # undecodable images: dropped, counted from position gaps
-        return ds.batch(self.batch_size, drop_remainder=True)
 
     def dataset(
         self, start_epoch: int = 0, start_offset: int = 0, carry: dict | None = None, gate=None
@@ -431,22 +429,14 @@ class TrainPipeline:
         NumpyStream's, applied before the tokenizer (see clipjax.data.stream)."""
         import tensorflow as tf
 
-        first = self._epoch_records(start_epoch, start_offset)
+        first = self.epoch_records(start_epoch, start_offset)
         if carry is not None:
-            first = self._carried_records(carry).concatenate(first)
+            first = self.carried_records(carry).concatenate(first)
         later = tf.data.Dataset.range(start_epoch + 1, 1 << 40).flat_map(
-            records.traced(lambda e: self._batches(self._epoch_records(e, 0)))
+            records.traced(lambda e: self._batches(self.epoch_records(e, 0)))
         )
         ds = self._batches(first).concatenate(later)
-        if gate is not None:
-            ds = gate(ds)
-        ds = ds.map(
-            records.traced(lambda b: records.tokenize_batch(b, self.context_length, self.info)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        ds = ds.map(records.traced(lambda b: {k: v for k, v in b.items() if k != schema.TEXT}))
-        return ds.prefetch(self.prefetch).with_options(records.dataset_options(self.threads))
+        return finish_batches(ds, self.info, self.context_length, self.prefetch, self.threads, gate)
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
         """The batches from the current state; close the iterator (`.close()`, or
@@ -480,6 +470,52 @@ class TrainPipeline:
             state.pop("carry", None)  # the carried records are used up
         state["skipped"] += consumed - self.batch_size
         return state
+
+
+def _tags(epoch, pos, carried) -> dict:
+    """A record's place in its source: epoch (-1: carried), position, carried."""
+    return {"_epoch": epoch, "_pos": pos, "_carried": carried}
+
+
+def decode_batches(ds, info: ShardInfo, size: int, crop_scale, context_length: int, batch: int):
+    """(tags, serialized record, augmentation key) -> decoded, augmented batches of `batch`
+    (unusable records dropped; the tags, whose `_pos` seeds the augmentation, ride along)."""
+    import tensorflow as tf
+
+    from clipjax.data.transforms import decode_train_transform
+
+    ds = ds.map(records.traced(lambda t, rec, key: (t, records.parse_record(rec, info), key)))
+    ds = ds.filter(records.traced(lambda t, ex, key: records.usable(ex, info)))
+
+    def decode(tags, ex, aug_key):
+        seed = tf.random.stateless_uniform(
+            [2], seed=tf.stack([aug_key, tags["_pos"]]), dtype=tf.int32, minval=None, maxval=None
+        )
+        image = decode_train_transform(ex[schema.IMAGE], size, seed, crop_scale=crop_scale)
+        out = {"image": image, schema.TEXT: ex[schema.TEXT]} | tags
+        return out | records.optional_fields(ex, info, context_length)
+
+    ds = ds.map(records.traced(decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()  # undecodable images: dropped, counted from position gaps
+    return ds.batch(batch, drop_remainder=True)
+
+
+def finish_batches(
+    ds, info: ShardInfo, context_length: int, prefetch: int, threads: int | None, gate=None
+):
+    """Decoded batches -> tokenized, prefetched, with the pipeline's tf.data options. `gate`: a
+    NumpyStream's, applied before the tokenizer (see clipjax.data.stream)."""
+    import tensorflow as tf
+
+    if gate is not None:
+        ds = gate(ds)
+    ds = ds.map(
+        records.traced(lambda b: records.tokenize_batch(b, context_length, info)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.map(records.traced(lambda b: {k: v for k, v in b.items() if k != schema.TEXT}))
+    return ds.prefetch(prefetch).with_options(records.dataset_options(threads))
 
 
 def _copy(state: dict) -> dict:

@@ -67,7 +67,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = _loss_defaults()
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = ""  # glob (or comma-separated globs) of TFRecord shards
+    # A glob (or comma-separated globs) of TFRecord shards or webdataset tars (.tar, .tar.gz), or
+    # a weighted mixture {name: {"shards": GLOB, "weight": W, "read_windows": R,
+    # "shuffle_buffer": B}} (clipjax.data.mixture; weight 0 leaves a source out).
+    c.data.train = ml_collections.FieldReference("", field_type=object)
+    # Mixtures: draw sources with replacement (each source repeats its epochs; upsampling) or
+    # without (an epoch reads each source at most once and ends when the first runs out).
+    c.data.resampled = True
+    c.data.epoch_samples = 0  # mixture epoch length in samples (0: natural)
     c.data.shuffle_buffer = 10_000
     # Read each shard as this many windows of consecutive records, interleaved: batches of
     # class-sorted shards hold many categories without re-writing them (costs ~(W+1)/2 reads).
@@ -343,7 +350,12 @@ def _validate_counts(config: ml_collections.ConfigDict) -> None:
         "data.read_windows",
     ):
         _positive_int(config, key)
-    for key in ("checkpoint.every_steps", "eval.every_steps", "optimizer.warmup_steps"):
+    for key in (
+        "checkpoint.every_steps",
+        "eval.every_steps",
+        "optimizer.warmup_steps",
+        "data.epoch_samples",
+    ):
         _positive_int(config, key, allow_zero=True)
     if not isinstance(config.seed, int):
         raise _fail("seed", config.seed, "expected an int")
@@ -488,16 +500,41 @@ def _validate_init(config: ml_collections.ConfigDict, check_files: bool) -> None
             raise _fail("init.step", init.step, f"applies to training workdirs; this is a {kind}")
 
 
-def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool) -> None:
-    if check_files:
-        if not config.data.train:
-            raise _fail("data.train", config.data.train, "give a glob of TFRecord shards")
-        if not expand_globs(config.data.train):
+def _validate_train_data(config: ml_collections.ConfigDict, check_files: bool) -> None:
+    """config.data.train: a glob, or a mixture whose sources are well-formed (and match files)."""
+    from clipjax.data.mixture import is_mixture, parse_sources
+
+    if not isinstance(config.data.resampled, bool):
+        raise _fail("data.resampled", config.data.resampled, "expected true or false")
+    train = config.data.train
+    if not is_mixture(train):
+        if not isinstance(train, str):
             raise _fail(
-                "data.train",
-                config.data.train,
-                "matches no files; expected a glob of TFRecord shards",
+                "data.train", train, "expected a glob or a mixture {name: {shards, weight}}"
             )
+        if check_files and not train:
+            raise _fail("data.train", train, "give a glob of TFRecord shards or tars")
+        if check_files and not expand_globs(train):
+            raise _fail(
+                "data.train", train, "matches no files; expected a glob of TFRecord shards or tars"
+            )
+        return
+    try:
+        specs = parse_sources(train, "data.train")
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    for spec in specs:
+        if check_files and spec.weight > 0 and not expand_globs(spec.shards):
+            raise _fail(
+                f"data.train.{spec.name}.shards",
+                spec.shards,
+                "matches no files; expected a glob of TFRecord shards or tars",
+            )
+
+
+def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool) -> None:
+    _validate_train_data(config, check_files)
+    if check_files:
         for key in ("eval.zeroshot.shards", "eval.retrieval.shards"):
             spec = (
                 config.eval.zeroshot.shards if "zeroshot" in key else config.eval.retrieval.shards

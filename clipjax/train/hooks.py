@@ -158,6 +158,11 @@ class LogMetrics(Hook):
         check_divergence(run.metrics, step, cfg.max_nonfinite, run.checkpointer)
         run.last_metrics = {k: float(v) for k, v in jax.device_get(run.metrics).items()}
         run.last_metrics.update(run.progress.rates(step))
+        if run.data_state is not None and "sources" in run.data_state:  # a mixture
+            from clipjax.data.mixture import mixture_metrics
+            from clipjax.data.train_pipeline import gather_state
+
+            run.last_metrics.update(mixture_metrics(gather_state(run.data_state)))
         run.writer.write(step, run.last_metrics)
         if jax.process_index() == 0:
             progress_log.info(run.progress.line(step, run.last_metrics))

@@ -226,12 +226,13 @@ def restore_or_init(
 
 
 def train_pipeline(config: ml_collections.ConfigDict):
-    """This host's TrainPipeline over `config.data.train`, at the start of the data."""
+    """This host's TrainPipeline over `config.data.train` (a MixturePipeline for a mixture of
+    sources), at the start of the data."""
+    from clipjax.data.mixture import MixturePipeline, is_mixture
     from clipjax.data.train_pipeline import TrainPipeline
 
     mcfg = config_lib.model_config(config)
-    return TrainPipeline(
-        config.data.train,
+    kwargs = dict(
         global_batch=config.batch_size,
         image_size=mcfg.image_size,
         context_length=mcfg.context_length,
@@ -240,6 +241,14 @@ def train_pipeline(config: ml_collections.ConfigDict):
         read_windows=config.data.read_windows,
         crop_scale=tuple(config.data.crop_scale),
     )
+    if is_mixture(config.data.train):
+        return MixturePipeline(
+            config.data.train,
+            resampled=config.data.resampled,
+            epoch_samples=config.data.epoch_samples,
+            **kwargs,
+        )
+    return TrainPipeline(config.data.train, **kwargs)
 
 
 def train_batches(
