@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     # class-sorted shards hold many categories without re-writing them (costs ~(W+1)/2 reads).
     c.data.read_windows = 1
     c.data.crop_scale = (0.9, 1.0)  # random-resized-crop area range (fractions of the image)
+    # Records with several captions: '' = one drawn uniformly per epoch; 'txt=0.7,txt_synthetic=0.3'
+    # = a caption field drawn by these weights (see the README's "Several captions per image").
+    c.data.caption_ratio = ""
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axis overrides
@@ -373,6 +376,12 @@ def _validate_init(config: ml_collections.ConfigDict, check_files: bool) -> None
 
 
 def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool) -> None:
+    from clipjax.data.records import parse_caption_ratio
+
+    try:
+        parse_caption_ratio(config.data.caption_ratio)
+    except (ValueError, AttributeError) as e:
+        raise _fail("data.caption_ratio", config.data.caption_ratio, str(e)) from None
     if check_files:
         if not config.data.train:
             raise _fail("data.train", config.data.train, "give a glob of TFRecord shards")

@@ -224,6 +224,7 @@ def restore_or_init(
 
 def train_pipeline(config: ml_collections.ConfigDict):
     """This host's TrainPipeline over `config.data.train`, at the start of the data."""
+    from clipjax.data.records import parse_caption_ratio
     from clipjax.data.train_pipeline import TrainPipeline
 
     mcfg = config_lib.model_config(config)
@@ -236,6 +237,7 @@ def train_pipeline(config: ml_collections.ConfigDict):
         shuffle_buffer=config.data.shuffle_buffer,
         read_windows=config.data.read_windows,
         crop_scale=tuple(config.data.crop_scale),
+        caption_ratio=parse_caption_ratio(config.data.caption_ratio),
     )
 
 
