@@ -346,3 +346,40 @@ def _record_shard(
     manifest["shards"].append({"index": index, "file": name, "count": count, "skipped": skipped})
     _summarise(manifest)
     write_json(manifest_path, manifest)
+
+
+def write_record_shards(
+    parts: Iterable[Iterable[bytes]],
+    out_dir: str,
+    *,
+    source: dict,
+    prefix: str = "shard",
+    classnames: list[str] | None = None,
+) -> dict:
+    """Write already serialized records as shards, part i as `{prefix}-{i:05d}.tfrecord` (kept
+    byte for byte: every feature stays), each atomically, then the manifest; returns it."""
+    import tensorflow as tf
+
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_leftovers(out_dir, prefix)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "prefix": prefix,
+        "source": source,
+        "classnames": classnames,
+        "order": {"shuffled": False},
+        "shards": [],
+        "complete": False,
+    }
+    for index, records in enumerate(parts):
+        name = shard_name(prefix, index)
+        count = 0
+        with atomic_path(os.path.join(out_dir, name)) as tmp, tf.io.TFRecordWriter(tmp) as w:
+            for record in records:
+                w.write(record)
+                count += 1
+        manifest["shards"].append({"index": index, "file": name, "count": count, "skipped": []})
+    manifest["complete"] = True
+    _summarise(manifest)
+    write_json(os.path.join(out_dir, schema.MANIFEST), manifest)
+    return manifest
