@@ -234,3 +234,14 @@ def test_make_shards_from_caption_lists_and_coco(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(coco))
     argv = ["--coco", str(tmp_path / "bad.json"), "--images", str(img), "--no-progress"]
     assert make_shards.main(["--out", str(tmp_path / "bad")] + argv) == 2
+
+
+def test_config_rejects_a_bad_caption_ratio():
+    from clipjax.train.config import ConfigError, base_config, validate
+
+    c = base_config()
+    c.data.caption_ratio = "txt=0.7,txt_synthetic=0.3"
+    validate(c, num_devices=1, check_files=False)
+    c.data.caption_ratio = "txt=0.7,synthetic=0.3"
+    with pytest.raises(ConfigError, match=r"data.caption_ratio=.*bad entry 'synthetic=0.3'"):
+        validate(c, num_devices=1, check_files=False)
