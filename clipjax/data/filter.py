@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import re
@@ -37,8 +36,6 @@ from clipjax.cli import add_verbose_flag, setup_logging
 from clipjax.data import schema, writer
 from clipjax.data.shards import count_records, dataset_classnames, list_shards
 from clipjax.files import atomic_path, write_json, write_text
-
-log = logging.getLogger(__name__)
 
 SCORES_DIR = "scores"
 PREFIX = "filtered"
@@ -104,8 +101,6 @@ def score_shard(encoder, path: str, image_size: int, context_length: int) -> Sha
         keys.extend(batch["key"][rows].tolist())
         scores.append(np.sum(img * txt, axis=1))
         embeds.append(img.astype(np.float16))
-    if pipe.skipped:
-        log.warning("%s: %d unusable records not scored", path, pipe.skipped)
     missing = [i for i, k in enumerate(keys) if not k]
     if missing:
         raise ValueError(
