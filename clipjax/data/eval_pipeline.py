@@ -25,11 +25,13 @@ class EvalPipeline:
     """Deterministic evaluation batches: every record exactly once, no augmentation.
 
     Yields dicts of numpy arrays of a fixed host batch b = global_batch / process_count:
-    'image' float32 [b,S,S,3] (resize + centre crop), 'text' int32 [b,L], 'mask' bool [b]
-    (False on padding), 'key' and 'caption' (str object arrays), and 'label' int32 [b] when the
-    shards carry labels. Records are split i::n across hosts; every host yields `num_batches`
-    batches (padding with masked rows) so global arrays line up. Several captions of one image
-    are records sharing a `key` (group by key for retrieval). Unusable records are dropped and
+    'image' float32 [b,S,S,3] (resize + centre crop), 'text' int32 [b,L] (the first caption),
+    'texts' int32 [b,C,L] (every caption of the record, all-zero rows past its own; C is the
+    most any record of the batch has), 'mask' bool [b] (False on padding), 'key' and 'caption'
+    (the first; str object arrays), and 'label' int32 [b] when the shards carry labels.
+    Records are split i::n across hosts; every host yields `num_batches` batches (padding with
+    masked rows) so global arrays line up. Several captions of one image are a record's list
+    (or records sharing a `key`: retrieval groups by key). Unusable records are dropped and
     counted in `skipped` once iteration finishes.
     """
 
@@ -58,6 +60,7 @@ class EvalPipeline:
         import tensorflow as tf
 
         from clipjax.data import transforms
+        from clipjax.data.tokenizer import tokenize_tf
 
         info, size = self.info, self.image_size
         ds = tf.data.TFRecordDataset(list(self.files))
@@ -69,12 +72,13 @@ class EvalPipeline:
             out = {
                 "image": transforms.eval_transform(transforms.decode_image(ex[schema.IMAGE]), size),
                 "caption": ex[schema.TEXT],
+                schema.CAPTIONS: ex[schema.CAPTIONS],
                 "key": ex[schema.KEY],
             }
             return out | records.optional_fields(ex, info, self.context_length)
 
         ds = ds.map(records.traced(decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.ignore_errors().batch(self.batch_size)
+        ds = ds.ignore_errors().padded_batch(self.batch_size)  # captions padded with ""
         if gate is not None:  # a NumpyStream's, before the tokenizer (clipjax.data.stream)
             ds = gate(ds)
 
@@ -82,6 +86,13 @@ class EvalPipeline:
             b[schema.TEXT] = b["caption"]
             b = records.tokenize_batch(b, self.context_length, info)
             b.pop(schema.TEXT, None)
+            captions = b.pop(schema.CAPTIONS)
+            if info.has_tokens:  # the shards' own ids are the first caption's
+                b["texts"] = b["text"][:, None, :]
+                return b
+            ids = tokenize_tf(tf.reshape(captions, [-1]), self.context_length)
+            ids *= tf.cast(tf.reshape(captions, [-1, 1]) != "", tf.int32)  # absent: zero rows
+            b["texts"] = tf.reshape(ids, [tf.shape(captions)[0], -1, self.context_length])
             return b
 
         ds = ds.map(
@@ -95,6 +106,7 @@ class EvalPipeline:
             batch = {
                 "image": np.zeros((0, self.image_size, self.image_size, 3), np.float32),
                 "text": np.zeros((0, self.context_length), np.int32),
+                "texts": np.zeros((0, 1, self.context_length), np.int32),
                 "caption": np.zeros((0,), object),
                 "key": np.zeros((0,), object),
             }

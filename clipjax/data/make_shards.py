@@ -1,10 +1,13 @@
 """Write TFRecord shards for training from an image folder, class folders, webdataset tars or tfds.
 
   python -m clipjax.data.make_shards --out DIR --captions caps.jsonl --images IMG_DIR
+  python -m clipjax.data.make_shards --out DIR --coco captions_train2017.json --images IMG_DIR
   python -m clipjax.data.make_shards --out DIR --class-folders ROOT [--template "a photo of a {}."]
   python -m clipjax.data.make_shards --out DIR --webdataset 'tars/*.tar'
   python -m clipjax.data.make_shards --out DIR --tfds NAME --split train --label-field label
-Options: --shard-size N, --max-side PX (resize on write), --workers N, --no-progress,
+A captions file row may hold several captions of its image ('captions': [...]) and named ones
+('caption_synthetic': ...); COCO annotations give each image all its captions (schema's `txt`
+list). Options: --shard-size N, --max-side PX (resize on write), --workers N, --no-progress,
 --seed N / --keep-order, --shuffle-buffer N, --max-member-mb N (webdataset member size cap).
 Records are shuffled across the whole source with --seed (default 0), because sources sorted by
 class (class folders, sorted CSVs, per-query scrapes) would give batches of one category;
@@ -40,13 +43,18 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--captions",
-        help="JSONL ({'image','caption'} per line) or CSV with "
-        "columns image,caption; needs --images",
+        help="JSONL ({'image','caption'} or {'image','captions': [...]} per line, plus "
+        "optional 'caption_<name>' fields) or CSV with columns image,caption[,caption_<name>]; "
+        "needs --images",
+    )
+    src.add_argument(
+        "--coco",
+        help="COCO caption annotations JSON (e.g. captions_train2017.json); needs --images",
     )
     src.add_argument("--class-folders", help="root with one sub-directory of images per class")
     src.add_argument("--webdataset", help="comma-separated globs of webdataset .tar shards")
     src.add_argument("--tfds", help="tfds dataset name (already prepared under --data-dir)")
-    p.add_argument("--images", help="image directory the --captions paths are relative to")
+    p.add_argument("--images", help="image directory the --captions / --coco paths are under")
     p.add_argument(
         "--template",
         default="a photo of a {}.",
@@ -104,6 +112,10 @@ def make_source(args: argparse.Namespace) -> sources.Source:
         if not args.images:
             raise ValueError("--captions needs --images (the directory its paths are relative to)")
         return sources.captions_source(args.captions, args.images)
+    if args.coco:
+        if not args.images:
+            raise ValueError("--coco needs --images (the directory of its file_names)")
+        return sources.coco_source(args.coco, args.images)
     if args.class_folders:
         return sources.class_folder_source(args.class_folders, args.template)
     if args.webdataset:

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from clipjax.data import records
+from clipjax.data import records, schema
 from clipjax.data.shards import ShardInfo, host_batch_size, process_info
 from clipjax.data.stream import NumpyStream
 from clipjax.data.train_pipeline import (
@@ -143,6 +143,7 @@ class MixturePipeline:
         state: dict | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        caption_ratio: dict[str, float] | None = None,
     ):
         self.process_index, self.process_count = process_info(process_index, process_count)
         self.batch_size = host_batch_size(global_batch, self.process_count)
@@ -185,7 +186,10 @@ class MixturePipeline:
             tuple(f for i in infos for f in i.files),
             all(i.has_label for i in infos),
             all(i.has_tokens for i in infos),
+            caption_fields=(schema.TEXT,)
+            + tuple(sorted({f for i in infos for f in i.caption_fields} - {schema.TEXT})),
         )
+        self.caption_weights = records.caption_weights(self.info, caption_ratio)
         self.sizes = [src.count_records(src.all_files, manifest_only=True) for src in self.sources]
         known = None if None in self.sizes else sum(self.sizes)
         self.epoch_samples = int(epoch_samples) or (known if self.resampled else 0) or 0
@@ -480,7 +484,13 @@ class MixturePipeline:
         state = state or self._state
         ds = self._positions(self._mixed(state), state)
         ds = decode_batches(
-            ds, self.info, self.image_size, self.crop_scale, self.context_length, self.batch_size
+            ds,
+            self.info,
+            self.image_size,
+            self.crop_scale,
+            self.context_length,
+            self.batch_size,
+            self.caption_weights,
         )
         return finish_batches(ds, self.info, self.context_length, self.prefetch, self.threads, gate)
 

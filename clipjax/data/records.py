@@ -1,7 +1,8 @@
 """Parsing and filtering serialized records, and tokenizing their captions (train and eval).
 
 Records are parsed with defaults, so one missing a feature is filtered out (and counted by the
-pipelines), not an error.
+pipelines), not an error. A record's captions (every value of its caption fields, see `schema`)
+are parsed as a list; `txt` holds the first until `pick_caption` chooses one.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ def parse_record(serialized, info: ShardInfo):
 
     spec = {
         schema.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        schema.TEXT: tf.io.FixedLenFeature([], tf.string, default_value=""),
         schema.KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
     }
+    for field in info.caption_fields:
+        spec[field] = tf.io.VarLenFeature(tf.string)
     if info.has_label:
         spec[schema.LABEL] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
     if info.has_tokens:
@@ -26,7 +28,71 @@ def parse_record(serialized, info: ShardInfo):
     ex = tf.io.parse_single_example(serialized, spec)
     if info.has_tokens:
         ex[schema.TOKENS] = tf.sparse.to_dense(ex[schema.TOKENS])
+    texts = [ex.pop(field).values for field in info.caption_fields]
+    ex[schema.CAPTIONS] = tf.concat(texts, 0)
+    ex[schema.CAPTION_FIELD] = tf.concat([tf.fill(tf.shape(t), i) for i, t in enumerate(texts)], 0)
+    ex[schema.TEXT] = tf.concat([ex[schema.CAPTIONS], [""]], 0)[0]  # the first caption, or ""
     return ex
+
+
+def parse_caption_ratio(spec: str) -> dict[str, float] | None:
+    """'txt=0.7,txt_synthetic=0.3' -> {field: weight} (None for ''); ValueError naming the
+    problem otherwise (a field not `txt`/`txt_<name>`, a weight not a positive number)."""
+    if not spec or not spec.strip():
+        return None
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        name, sep, value = (x.strip() for x in part.partition("="))
+        try:
+            weight = float(value) if sep else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if not schema.is_caption_field(name) or not weight > 0 or weight == float("inf"):
+            raise ValueError(
+                f"caption ratio {spec!r}: bad entry {part.strip()!r}; expected comma-separated "
+                "FIELD=WEIGHT with FIELD 'txt' or 'txt_<name>' and WEIGHT a positive number"
+            )
+        if name in out:
+            raise ValueError(f"caption ratio {spec!r}: field {name!r} given twice")
+        out[name] = weight
+    return out
+
+
+def caption_weights(info: ShardInfo, ratio: dict[str, float] | None) -> list[float] | None:
+    """Per caption field weights for `pick_caption` from {field: weight} (None: every caption
+    of a record equally likely). Fields the ratio leaves out are never picked."""
+    if not ratio:
+        return None
+    unknown = sorted(set(ratio) - set(info.caption_fields))
+    if unknown:
+        raise ValueError(
+            f"caption ratio names {unknown}, which the shards' first records lack; their "
+            f"caption fields are {list(info.caption_fields)}"
+        )
+    return [float(ratio.get(field, 0.0)) for field in info.caption_fields]
+
+
+def pick_caption(ex: dict, seed, field_weights: list[float] | None = None) -> dict:
+    """Put one of the record's captions under `txt`, drawn with the stateless `seed` ([2] ints):
+    uniformly, or a field by `field_weights` (renormalised over the fields the record has), then
+    a caption of that field uniformly. "" (an unusable record) if no caption can be drawn."""
+    import tensorflow as tf
+
+    captions, field = ex[schema.CAPTIONS], ex[schema.CAPTION_FIELD]
+    n = tf.size(captions)
+    if field_weights is None:
+        w = tf.ones([n], tf.float32)
+    else:
+        fw = tf.constant(field_weights, tf.float32)
+        per_field = tf.math.bincount(
+            field, minlength=len(field_weights), maxlength=len(field_weights), dtype=tf.float32
+        )
+        w = tf.gather(fw, field) / tf.maximum(tf.gather(per_field, field), 1.0)
+    total = tf.reduce_sum(w)
+    u = tf.random.stateless_uniform([], seed=seed) * total
+    idx = tf.minimum(tf.searchsorted(tf.cumsum(w), [u], side="right")[0], n - 1)
+    idx = tf.where(total > 0, idx, n)  # n: the "" appended below
+    return ex | {schema.TEXT: tf.gather(tf.concat([captions, [""]], 0), idx)}
 
 
 def usable(ex, info: ShardInfo):

@@ -58,6 +58,8 @@ class ShardInfo:
     has_label: bool
     has_tokens: bool
     empty: tuple[str, ...] = ()
+    # `txt` then the named caption fields (`txt_<name>`) of any shard's first record, sorted
+    caption_fields: tuple[str, ...] = (schema.TEXT,)
 
 
 def validate_shards(files: Sequence[str]) -> ShardInfo:
@@ -67,7 +69,7 @@ def validate_shards(files: Sequence[str]) -> ShardInfo:
 
     if not files:
         raise ValueError("no shard files to validate")
-    empty, labels, tokens = [], [], []
+    empty, labels, tokens, fields = [], [], [], set()
     for path in files:
         try:
             first = list(tf.data.TFRecordDataset(path).take(1).as_numpy_iterator())
@@ -103,11 +105,13 @@ def validate_shards(files: Sequence[str]) -> ShardInfo:
             )
         labels.append(kinds.get(schema.LABEL) == "int64")
         tokens.append(kinds.get(schema.TOKENS) == "int64")
+        fields |= {k for k, v in kinds.items() if schema.is_caption_field(k) and v == "bytes"}
     if len(empty) == len(files):
         raise ValueError(f"all {len(files)} shards are empty (e.g. {files[0]})")
     if empty:
         log.warning("%d empty shards (e.g. %s)", len(empty), empty[0])
-    return ShardInfo(tuple(files), all(labels), all(tokens), tuple(empty))
+    named = tuple(sorted(fields - {schema.TEXT}))
+    return ShardInfo(tuple(files), all(labels), all(tokens), tuple(empty), (schema.TEXT,) + named)
 
 
 def dataset_classnames(shards: str | Sequence[str]) -> list[str] | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from clipjax.data import schema
 from clipjax.data.webdataset import (
     DEFAULT_MAX_MEMBER_BYTES,
     member_groups,
@@ -121,24 +122,46 @@ def _read_caption_rows(path: str) -> list[tuple[Any, Any]]:
                     f"{path}:{n}: not a JSON object ({e}); expected one "
                     '{"image": relpath, "caption": text} per line'
                 ) from None
-            if not isinstance(obj, dict) or "image" not in obj or "caption" not in obj:
-                raise ValueError(
-                    f"{path}:{n}: expected keys 'image' and 'caption', got "
-                    f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}"
+            rows.append(
+                (
+                    obj.get("image") if isinstance(obj, dict) else None,
+                    _row_captions(obj, f"{path}:{n}"),
                 )
-            rows.append((obj["image"], obj["caption"]))
+            )
     else:
         reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise ValueError(
                 f"{path}: expected a header row with columns 'image' and "
-                f"'caption', got {reader.fieldnames}"
+                f"'caption' (and optionally caption_<name> columns), got {reader.fieldnames}"
             )
-        for row in reader:
-            rows.append((row["image"] or "", row["caption"] or ""))
+        for n, row in enumerate(reader, 2):
+            row = {k: v or "" for k, v in row.items() if k is not None}
+            rows.append((row["image"], _row_captions(row, f"{path}:{n}")))
     if not rows:
         raise ValueError(f"captions file {path} lists no images")
     return rows
+
+
+def _row_captions(obj: Any, where: str) -> Any:
+    """A captions-file row's caption(s): its 'caption' as the row holds it (the writer skips one
+    that is not text), or {field: ...} with 'captions' (a list) as `txt` and every 'caption_<name>'
+    as `txt_<name>` (schema's caption fields)."""
+    if not isinstance(obj, dict) or "image" not in obj or not {"caption", "captions"} & set(obj):
+        raise ValueError(
+            f"{where}: expected keys 'image' and 'caption' (one text) or 'captions' (a list), "
+            f"got {sorted(obj) if isinstance(obj, dict) else type(obj).__name__}"
+        )
+    if "caption" in obj and "captions" in obj:
+        raise ValueError(f"{where}: give 'caption' or 'captions', not both")
+    named = {
+        schema.TEXT_PREFIX + k[len("caption_") :]: v
+        for k, v in obj.items()
+        if k.startswith("caption_") and len(k) > len("caption_") and v not in ("", None)
+    }
+    if "captions" in obj:
+        return {schema.TEXT: obj["captions"], **named}
+    return {schema.TEXT: obj["caption"], **named} if named else obj["caption"]
 
 
 def captions_source(captions: str, images: str) -> Source:
@@ -168,6 +191,48 @@ def captions_source(captions: str, images: str) -> Source:
             "images": os.path.abspath(images),
         },
         total=len(rows),
+    )
+
+
+def coco_source(annotations: str, images: str) -> Source:
+    """COCO-style caption annotations (`captions_train2017.json`: 'images' with id and
+    file_name, 'annotations' with image_id and caption): one item per image with all its
+    captions, in the file's image order; the key is the file name."""
+    if not os.path.isdir(images):
+        raise ValueError(f"--images {images} is not a directory")
+    if not os.path.isfile(annotations):
+        raise ValueError(f"COCO annotations file {annotations} does not exist")
+    try:
+        data = json.loads(_decode_text_file(annotations))
+        files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+        grouped: dict[int, list[Any]] = {i: [] for i in files}
+        for n, ann in enumerate(data["annotations"]):
+            image_id = int(ann["image_id"])
+            if image_id not in grouped:
+                raise ValueError(f"annotation {n} names image_id {image_id}, not in 'images'")
+            grouped[image_id].append(ann["caption"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{annotations}: not COCO caption annotations ({type(e).__name__}: {e}); expected "
+            "{'images': [{'id', 'file_name'}], 'annotations': [{'image_id', 'caption'}]}"
+        ) from None
+    if not files:
+        raise ValueError(f"{annotations} lists no images")
+
+    def items() -> Iterator[SourceItem]:
+        for image_id, name in files.items():
+            path = os.path.join(images, name)
+            caption = {schema.TEXT: grouped[image_id]} if grouped[image_id] else None
+            yield SourceItem(key=name, origin=path, caption=caption, read=_file_reader(path))
+
+    return Source(
+        items,
+        {
+            "kind": "coco",
+            "annotations": os.path.abspath(annotations),
+            "images": os.path.abspath(images),
+        },
+        total=len(files),
     )
 
 

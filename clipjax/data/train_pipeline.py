@@ -7,7 +7,9 @@ the shuffled records 0, 1, 2, ... (their *position*). Augmentation seeds derive 
 {epoch, offset = last position in the batch + 1, skipped}, so resuming rebuilds that epoch and
 skips `offset` records *before* decoding. Batches never straddle epochs (the remainder of an
 epoch is dropped); a record that cannot be used (corrupt image, missing image, empty or non-UTF-8
-caption) is dropped deterministically and counted in `skipped`.
+caption) is dropped deterministically and counted in `skipped`. A record with several captions
+(see `schema`) gives one per epoch, drawn from (seed, epoch, host, position) like its augmentation
+(or by `caption_ratio` over named caption fields), so a resumed run draws the same.
 
 Class-sorted shards (records written in category order) make batches of one category. Without
 re-writing them, `read_windows=W` reads every shard as W windows of consecutive records, starting at
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 1: no carried records
 DEFAULT_SHUFFLE_BUFFER = 5_000  # encoded records (not decoded images)
 _HOST_STRIDE = 1 << 20  # epoch and host share one seed word: epoch * stride + host
+_CAPTION_SALT = 0x5EED_CA97  # caption draws: the augmentation key xor this, and the position
 
 
 def gather_state(local_state: dict) -> dict:
@@ -161,6 +164,7 @@ class TrainPipeline:
         state: dict | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        caption_ratio: dict[str, float] | None = None,
     ):
         self.process_index, self.process_count = process_info(process_index, process_count)
         self.batch_size = host_batch_size(global_batch, self.process_count)
@@ -177,6 +181,7 @@ class TrainPipeline:
             )
         validate = webdataset.validate_tars if self.tars else validate_shards
         self.info = validate(self.files)
+        self.caption_weights = records.caption_weights(self.info, caption_ratio)
         self.image_size, self.context_length = image_size, context_length
         self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
         self.crop_scale = tuple(crop_scale)
@@ -418,7 +423,13 @@ class TrainPipeline:
 
     def _batches(self, ds):
         return decode_batches(
-            ds, self.info, self.image_size, self.crop_scale, self.context_length, self.batch_size
+            ds,
+            self.info,
+            self.image_size,
+            self.crop_scale,
+            self.context_length,
+            self.batch_size,
+            self.caption_weights,
         )
 
     def dataset(
@@ -477,14 +488,30 @@ def _tags(epoch, pos, carried) -> dict:
     return {"_epoch": epoch, "_pos": pos, "_carried": carried}
 
 
-def decode_batches(ds, info: ShardInfo, size: int, crop_scale, context_length: int, batch: int):
+def decode_batches(
+    ds,
+    info: ShardInfo,
+    size: int,
+    crop_scale,
+    context_length: int,
+    batch: int,
+    caption_weights: list[float] | None = None,
+):
     """(tags, serialized record, augmentation key) -> decoded, augmented batches of `batch`
-    (unusable records dropped; the tags, whose `_pos` seeds the augmentation, ride along)."""
+    (unusable records dropped; the tags, whose `_pos` seeds the augmentation and the caption
+    draw, ride along). `caption_weights`: per caption field, see `records.pick_caption`."""
     import tensorflow as tf
 
     from clipjax.data.transforms import decode_train_transform
 
-    ds = ds.map(records.traced(lambda t, rec, key: (t, records.parse_record(rec, info), key)))
+    def parse(tags, rec, key):
+        ex = records.parse_record(rec, info)
+        if not info.has_tokens:  # pre-tokenized ids are the first caption's
+            seed = tf.stack([tf.bitwise.bitwise_xor(key, _CAPTION_SALT), tags["_pos"]])
+            ex = records.pick_caption(ex, seed, caption_weights)
+        return tags, ex, key
+
+    ds = ds.map(records.traced(parse))
     ds = ds.filter(records.traced(lambda t, ex, key: records.usable(ex, info)))
 
     def decode(tags, ex, aug_key):

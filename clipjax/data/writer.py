@@ -38,7 +38,9 @@ class SourceItem:
 
     key: str
     origin: str  # where it came from, named in skip messages (a path, "a.tar:0001.jpg", ...)
-    caption: str | bytes  # anything else (a JSON null, number, list) is skipped as a bad caption
+    # text, or {caption field: text or list of texts} for several captions (schema: 'txt',
+    # 'txt_synthetic', ...); anything else (null, a number, a bare list) is a bad caption
+    caption: Any
     read: Callable[[], bytes]
     label: int | None = None
 
@@ -102,6 +104,29 @@ def clean_caption(caption: Any) -> str:
     if not caption:
         raise ValueError("empty caption")
     return caption
+
+
+def clean_captions(caption: Any) -> str | dict[str, list[str]]:
+    """`clean_caption` of one text; of every text of {field: text or list of texts} (a bad one
+    is an error naming it), as {field: [texts]}."""
+    if not isinstance(caption, dict) or not caption:
+        return clean_caption(caption)  # a text, or the error for null, numbers, lists
+    out = {}
+    for field, texts in caption.items():
+        if not schema.is_caption_field(field):
+            raise ValueError(f"caption field {field!r}: expected 'txt' or 'txt_<name>'")
+        texts = [texts] if isinstance(texts, (str, bytes)) else texts
+        if not isinstance(texts, (list, tuple)) or not texts:
+            raise ValueError(f"caption field {field!r} is {texts!r:.40}, expected text or a list")
+        out[field] = []
+        for i, text in enumerate(texts):
+            try:
+                out[field].append(clean_caption(text))
+            except ValueError as e:
+                raise ValueError(f"{field} caption {i + 1} of {len(texts)}: {e}") from None
+    if schema.TEXT not in out:
+        raise ValueError(f"captions {sorted(out)} lack the main field {schema.TEXT!r}")
+    return out
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -198,12 +223,12 @@ def _summarise(manifest: dict) -> None:
 
 def _read_chunk(
     chunk: list[SourceItem],
-) -> tuple[list[tuple[SourceItem, str]], list[bytes], list[dict]]:
-    """(item, cleaned caption) pairs and raw image bytes of the usable items; skip records."""
+) -> tuple[list[tuple[SourceItem, Any]], list[bytes], list[dict]]:
+    """(item, cleaned caption(s)) pairs and raw image bytes of the usable items; skip records."""
     good, raw, skipped = [], [], []
     for item in chunk:
         try:
-            caption = clean_caption(item.caption)
+            caption = clean_captions(item.caption)
             data = item.read()
         except ValueError as e:
             skipped.append({"key": item.key, "origin": item.origin, "reason": str(e)})
@@ -217,7 +242,7 @@ def _read_chunk(
 
 
 def _write_shard(
-    path: str, good: list[tuple[SourceItem, str]], encoded: Iterable, skipped: list[dict]
+    path: str, good: list[tuple[SourceItem, Any]], encoded: Iterable, skipped: list[dict]
 ) -> int:
     """Write one shard atomically; images that failed to encode are added to `skipped`."""
     import tensorflow as tf
@@ -321,3 +346,40 @@ def _record_shard(
     manifest["shards"].append({"index": index, "file": name, "count": count, "skipped": skipped})
     _summarise(manifest)
     write_json(manifest_path, manifest)
+
+
+def write_record_shards(
+    parts: Iterable[Iterable[bytes]],
+    out_dir: str,
+    *,
+    source: dict,
+    prefix: str = "shard",
+    classnames: list[str] | None = None,
+) -> dict:
+    """Write already serialized records as shards, part i as `{prefix}-{i:05d}.tfrecord` (kept
+    byte for byte: every feature stays), each atomically, then the manifest; returns it."""
+    import tensorflow as tf
+
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_leftovers(out_dir, prefix)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "prefix": prefix,
+        "source": source,
+        "classnames": classnames,
+        "order": {"shuffled": False},
+        "shards": [],
+        "complete": False,
+    }
+    for index, records in enumerate(parts):
+        name = shard_name(prefix, index)
+        count = 0
+        with atomic_path(os.path.join(out_dir, name)) as tmp, tf.io.TFRecordWriter(tmp) as w:
+            for record in records:
+                w.write(record)
+                count += 1
+        manifest["shards"].append({"index": index, "file": name, "count": count, "skipped": []})
+    manifest["complete"] = True
+    _summarise(manifest)
+    write_json(os.path.join(out_dir, schema.MANIFEST), manifest)
+    return manifest

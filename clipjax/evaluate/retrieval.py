@@ -84,7 +84,8 @@ def retrieval_recall(
     """Embed an eval set and compute recall@K both ways; usable as a periodic training hook.
 
     Each batch has 'image' [B, H, W, 3] float32 and 'text' int32 token ids, either [B, L]
-    (one caption per row) or [B, C, L] (up to C captions; all-zero rows are absent captions).
+    (one caption per row) or [B, C, L] (up to C captions; all-zero rows are absent captions);
+    'texts' [B, C, L], where present, is used instead (EvalPipeline's every caption of a record).
     Optional: 'mask' [B] marks real rows (padding counts nothing); 'key' [B] (str) names the
     image of each row, so rows sharing a key are several captions of one image (the layout of
     clipjax.data's EvalPipeline). Rows without a key are distinct images.
@@ -124,7 +125,7 @@ def retrieval_recall(
 def _unpack(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """A retrieval batch as (images, text [B, C, L], mask [B] bool, keys [B] or Nones)."""
     images = np.asarray(batch["image"])
-    text = np.asarray(batch["text"])
+    text = np.asarray(batch["texts"] if "texts" in batch else batch["text"])
     b = images.shape[0]
     mask = np.asarray(batch.get("mask", np.ones(b, bool))).astype(bool)
     keys = batch.get("key")
@@ -133,8 +134,7 @@ def _unpack(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarra
         text = text[:, None, :]
     if text.ndim != 3 or text.shape[0] != b:
         raise ValueError(
-            f"batch 'text' has shape {np.shape(batch['text'])}; expected [B, L] "
-            f"or [B, C, L] with B = {b}"
+            f"batch 'text(s)' has shape {text.shape}; expected [B, L] or [B, C, L] with B = {b}"
         )
     return images, text, mask, keys
 

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     # class-sorted shards hold many categories without re-writing them (costs ~(W+1)/2 reads).
     c.data.read_windows = 1
     c.data.crop_scale = (0.9, 1.0)  # random-resized-crop area range (fractions of the image)
+    # Records with several captions: '' = one drawn uniformly per epoch; 'txt=0.7,txt_synthetic=0.3'
+    # = a caption field drawn by these weights (see the README's "Several captions per image").
+    c.data.caption_ratio = ""
 
     # Axis sizes of the whole mesh (one may be -1: the rest). slices > 1: that many TPU slices
     # joined over the data-centre network; 'data' is split across them, fsdp and tensor stay
@@ -533,6 +536,12 @@ def _validate_train_data(config: ml_collections.ConfigDict, check_files: bool) -
 
 
 def _validate_data_and_eval(config: ml_collections.ConfigDict, check_files: bool) -> None:
+    from clipjax.data.records import parse_caption_ratio
+
+    try:
+        parse_caption_ratio(config.data.caption_ratio)
+    except (ValueError, AttributeError) as e:
+        raise _fail("data.caption_ratio", config.data.caption_ratio, str(e)) from None
     _validate_train_data(config, check_files)
     if check_files:
         for key in ("eval.zeroshot.shards", "eval.retrieval.shards"):

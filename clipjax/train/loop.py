@@ -229,6 +229,7 @@ def train_pipeline(config: ml_collections.ConfigDict):
     """This host's TrainPipeline over `config.data.train` (a MixturePipeline for a mixture of
     sources), at the start of the data."""
     from clipjax.data.mixture import MixturePipeline, is_mixture
+    from clipjax.data.records import parse_caption_ratio
     from clipjax.data.train_pipeline import TrainPipeline
 
     mcfg = config_lib.model_config(config)
@@ -240,6 +241,7 @@ def train_pipeline(config: ml_collections.ConfigDict):
         shuffle_buffer=config.data.shuffle_buffer,
         read_windows=config.data.read_windows,
         crop_scale=tuple(config.data.crop_scale),
+        caption_ratio=parse_caption_ratio(config.data.caption_ratio),
     )
     if is_mixture(config.data.train):
         return MixturePipeline(
