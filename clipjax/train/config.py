@@ -200,17 +200,21 @@ def key_known(key: str, base: ml_collections.ConfigDict | None = None) -> bool:
 
 
 def suggest_keys(key: str, base: ml_collections.ConfigDict | None = None) -> list[str]:
-    """Known dotted keys close to `key`: by the whole key, else by its last part."""
+    """Known dotted keys close to `key`: by the whole key, else by its last part; only those
+    about as close as the closest (a renamed key suggests its new name, not its neighbours)."""
     from flax.traverse_util import flatten_dict
 
     base = base_config() if base is None else base
     known = list(flatten_dict(base.to_dict(), sep=".", keep_empty_nodes=True))
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    if not close:
-        last = key.rsplit(".", 1)[-1]
-        by_last = {k.rsplit(".", 1)[-1]: k for k in known}
-        close = [by_last[k] for k in difflib.get_close_matches(last, list(by_last), 3, 0.6)]
-    return close
+    by_last = {k.rsplit(".", 1)[-1]: k for k in known}
+    for word, words, full in ((key, known, None), (key.rsplit(".", 1)[-1], by_last, by_last)):
+        scored = [(difflib.SequenceMatcher(None, word, w).ratio(), w) for w in words]
+        scored = sorted((r, w) for r, w in scored if r >= 0.6)[::-1][:3]
+        if scored:
+            best = scored[0][0]
+            close = [w for r, w in scored if r >= best - 0.05]
+            return [full[w] for w in close] if full else close
+    return []
 
 
 def _section_keys(key: str) -> list[str]:
