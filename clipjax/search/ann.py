@@ -83,9 +83,7 @@ def _faiss():
     try:
         import faiss
     except ImportError as e:
-        raise ImportError(
-            "approximate search needs faiss-cpu (pip install 'clipjax[search]')"
-        ) from e
+        raise ImportError("approximate search needs faiss-cpu (pip install faiss-cpu)") from e
     return faiss
 
 

@@ -18,21 +18,30 @@ from clipjax.search.index import display_path
 THUMB_SIZE = 192
 
 
-def thumbnail_data_uri(path: str, size: int = THUMB_SIZE) -> str | None:
-    """A small JPEG of `path` as a data: URI, or None if the image cannot be read."""
-    from PIL import Image
-
+def thumbnail_jpeg(source: str | bytes, size: int = THUMB_SIZE) -> bytes | None:
+    """A small JPEG of an image (a file path or encoded bytes), brought to RGB by the project's
+    image rule (`to_rgb`), or None if it cannot be read."""
     from clipjax.data.image import to_rgb
+    from clipjax.search.sources import open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(source) as im:
+            im.draft(None, (size, size))  # JPEG: decode at a reduced scale when it can
             im = to_rgb(im)
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=85)
     except Exception:
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def thumbnail_data_uri(path: str, size: int = THUMB_SIZE) -> str | None:
+    """A small JPEG of `path` as a data: URI, or None if the image cannot be read."""
+    data = thumbnail_jpeg(path, size)
+    if data is None:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 def file_href(path: str, base: str) -> str:

@@ -444,4 +444,3 @@ def _read_paths(index_dir: str, chunk: dict[str, Any]) -> list[str | dict[str, A
             )
         out.append(path)
     return out
-

@@ -178,7 +178,8 @@ def _need(image: bytes | None, where: str) -> bytes:
 
 def webdataset_items(patterns: str | list[str]) -> Iterator[IndexItem]:
     """One item per key of webdataset tars (the shard writer's reader), keeping caption and key.
-    Only uncompressed tars: their members are read back by name when served."""
+    Only uncompressed tars: their members are read back by name when served. The tars are
+    checked here, before the items are iterated."""
     from clipjax.data.sources import webdataset_source
 
     source = webdataset_source(patterns)
@@ -187,6 +188,10 @@ def webdataset_items(patterns: str | list[str]) -> Iterator[IndexItem]:
             f"{patterns}: compressed tars cannot be indexed (their images cannot be read back "
             "by position when served); index uncompressed tars, or write TFRecord shards"
         )
+    return _webdataset_items(source)
+
+
+def _webdataset_items(source: Any) -> Iterator[IndexItem]:
     for item in source:
         tar, _, key = item.origin.rpartition(":")
         caption = item.caption
