@@ -219,6 +219,9 @@ def create_app(service: SearchService) -> Any:
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
+                route = "/".join(scope["path"].split("/")[:3]) or "/"
+                if route.startswith("/api/") or route in ("/", "/health", "/metrics"):
+                    service.metrics.count(route, message["status"])
                 headers = list(message.get("headers", []))
                 headers += [(k.encode(), v.encode()) for k, v in _SECURITY_HEADERS.items()]
                 message = {**message, "headers": headers}

@@ -309,7 +309,10 @@ class SearchService:
     def result(self, collection: Collection, row: int, score: float) -> dict[str, Any]:
         entry = collection.index.entry(row)
         ident = display_path(entry["id"])
-        name = display_path(os.path.basename(entry["path"])) if "path" in entry else ident
+        if "path" in entry:
+            name = display_path(os.path.basename(entry["path"]))
+        else:  # a shard record: its key, else its location
+            name = display_path(entry.get("key") or ident)
         return {
             "id": row,
             "score": round(score, 6),
