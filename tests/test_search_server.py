@@ -57,13 +57,12 @@ def clustered(n, dim, seed, centres=50):
 
 
 def test_ann_recall_mmap_extend_and_choice(tmp_path):
-    x = clustered(6000, 32, 0)
+    x, queries = np.split(clustered(6100, 32, 0), [6000])  # queries: same clusters, not indexed
     d = str(tmp_path)
-    meta = build_ann(d, x[:5000], target_recall=0.95, recall_queries=200)
+    meta = build_ann(d, x[:5000], target_recall=0.95, recall_queries=200, train_size=2000)
     assert meta.factory.endswith(",Flat") and meta.count == 5000
-    assert meta.recall_at_10 >= 0.95 and meta.trained_on < 5000
+    assert meta.recall_at_10 >= 0.95 and meta.trained_on == 2000
     ann = AnnIndex.load(d)  # memory-mapped, read-only
-    queries = clustered(100, 32, 1)
     _, truth = exact_topk(x[:5000], queries, 10)
     _, found = ann.search(x[:5000], queries, 10)
     hits = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
@@ -104,9 +103,9 @@ def api(tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(
             root / "files" / name, format="PNG"
         )
-    assert search_main(argv + [str(root / "files"), "--images", str(root / "files")]) == 0
+    assert search_main(argv + [str(root / "odd"), "--images", str(root / "files")]) == 0
     service = SearchService(
-        [str(root / "shapes"), str(root / "files")], model, max_upload_bytes=200_000
+        [str(root / "shapes"), str(root / "odd")], model, max_upload_bytes=200_000
     )
     with serving_in_thread(service) as url:
         yield url, root, service
@@ -115,7 +114,7 @@ def api(tmp_path_factory):
 def test_api_text_image_embedding_and_similar(api):
     url, root, service = api
     index = Index.load(str(root / "shapes"))
-    assert [i["name"] for i in requests.get(url + "/api/indexes").json()] == ["shapes", "files"]
+    assert [i["name"] for i in requests.get(url + "/api/indexes").json()] == ["shapes", "odd"]
     assert requests.get(url + "/health").json()["status"] == "ok"
     r = requests.get(url + "/api/search", params={"q": "a red circle", "k": 5})
     assert r.status_code == 200
@@ -261,7 +260,7 @@ def test_page_in_a_real_browser(trained, api, tmp_path):
 
     driver = _browser_or_skip()
     root = trained
-    service = SearchService([str(root / "shapes"), str(api[1] / "files")], str(root / "model"))
+    service = SearchService([str(root / "shapes"), str(api[1] / "odd")], str(root / "model"))
     index = Index.load(str(root / "shapes"))
     shapes = service.collection("shapes")
     # The class queries whose best match (exact search, in Python) is of that class: a minute of
@@ -314,11 +313,11 @@ def test_page_in_a_real_browser(trained, api, tmp_path):
             top = settled()[0].find_element(By.CSS_SELECTOR, ".caption").text
             assert top == index.entry(row)["caption"]
             # A hostile file name is shown as text, not markup.
-            driver.find_element(By.ID, "index").send_keys("files")
+            driver.find_element(By.ID, "index").send_keys("odd")
             box = driver.find_element(By.ID, "q")
             box.clear()
             box.send_keys("anything\n")
-            wait.until(lambda d: "files" in d.current_url)
+            wait.until(lambda d: "index=odd" in d.current_url)
             names = [c.find_element(By.CSS_SELECTOR, ".name").text for c in settled(2)]
             assert HOSTILE in names, names
             assert driver.title == "clipjax search"  # the onerror handler never ran

@@ -224,6 +224,9 @@ def build_ann(
     # IVF: 64 points a list; PQ's 256-centroid codebooks want >= 39 * 256 points
     train_n = train_size or (min(n, max(64 * ivf.nlist, 40 * 256)) if ivf is not None else n)
     train_rows = np.sort(order[:train_n])
+    ivf_pq = faiss.downcast_index(ivf) if ivf is not None else None
+    if hasattr(ivf_pq, "do_polysemous_training"):
+        ivf_pq.do_polysemous_training = False  # minutes of annealing, for codes we re-rank
     if not index.is_trained:
         index.train(np.ascontiguousarray(embeddings[train_rows], dtype=np.float32))
     for start in range(0, n, 65536):
