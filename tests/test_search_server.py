@@ -80,7 +80,7 @@ def test_ann_recall_mmap_extend_and_choice(tmp_path):
     assert choose_factory(1_000_000, 512, memory_budget=200 << 20) == "IVF1024,PQ128"
     with pytest.raises(ValueError, match="memory budget"):
         choose_factory(10**9, 512, memory_budget=1 << 20)
-    meta = build_ann(str(tmp_path / "pq"), x, factory="IVF16,PQ8", recall_queries=100)
+    meta = build_ann(str(tmp_path / "pq"), x, factory="IVF16,PQ4x4", recall_queries=100)
     assert meta.rerank
     scores, ids = AnnIndex.load(str(tmp_path / "pq")).search(x, x[:3], 5)
     np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", x[ids], x[:3]), atol=1e-5)
