@@ -87,6 +87,17 @@ def test_ann_recall_mmap_extend_and_choice(tmp_path):
 
 
 # ------------------------------------------------------------------ the service over HTTP
+def odd_files(root):
+    """A folder of two images, one with a file name that is HTML markup."""
+    (root / "files").mkdir()
+    rng = np.random.default_rng(0)
+    for name in (HOSTILE, "plain.png"):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(
+            root / "files" / name, format="PNG"
+        )
+    return str(root / "files")
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     """A random tiny model; one index of demo TFRecord shards, one of files with odd names."""
@@ -97,13 +108,7 @@ def api(tmp_path_factory):
     argv = ["index", "--model", model, "--no-progress", "--out"]
     shards = str(root / "data" / "test" / "*.tfrecord")
     assert search_main(argv + [str(root / "shapes"), "--tfrecord", shards]) == 0
-    (root / "files").mkdir()
-    rng = np.random.default_rng(0)
-    for name in (HOSTILE, "plain.png"):
-        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(
-            root / "files" / name, format="PNG"
-        )
-    assert search_main(argv + [str(root / "odd"), "--images", str(root / "files")]) == 0
+    assert search_main(argv + [str(root / "odd"), "--images", odd_files(root)]) == 0
     service = SearchService(
         [str(root / "shapes"), str(root / "odd")], model, max_upload_bytes=200_000
     )
@@ -251,16 +256,18 @@ def trained(tmp_path_factory):
     shards = str(root / "data" / "test" / "*.tfrecord")
     argv = ["index", "--model", c.export.dir, "--no-progress", "--tfrecord", shards]
     assert search_main(argv + ["--out", str(root / "shapes")]) == 0
+    argv = ["index", "--model", c.export.dir, "--no-progress", "--images", odd_files(root)]
+    assert search_main(argv + ["--out", str(root / "odd")]) == 0
     return root
 
 
-def test_page_in_a_real_browser(trained, api, tmp_path):
+def test_page_in_a_real_browser(trained, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = _browser_or_skip()
     root = trained
-    service = SearchService([str(root / "shapes"), str(api[1] / "odd")], str(root / "model"))
+    service = SearchService([str(root / "shapes"), str(root / "odd")], str(root / "model"))
     index = Index.load(str(root / "shapes"))
     shapes = service.collection("shapes")
     # The class queries whose best match (exact search, in Python) is of that class: a minute of
