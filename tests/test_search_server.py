@@ -86,6 +86,25 @@ def test_ann_recall_mmap_extend_and_choice(tmp_path):
     np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", x[ids], x[:3]), atol=1e-5)
 
 
+def test_ann_cli_and_a_collection_searches_through_it(tmp_path, capsys):
+    from clipjax.search.index import IndexWriter
+    from clipjax.search.service import Collection
+
+    x, queries = np.split(clustered(1300, 16, 2), [1200])
+    d = str(tmp_path / "idx")
+    with IndexWriter(d, dim=16, dtype="float32", model_fingerprint="fp") as w:
+        w.add_chunk([f"/img/{i}.jpg" for i in range(1200)], x)
+    assert search_main(["ann", "--index", d, "--memory-budget", "x"]) == 1
+    assert "--memory-budget 'x'" in capsys.readouterr().err
+    assert search_main(["ann", "--index", d, "--memory-budget", "64M"]) == 0
+    assert "recall@10" in capsys.readouterr().out
+    c = Collection("idx", d, Index.load(d), AnnIndex.load(d))
+    assert c.describe()["search"].startswith("IVF") and c.describe()["recall_at_10"] >= 0.95
+    _, truth = exact_topk(x, queries, 10)
+    found = np.stack([c.search(q, 10)[1] for q in queries])
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]) >= 0.9
+
+
 # ------------------------------------------------------------------ the service over HTTP
 def odd_files(root):
     """A folder of two images, one with a file name that is HTML markup."""
