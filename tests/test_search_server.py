@@ -3,7 +3,6 @@ and the page in a real browser (Debian's chromium + chromium-driver, driven by s
 
 import base64
 import io
-import json
 import os
 import shutil
 
@@ -358,9 +357,56 @@ def _status(driver):
     return driver.execute_script("return document.getElementById('status').textContent")
 
 
-def test_demo_prints_the_serve_command(tmp_path):
-    from clipjax.demo import serve_command
+def test_demo_prints_the_serve_command():
+    """The printed command is two valid `clipjax.search` invocations on the demo's outputs."""
+    import shlex
 
-    cmd = serve_command("demo_out")
-    assert cmd.startswith("python -m clipjax.search index") and "serve" in cmd
-    assert json.dumps(cmd)  # one printable command line
+    from clipjax.demo import serve_command
+    from clipjax.search.__main__ import build_parser
+
+    index_cmd, serve_cmd = serve_command("my out").split(" && ")
+    words = shlex.split(index_cmd)
+    assert words[:4] == ["python", "-m", "clipjax.search", "index"]
+    args = build_parser().parse_args(words[3:])
+    assert args.tfrecord == "my out/data/test/*.tfrecord" and args.model == "my out/model"
+    words = shlex.split(serve_cmd)
+    args = build_parser().parse_args(words[3:])
+    assert args.command == "serve" and args.index == ["my out/search-index"]
+    assert args.host == "127.0.0.1"
+
+
+def test_index_from_webdataset_tars_keeps_caption_and_key(api, tmp_path):
+    import tarfile
+
+    from clipjax.search.sources import entry_image
+
+    _, root, _ = api
+    images = {}
+    tar_path = tmp_path / "shard-0000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.new("RGB", (24, 24), (80 * i, 40, 200)).save(buf, format="PNG")
+            for name, data in (
+                (f"s/{i:04d}.png", buf.getvalue()),
+                (f"s/{i:04d}.txt", b"cap %d" % i),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            images[f"s/{i:04d}"] = buf.getvalue()
+    out = str(tmp_path / "wds-index")
+    argv = ["index", "--model", str(root / "model"), "--no-progress", "--out", out]
+    assert search_main(argv + ["--webdataset", str(tar_path)]) == 0
+    index = Index.load(out)
+    entries = [index.entry(i) for i in range(len(index))]
+    assert [(e["key"], e["caption"]) for e in entries] == [
+        (f"s/{i:04d}", f"cap {i}") for i in range(3)
+    ]
+    assert all(entry_image(e) == images[e["key"]] for e in entries)
+    assert search_main(argv + ["--webdataset", str(tar_path)]) == 0  # nothing new to add
+    assert len(Index.load(out)) == 3
+    gz = tmp_path / "c.tar.gz"
+    with tarfile.open(gz, "w:gz") as tar:
+        tar.add(tar_path, arcname="x.tar")
+    assert search_main(argv[:-1] + [str(tmp_path / "w2"), "--webdataset", str(gz)]) == 1
