@@ -186,6 +186,12 @@ class SearchService:
             while name in self.collections:
                 name, n = f"{base}-{n}", n + 1
             self.collections[name] = Collection(name, d, index, ann)
+        if any(c.ann is not None for c in self.collections.values()):
+            import faiss
+
+            # Queries run concurrently in the server's thread pool: one OpenMP thread each,
+            # or faiss's spinning thread teams oversubscribe the cores (much slower under load).
+            faiss.omp_set_num_threads(1)
         model, params, self._preprocess = load(model_path, trust_torchscript=trust_torchscript)
         fingerprint = model_fingerprint(model.config, params)
         for c in self.collections.values():
