@@ -12,7 +12,9 @@ IVF's inverted lists can be memory-mapped.
 When built, the search setting (nprobe, or efSearch for HNSW) is tuned up until recall@10
 against exact search reaches `target_recall` on held-out queries: sampled rows that were not used
 to train the quantizer, each searched with itself excluded from both result lists. The recall,
-the setting, the build time and the index's size are stored in ann.json.
+the setting, the build time and the index's size are stored in ann.json. The held-out queries
+are image embeddings; text embeddings lie elsewhere in the space (CLIP's modality gap), so their
+recall can differ: raise `target_recall` for a margin.
 
 The approximate index covers the first `count` rows of the index. `extend` adds later rows (a
 grown collection) without retraining, and `search` answers rows past `count` exactly, so a stale
