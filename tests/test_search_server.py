@@ -253,6 +253,14 @@ def _browser_or_skip():
     return webdriver.Chrome(service=Service(driver_path), options=opts)
 
 
+@pytest.fixture
+def driver():
+    """The browser, checked before the model is trained (skips without chromium)."""
+    d = _browser_or_skip()
+    yield d
+    d.quit()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny CLIP trained for a minute on the demo shapes, and an index of held-out shapes."""
@@ -279,11 +287,10 @@ def trained(tmp_path_factory):
     return root
 
 
-def test_page_in_a_real_browser(trained, tmp_path):
+def test_page_in_a_real_browser(driver, trained, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = _browser_or_skip()
     root = trained
     service = SearchService([str(root / "shapes"), str(root / "odd")], str(root / "model"))
     index = Index.load(str(root / "shapes"))
@@ -300,57 +307,54 @@ def test_page_in_a_real_browser(trained, tmp_path):
         if color in caption and shape in caption:
             right.append((query, caption))
     assert len(right) >= 4, right
-    try:
-        with serving_in_thread(service) as url:
-            wait = WebDriverWait(driver, 30)
+    with serving_in_thread(service) as url:
+        wait = WebDriverWait(driver, 30)
 
-            def cards():
-                return driver.find_elements(By.CSS_SELECTOR, "#results .card")
+        def cards():
+            return driver.find_elements(By.CSS_SELECTOR, "#results .card")
 
-            def settled(n=1):
-                wait.until(lambda d: len(cards()) >= n and "searching" not in _status(d))
-                return cards()
+        def settled(n=1):
+            wait.until(lambda d: len(cards()) >= n and "searching" not in _status(d))
+            return cards()
 
-            driver.get(url + "/")
-            box = driver.find_element(By.ID, "q")
-            query, expected = right[0]
-            box.send_keys(query + "\n")
-            first = settled()[0]
-            assert first.find_element(By.CSS_SELECTOR, ".caption").text == expected
-            assert "q=" + query.replace(" ", "+") in driver.current_url  # shareable
-            driver.save_screenshot(str(tmp_path / "page.png"))
-            shot = os.environ.get("CLIPJAX_SEARCH_SCREENSHOT")
-            if shot:  # the README's screenshot (docs/search.png)
-                shutil.copy(tmp_path / "page.png", shot)
-            # "more like this" on the third result: it comes first (itself), then its kind.
-            third = cards()[2]
-            target = third.find_element(By.CSS_SELECTOR, ".caption").text
-            third.find_element(By.CSS_SELECTOR, "button.more-like").click()
-            wait.until(lambda d: "similar=" in d.current_url)
-            top = settled()[0].find_element(By.CSS_SELECTOR, ".caption").text
-            assert top == target
-            # Upload an image: one of the indexed ones finds itself first.
-            row = 11
-            upload = tmp_path / "query.jpg"
-            upload.write_bytes(service.original(service.collection("shapes"), row)[0])
-            driver.find_element(By.ID, "upload").send_keys(str(upload))
-            wait.until(lambda d: "similar=" not in d.current_url)
-            top = settled()[0].find_element(By.CSS_SELECTOR, ".caption").text
-            assert top == index.entry(row)["caption"]
-            # A hostile file name is shown as text, not markup.
-            driver.find_element(By.ID, "index").send_keys("odd")
-            box = driver.find_element(By.ID, "q")
-            box.clear()
-            box.send_keys("anything\n")
-            wait.until(lambda d: "index=odd" in d.current_url)
-            names = [c.find_element(By.CSS_SELECTOR, ".name").text for c in settled(2)]
-            assert HOSTILE in names, names
-            assert driver.title == "clipjax search"  # the onerror handler never ran
-            assert not driver.find_elements(By.CSS_SELECTOR, "#results img[src='x']")
-            logs = driver.execute_script("return document.querySelectorAll('.error').length")
-            assert logs == 0
-    finally:
-        driver.quit()
+        driver.get(url + "/")
+        box = driver.find_element(By.ID, "q")
+        query, expected = right[0]
+        box.send_keys(query + "\n")
+        first = settled()[0]
+        assert first.find_element(By.CSS_SELECTOR, ".caption").text == expected
+        assert "q=" + query.replace(" ", "+") in driver.current_url  # shareable
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        shot = os.environ.get("CLIPJAX_SEARCH_SCREENSHOT")
+        if shot:  # the README's screenshot (docs/search.png)
+            shutil.copy(tmp_path / "page.png", shot)
+        # "more like this" on the third result: it comes first (itself), then its kind.
+        third = cards()[2]
+        target = third.find_element(By.CSS_SELECTOR, ".caption").text
+        third.find_element(By.CSS_SELECTOR, "button.more-like").click()
+        wait.until(lambda d: "similar=" in d.current_url)
+        top = settled()[0].find_element(By.CSS_SELECTOR, ".caption").text
+        assert top == target
+        # Upload an image: one of the indexed ones finds itself first.
+        row = 11
+        upload = tmp_path / "query.jpg"
+        upload.write_bytes(service.original(service.collection("shapes"), row)[0])
+        driver.find_element(By.ID, "upload").send_keys(str(upload))
+        wait.until(lambda d: "similar=" not in d.current_url)
+        top = settled()[0].find_element(By.CSS_SELECTOR, ".caption").text
+        assert top == index.entry(row)["caption"]
+        # A hostile file name is shown as text, not markup.
+        driver.find_element(By.ID, "index").send_keys("odd")
+        box = driver.find_element(By.ID, "q")
+        box.clear()
+        box.send_keys("anything\n")
+        wait.until(lambda d: "index=odd" in d.current_url)
+        names = [c.find_element(By.CSS_SELECTOR, ".name").text for c in settled(2)]
+        assert HOSTILE in names, names
+        assert driver.title == "clipjax search"  # the onerror handler never ran
+        assert not driver.find_elements(By.CSS_SELECTOR, "#results img[src='x']")
+        logs = driver.execute_script("return document.querySelectorAll('.error').length")
+        assert logs == 0
 
 
 def _status(driver):
