@@ -414,3 +414,13 @@ def test_index_from_webdataset_tars_keeps_caption_and_key(api, tmp_path):
     with tarfile.open(gz, "w:gz") as tar:
         tar.add(tar_path, arcname="x.tar")
     assert search_main(argv[:-1] + [str(tmp_path / "w2"), "--webdataset", str(gz)]) == 1
+
+
+def test_query_html_of_shard_records_shows_their_thumbnails(api, tmp_path, capsys):
+    _, root, _ = api
+    out = tmp_path / "r.html"
+    argv = ["query", "--index", str(root / "shapes"), "--model", str(root / "model"), "a circle"]
+    assert search_main(argv + ["-k", "3", "--html", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("data:image/jpeg;base64,") == 3 and "test/0000" in page
+    assert "<a href" not in page  # a record is not a file to link to

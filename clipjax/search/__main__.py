@@ -306,7 +306,7 @@ def run_query(args: argparse.Namespace) -> None:
         from clipjax.files import write_text
         from clipjax.search.html import results_page
 
-        results = [(float(s), index.paths[i]) for s, i in zip(scores, ids)]
+        results = [(float(s), index.entry(int(i))) for s, i in zip(scores, ids)]
         write_text(args.html, results_page(label, results, args.html))
         print(f"wrote {args.html}")
 

@@ -54,22 +54,35 @@ def file_href(path: str, base: str) -> str:
     return urllib.parse.quote(os.fsencode(rel), safe="/")
 
 
-def results_page(query: str, results: Sequence[tuple[float, str]], html_path: str) -> str:
-    """The HTML text: the query, then a grid of (rank, score, thumbnail linked to the file)."""
+def results_page(query: str, results: Sequence[tuple[float, str | dict]], html_path: str) -> str:
+    """The HTML text: the query, then a grid of (rank, score, thumbnail linked to the file).
+    A result is an image file's path, or an index entry (`Index.entry`): a shard record is shown
+    with its key and caption, its thumbnail read from the shard, and no link."""
+    from clipjax.search.sources import entry_image
+
     base = os.path.dirname(os.path.abspath(html_path))
     cards = []
-    for rank, (score, path) in enumerate(results, start=1):
-        uri = thumbnail_data_uri(path)
-        link = html.escape(file_href(path, base))
-        name = html.escape(display_path(os.path.basename(path)))
+    for rank, (score, entry) in enumerate(results, start=1):
+        path = entry if isinstance(entry, str) else entry.get("path")
+        if path is not None:
+            uri = thumbnail_data_uri(path)
+            name = html.escape(display_path(os.path.basename(path)))
+        else:
+            try:
+                data = thumbnail_jpeg(entry_image(entry))
+            except (OSError, ValueError):
+                data = None
+            uri = data and "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+            name = html.escape(display_path(f"{entry.get('key', '')}: {entry.get('caption', '')}"))
         img = (
             f'<img src="{uri}" alt="{name}">'
             if uri
             else '<div class="missing">image not readable</div>'
         )
+        if path is not None:
+            img = f'<a href="{html.escape(file_href(path, base))}">{img}</a>'
         cards.append(
-            f'<figure><a href="{link}">{img}</a><figcaption>#{rank} '
-            f"<b>{score:.4f}</b><br>{name}</figcaption></figure>"
+            f"<figure>{img}<figcaption>#{rank} <b>{score:.4f}</b><br>{name}</figcaption></figure>"
         )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>clipjax search: {html.escape(display_path(query))}</title>
