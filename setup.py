@@ -8,7 +8,9 @@ setup(
     description="JAX/Flax framework for CLIP-style contrastive image-text pretraining",
     python_requires=">=3.11",
     packages=find_packages(include=["clipjax", "clipjax.*"]),
-    package_data={"clipjax": ["data/assets/*", "evaluate/assets/*", "evaluate/suites/*"]},
+    package_data={
+        "clipjax": ["data/assets/*", "evaluate/assets/*", "evaluate/suites/*", "search/static/*"]
+    },
     # Ranges this code is known to work in; constraints.txt holds the exact tested set that `make`
     # installs. Upper bounds stop at the first release not yet run (jax 0.11 ran on a GPU).
     install_requires=[
@@ -28,6 +30,11 @@ setup(
         "regex>=2023.0",
         "tqdm>=4.66",
         "absl-py>=2.0",
+        # search: approximate indexes, and `search serve` (ASGI toolkit, server, uploads)
+        "faiss-cpu>=1.8,<2",
+        "starlette>=0.40,<2",
+        "uvicorn>=0.30,<1",
+        "python-multipart>=0.0.9",
     ],
     extras_require={
         "test": [
@@ -36,6 +43,7 @@ setup(
             "transformers==4.57.6",
             "ruff==0.17.6",  # `make lint`; formatting differs between ruff versions
             "scikit-learn>=1.3",  # the linear probe's reference in tests only
+            "selenium>=4.20,<5",  # the search page's browser test (Debian's chromium-driver)
         ],
         # Accelerators: jax's own CUDA (12 or 13) and TPU plugins, same version as jax.
         "cuda": ["jax[cuda13]"],

@@ -5,7 +5,8 @@
    progress lines, checkpoints and metrics;
 3. evaluate on the held-out split: zero-shot classification (12 colour x shape classes, prompt
    ensemble) and image<->text retrieval recall@K, next to chance;
-4. export the model directory and load it back with `clipjax.load` as a check.
+4. export the model directory and load it back with `clipjax.load` as a check;
+then print the command that indexes the held-out images and serves them (`clipjax.search`).
 
 Everything goes under --out (default demo_out/). The run starts fresh unless --resume is given.
 """
@@ -142,6 +143,19 @@ def _report(result, workdir: str, model_dir: str, t0: float, train_s: float) -> 
     )
 
 
+def serve_command(out: str) -> str:
+    """The shell command that indexes the demo's held-out images and serves the search page."""
+    import shlex
+
+    model, index = os.path.join(out, "model"), os.path.join(out, "search-index")
+    shards = os.path.join(out, "data", "test", "*.tfrecord")
+    return (
+        f"python -m clipjax.search index --model {shlex.quote(model)} --tfrecord "
+        f"{shlex.quote(shards)} --out {shlex.quote(index)} && python -m clipjax.search serve "
+        f"--index {shlex.quote(index)} --model {shlex.quote(model)}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from clipjax.data import use_pooled_tf_allocator
 
@@ -198,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.perf_counter() - t
 
     _report(result, workdir, model_dir, t0, train_s)
-    return 0 if result.status == "completed" else 1
+    if result.status != "completed":
+        return 1
+    print("search the held-out images in a browser at http://127.0.0.1:8000/:")
+    print(f"  {serve_command(args.out)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Embed an image collection into an index, resumably and incrementally.
+"""Embed an image collection (files, or the records of TFRecord / webdataset shards, see
+`clipjax.search.sources`) into an index, resumably and incrementally.
 
 Images are processed in chunks; each finished chunk is persisted before the next starts, so a
 killed run resumes where it stopped, and re-running on a grown collection embeds only new files.
@@ -8,9 +9,10 @@ Unreadable images are skipped, recorded in the index, and not retried. Any file 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from clipjax.files import expand_globs
-from clipjax.search.index import IndexWriter, display_path, iter_chunks
+from clipjax.search.index import IndexWriter, display_path
+from clipjax.search.sources import IndexItem, file_items, open_image
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +53,9 @@ def list_images(spec: str) -> list[str]:
     return sorted(os.path.abspath(p) for p in found)
 
 
-def load_image(path: str, preprocess: Callable) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
+def load_image(path: str | bytes, preprocess: Callable) -> np.ndarray:
+    """`preprocess` of the image in a file (path) or of encoded bytes."""
+    with open_image(path) as im:
         return preprocess(im)
 
 
@@ -68,7 +70,7 @@ class BuildStats:
 
 def build_index(
     out: str,
-    paths: Sequence[str],
+    paths: Sequence[str] | Iterable[IndexItem],
     *,
     model: Any,
     params: Any,
@@ -82,7 +84,8 @@ def build_index(
     progress: bool = True,
     threads: int = 8,
 ) -> BuildStats:
-    """Add every path not yet in the index at `out` (created if missing)."""
+    """Add every image file path (or `IndexItem` of a shard record) not yet in the index at
+    `out` (created if missing). Items are read in a stream, `chunk_size` at a time."""
     from clipjax.evaluate.embed import Encoder
 
     cfg = model.config
@@ -96,21 +99,22 @@ def build_index(
     )
     with writer:  # holds the index's lock until the last chunk is recorded
         done = writer.indexed_paths()
-        todo = [p for p in paths if p not in done]
-        already = len(paths) - len(todo)
-        if already:
-            log.info(
-                "%s: %d of %d images already indexed; embedding %d",
-                out,
-                already,
-                len(paths),
-                len(todo),
-            )
+        total = len(paths) if isinstance(paths, Sequence) else None
+        items = file_items(paths) if isinstance(paths, Sequence) else iter(paths)
+        counts = {"seen": 0}
+
+        def todo_items() -> Iterable[IndexItem]:
+            for item in items:
+                counts["seen"] += 1
+                if item.id not in done:
+                    yield item
+
+        todo = todo_items()
         encoder = Encoder(model, params, mesh=mesh, batch_size=batch_size)
-        bar = _progress(len(todo), progress)
+        bar = _progress(total, progress)
         added = failed = 0
         with ThreadPoolExecutor(threads) as pool:
-            for chunk in iter_chunks(todo, chunk_size):
+            while chunk := list(itertools.islice(todo, chunk_size)):
                 ok_paths, images, bad = _load_chunk(pool, chunk, preprocess)
                 emb = (
                     encoder.images(np.stack(images))
@@ -122,36 +126,43 @@ def build_index(
                 failed += len(bad)
                 bar.update(len(chunk))
         bar.close()
+    seen = counts["seen"]
+    if seen - added - failed:
+        log.info("%s: %d of %d images were already indexed", out, seen - added - failed, seen)
     return BuildStats(
-        total=len(paths), already=already, added=added, failed=failed, index_size=writer.meta.count
+        total=seen,
+        already=seen - added - failed,
+        added=added,
+        failed=failed,
+        index_size=writer.meta.count,
     )
 
 
 def _load_chunk(
-    pool: ThreadPoolExecutor, chunk: Sequence[str], preprocess: Callable
-) -> tuple[list[str], list[np.ndarray], dict[str, str]]:
-    """Load and preprocess `chunk`'s images in `pool` -> (readable paths, their images, {path:
+    pool: ThreadPoolExecutor, chunk: Sequence[IndexItem], preprocess: Callable
+) -> tuple[list[str | dict], list[np.ndarray], dict[str, str]]:
+    """Load and preprocess `chunk`'s images in `pool` -> (readable entries, their images, {id:
     error} of the unreadable ones, which are skipped and counted)."""
-    ok_paths, images, bad = [], [], {}
-    for path, image, err in pool.map(lambda p: _load(p, preprocess), chunk):
+    ok_entries, images, bad = [], [], {}
+    for item, image, err in pool.map(lambda it: _load(it, preprocess), chunk):
         if image is None:
-            log.warning("skipping unreadable image %s (%s)", display_path(path), err)
-            bad[path] = err
+            log.warning("skipping unreadable image %s (%s)", display_path(item.id), err)
+            bad[item.id] = err
         else:
-            ok_paths.append(path)
+            ok_entries.append(item.entry)
             images.append(image)
-    return ok_paths, images, bad
+    return ok_entries, images, bad
 
 
-def _load(path: str, preprocess: Callable) -> tuple[str, np.ndarray | None, str]:
-    """(path, image, "") or (path, None, the error) for a corrupt/unsupported/vanished file."""
+def _load(item: IndexItem, preprocess: Callable) -> tuple[IndexItem, np.ndarray | None, str]:
+    """(item, image, "") or (item, None, the error) for a corrupt/unsupported/vanished image."""
     try:
-        return path, load_image(path, preprocess), ""
+        return item, load_image(item.read(), preprocess), ""
     except Exception as e:
-        return path, None, f"{type(e).__name__}: {e}"
+        return item, None, f"{type(e).__name__}: {e}"
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int | None, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", disable=not enabled, desc="indexing")

@@ -3,14 +3,19 @@
 An index is a directory:
   meta.json             format version, embedding dim, storage dtype, model fingerprint, chunk list
   chunk-NNNNN.npy       [n, D] L2-normalised embeddings (float16 or float32)
-  chunk-NNNNN.jsonl     the n image paths, one JSON string per line, in the same order
+  chunk-NNNNN.jsonl     the n entries, one JSON value per line, in the same order: an image
+                        file's path (a string), or an object for a record of a shard
+                        ({"id", "caption", "key", and "tfrecord" + "offset" or "tar" + "member"},
+                        see `clipjax.search.sources`)
+  ann.faiss, ann.json   optional approximate index of the first rows (`clipjax.search.ann`)
   .lock                 held (flock) by the run writing the index
 Paths are stored losslessly: JSON escapes control characters (a name may hold '\r' or '\n'), and
 names that are not UTF-8 (decoded by Python with surrogateescape) come back as the same str, whose
 os.fsencode is the original bytes. Version-1 indexes (chunk-NNNNN.paths, one path per line) are
-still read. Chunks are written whole (temp file, then rename) before meta.json lists them, so a
-killed indexing run loses at most the chunk in progress (its unlisted files are removed by the next
-run) and a later run continues from the rest. One writer at a time: a second one is refused.
+still read; version 2 wrote paths only. Chunks are written whole (temp file, then rename)
+before meta.json lists them, so a killed indexing run loses at most the chunk in progress (its
+unlisted files are removed by the next run) and a later run continues from the rest. One writer
+at a time: a second one is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +35,8 @@ from clipjax.files import atomic_path, write_text
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "clipjax-image-index"
-INDEX_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: chunk paths as plain lines (.paths)
+INDEX_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: chunk paths as plain lines (.paths); 2: paths only
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 PATHS_JSONL = "jsonl"  # a chunk's 'paths' entry: its paths file is NAME.jsonl
@@ -185,16 +190,20 @@ class IndexWriter:
         self.close()
 
     def indexed_paths(self) -> set[str]:
-        """Paths already in the index (or recorded as unreadable), to skip when resuming."""
+        """Ids (paths) already in the index (or recorded as unreadable), to skip when resuming."""
         done = set(self.meta.failed)
         for chunk in self.meta.chunks:
-            done.update(_read_paths(self.index_dir, chunk))
+            done.update(entry_id(e) for e in _read_paths(self.index_dir, chunk))
         return done
 
     def add_chunk(
-        self, paths: Sequence[str], embeddings: np.ndarray, failed: dict[str, str] | None = None
+        self,
+        paths: Sequence[str | dict[str, Any]],
+        embeddings: np.ndarray,
+        failed: dict[str, str] | None = None,
     ) -> None:
-        """Persist one chunk, then record it (and any unreadable paths) in meta.json."""
+        """Persist one chunk, then record it (and any unreadable entries) in meta.json. An entry
+        is an image file's path or a shard record's dict (with a str "id")."""
         if self._lock is None:
             raise ValueError(f"{self.index_dir}: the index writer is closed")
         embeddings = np.asarray(embeddings)
@@ -280,20 +289,37 @@ def check_compatible(
 
 
 class Index:
-    """A loaded index: an [N, D] embedding matrix and N paths, searched exactly."""
+    """A loaded index: an [N, D] embedding matrix and N entries, searched exactly.
 
-    def __init__(self, embeddings: np.ndarray, paths: Sequence[str], meta: IndexMeta | None = None):
+    `paths[i]` is entry i's id (an image file's path, or a shard record's id); `records` holds
+    the shard records' dicts (caption, key, location) when the index has any, else None.
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        paths: Sequence[str],
+        meta: IndexMeta | None = None,
+        records: dict[int, dict[str, Any]] | None = None,
+    ):
         if embeddings.ndim != 2 or embeddings.shape[0] != len(paths):
             raise ValueError(f"embeddings {embeddings.shape} do not match {len(paths)} paths")
         self.embeddings = embeddings  # [N, D]
         self.paths = list(paths)
         self.meta = meta
+        self.records = records or None
+
+    def entry(self, i: int) -> dict[str, Any]:
+        """Entry i as a dict: {"id", and "path" for a file or the record's fields}."""
+        if self.records is not None and i in self.records:
+            return self.records[i]
+        return {"id": self.paths[i], "path": self.paths[i]}
 
     @classmethod
     def load(cls, index_dir: str, dtype: str | np.dtype = np.float32) -> "Index":
         """Read all chunks. float16 storage is widened to `dtype` (float32 matmul uses BLAS)."""
         meta = read_meta(index_dir)
-        mats, paths = [], []
+        mats, paths, records = [], [], {}
         for chunk in meta.chunks:
             npy = os.path.join(index_dir, chunk["name"] + ".npy")
             if not os.path.isfile(npy):
@@ -309,10 +335,13 @@ class Index:
                     f"paths, expected {chunk['count']} x {meta.dim}"
                 )
             mats.append(mat)
-            paths.extend(chunk_paths)
+            for e in chunk_paths:
+                if isinstance(e, dict):
+                    records[len(paths)] = e
+                paths.append(entry_id(e))
         emb = np.concatenate(mats) if mats else np.zeros((0, meta.dim), meta.dtype)
         emb = np.ascontiguousarray(emb, dtype=dtype)
-        return cls(emb, paths, meta)
+        return cls(emb, paths, meta, records)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -355,11 +384,21 @@ def exact_topk(
     return (top[0], ids[0]) if single else (top, ids)
 
 
-def encode_path(path: str) -> str:
-    """One line of a chunk's paths file: the path as an ASCII JSON string (lossless, see above)."""
+def encode_path(path: str | dict[str, Any]) -> str:
+    """One line of a chunk's paths file: the path as an ASCII JSON string (lossless, see above),
+    or a record's dict as one ASCII JSON object."""
+    if isinstance(path, dict):
+        if not isinstance(path.get("id"), str):
+            raise ValueError(f"index record {path!r} has no str 'id'")
+        return json.dumps(path, sort_keys=True)
     if not isinstance(path, str):
         raise ValueError(f"image path {path!r} is not a str")
     return json.dumps(path)
+
+
+def entry_id(entry: str | dict[str, Any]) -> str:
+    """The id of a chunk entry: a file's path, or a record's "id"."""
+    return entry if isinstance(entry, str) else entry["id"]
 
 
 def display_path(path: str) -> str:
@@ -368,7 +407,11 @@ def display_path(path: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def _read_paths(index_dir: str, chunk: dict[str, Any]) -> list[str]:
+def _is_entry(x: Any) -> bool:
+    return isinstance(x, str) or (isinstance(x, dict) and isinstance(x.get("id"), str))
+
+
+def _read_paths(index_dir: str, chunk: dict[str, Any]) -> list[str | dict[str, Any]]:
     jsonl = chunk.get("paths") == PATHS_JSONL
     p = os.path.join(index_dir, chunk["name"] + (f".{PATHS_JSONL}" if jsonl else ".paths"))
     if not os.path.isfile(p):
@@ -383,7 +426,7 @@ def _read_paths(index_dir: str, chunk: dict[str, Any]) -> list[str]:
     nonblank = [line for line in lines if line.strip()]
     try:  # one C-level parse: ~10x faster than a json.loads per line
         out = json.loads(b"[" + b",".join(nonblank) + b"]")
-        if len(out) == len(nonblank) and all(isinstance(x, str) for x in out):
+        if len(out) == len(nonblank) and all(map(_is_entry, out)):
             return out
     except ValueError:
         pass
@@ -395,12 +438,9 @@ def _read_paths(index_dir: str, chunk: dict[str, Any]) -> list[str]:
             path = json.loads(line)
         except ValueError:  # JSONDecodeError, UnicodeDecodeError
             path = None
-        if not isinstance(path, str):
-            raise ValueError(f"{p}:{n}: not a JSON string; the index is damaged, rebuild it")
+        if not _is_entry(path):
+            raise ValueError(
+                f"{p}:{n}: not a JSON string or record; the index is damaged, rebuild it"
+            )
         out.append(path)
     return out
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
