@@ -138,8 +138,8 @@ is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name=\
 def test_collectives_across_slices():
     found = parse_collectives(DCN_HLO, (8, 2, 1), ("data", "fsdp", "tensor"), slices=2)
     assert found == [
-        Collective("all-reduce", 512, 1, ("data", "fsdp"), False),  # inside one slice
-        Collective("all-reduce", 512, 1, ("data",), True),  # over DCN
+        Collective("all-reduce", 512, 1, ("data", "fsdp"), False, (1, 1, 128)),  # in a slice
+        Collective("all-reduce", 512, 1, ("data",), True, (1, 1, 128)),  # over DCN
     ]
 
 

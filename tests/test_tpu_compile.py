@@ -9,15 +9,14 @@ compile-only plugin in this process; the CPU backend stays the default (checked 
 from __future__ import annotations
 
 import math
-import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from clipjax.parallel.mesh import make_mesh
 from clipjax.parallel.tpu_topology import abstract_devices, find_libtpu
+from clipjax.plan.collectives import parse_collectives
 from clipjax.train import config as config_lib
 from clipjax.train.builder import build_trainer
 
@@ -44,84 +43,6 @@ CASES = {
     "fsdp_tensor": ({"mesh": {"data": 2, "fsdp": 2, "tensor": 2}, "microbatches": 2}, 1),
     "slices": ({"mesh": {"data": -1, "fsdp": 4}}, 2),
 }
-
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "pred": 1, "f16": 2, "s8": 1, "u8": 1}
-_COLLECTIVE = re.compile(
-    r"= (?P<shape>\(.*?\)|\S+) (?P<kind>all-gather|all-reduce|reduce-scatter|all-to-all|"
-    r"collective-permute)(?:-start)?\("
-)
-_ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
-
-
-def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [
-        (m["dtype"], tuple(int(d) for d in m["dims"].split(",") if d))
-        for m in _ARRAY.finditer(shape)
-        if m["dtype"] in _DTYPE_BYTES
-    ]
-
-
-def _groups(line: str, num_devices: int) -> list[set[int]]:
-    """The device groups of one collective, from its replica_groups in any of XLA's forms."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\)"
-                  r" \{([^}]*)\}", line)  # fmt: skip
-    if m:
-        sizes = [int(v) for v in re.findall(r"=(\d+)", m[1])]
-        names = re.findall(r"'(\w+)'=", m[1])
-        ids = np.arange(num_devices).reshape([int(v) for v in m[2].split(",")])
-        if m[3]:
-            ids = ids.transpose([int(v) for v in m[3].split(",")])
-        ids = ids.reshape(sizes)
-        axes = [names.index(a) for a in re.findall(r"'(\w+)'", m[4])]
-        rest = [i for i in range(len(sizes)) if i not in axes]
-        flat = ids.transpose(rest + axes).reshape(-1, math.prod(sizes[i] for i in axes))
-        return [set(g.tolist()) for g in flat]
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
-    if m:
-        ids = np.arange(num_devices).reshape([int(v) for v in m[3].split(",")])
-        if m[4]:
-            ids = ids.transpose([int(v) for v in m[4].split(",")])
-        return [set(g.tolist()) for g in ids.reshape(int(m[1]), int(m[2]))]
-    m = re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", line)
-    if m:
-        return [{int(v) for v in g.split(",")} for g in re.findall(r"\{([\d,]+)\}", m[1])]
-    return [set(range(num_devices))]  # no groups: all devices
-
-
-def collectives(hlo: str, num_devices: int) -> list[dict]:
-    """Every collective in the compiled HLO (fused ones too): kind, the largest array it
-    produces, its bytes and device groups."""
-    out = []
-    for line in hlo.splitlines():
-        m = _COLLECTIVE.search(line)
-        if not m:
-            continue
-        arrays = _arrays(m["shape"])
-        dtype, dims = max(arrays, key=lambda a: math.prod(a[1]))
-        # A combined all-reduce reduces every array of its tuple; the other kinds' "-start"
-        # tuples hold the input and output of one array.
-        sizes = [_DTYPE_BYTES[t] * math.prod(d) for t, d in arrays]
-        out.append(
-            {
-                "kind": m["kind"],
-                "dims": dims,
-                "bytes": sum(sizes) if m["kind"] == "all-reduce" else max(sizes),
-                "groups": _groups(line, num_devices),
-            }
-        )
-    return out
-
-
-def dcn_transfers(hlo: str) -> list[tuple[str, int]]:
-    """(kind, bytes) of each transfer between slices (over the DCN): in a multi-slice program
-    these are host-transfer sends marked with a megascale transfer type, not HLO collectives."""
-    out = []
-    for line in hlo.splitlines():
-        m = re.search(r'= \((\S+), .* send\(.*_xla_megascale_transfer_type="(\w+)"', line)
-        if m:
-            dtype, dims = _arrays(m[1])[0]
-            out.append((m[2], _DTYPE_BYTES[dtype] * math.prod(dims)))
-    return out
 
 
 def _build(overrides: dict, slices: int):
@@ -158,8 +79,13 @@ _COMPILED: dict[str, tuple] = {}
 def compiled_case(name: str):
     """(trainer, compiled, collectives) of CASES[name], compiled once per test run."""
     if name not in _COMPILED:
-        trainer, compiled = _build(*CASES[name])
-        _COMPILED[name] = (trainer, compiled, collectives(compiled.as_text(), trainer.mesh.size))
+        overrides, slices = CASES[name]
+        trainer, compiled = _build(overrides, slices)
+        mesh = trainer.mesh
+        found = parse_collectives(
+            compiled.as_text(), list(mesh.shape.values()), mesh.axis_names, slices
+        )
+        _COMPILED[name] = (trainer, compiled, found)
     return _COMPILED[name]
 
 
@@ -201,7 +127,7 @@ def _batch_sequence_elements(trainer) -> int:
     return BATCH * min(tokens, m.context_length) * min(m.vision_width, m.text_width)
 
 
-def _activation_collectives(trainer, found: list[dict]) -> list[dict]:
+def _activation_collectives(trainer, found: list) -> list:
     """Collectives moving a whole batch of token sequences: the pattern of the FSDP failure
     (activations all-reduced / gathered instead of the weights). The token embedding's
     gradient is formed from the gathered text cotangents on purpose (models/embed_lookup.py)."""
@@ -212,9 +138,9 @@ def _activation_collectives(trainer, found: list[dict]) -> list[dict]:
     return [
         c
         for c in found
-        if math.prod(c["dims"]) >= big
-        and c["dims"] not in params
-        and not (c["kind"] == "all-gather" and math.prod(c["dims"]) == lookup_grad)
+        if math.prod(c.dims) >= big
+        and c.dims not in params
+        and not (c.kind == "all-gather" and math.prod(c.dims) == lookup_grad)
     ]
 
 
@@ -235,8 +161,8 @@ def test_train_step_compiles_without_activation_traffic(name):
 def test_data_parallel_reduces_gradients_and_gathers_no_weights():
     trainer, compiled, found = compiled_case("data")
     params = _param_shapes(trainer)
-    assert not [c for c in found if c["kind"] == "all-gather" and c["dims"] in params]
-    reduced = sum(c["bytes"] for c in found if c["kind"] == "all-reduce")
+    assert not [c for c in found if c.kind == "all-gather" and c.dims in params]
+    reduced = sum(c.bytes for c in found if c.kind == "all-reduce")
     assert reduced >= 0.9 * _dense_grad_bytes(trainer, one_layer=True)
 
 
@@ -257,10 +183,10 @@ def test_fsdp_keeps_state_sharded(name, fsdp):
         if "blocks" in jax.tree_util.keystr(path)
     }
     assert stacked
-    assert not [c for c in found if c["kind"] == "all-gather" and c["dims"] in stacked]
+    assert not [c for c in found if c.kind == "all-gather" and c.dims in stacked]
     if name == "fsdp":  # whole per-layer weights are gathered (with tensor: a tensor shard)
         params = _param_shapes(trainer)
-        assert [c for c in found if c["kind"] == "all-gather" and c["dims"] in params]
+        assert [c for c in found if c.kind == "all-gather" and c.dims in params]
 
 
 def test_tensor_parallel_splits_the_weights():
@@ -272,11 +198,12 @@ def test_tensor_parallel_splits_the_weights():
 def test_only_gradient_reductions_cross_slices():
     trainer, compiled, found = compiled_case("slices")
     assert trainer.mesh.size == 16
-    # The compiled program is one slice's: its own collectives stay inside the slice.
-    assert all(max(max(g) for g in c["groups"]) < 8 for c in found)
-    dcn = dcn_transfers(compiled.as_text())
-    reduced = sum(b for kind, b in dcn if kind == "ALL_REDUCE")
-    other = sum(b for kind, b in dcn if kind != "ALL_REDUCE")
+    # The compiled program is one slice's: its own collectives stay inside the slice, and
+    # what crosses the DCN are transfers to the megascale runtime.
+    dcn = [c for c in found if c.crosses_dcn]
+    assert dcn and len(dcn) < len(found)
+    reduced = sum(c.bytes for c in dcn if c.kind == "all-reduce")
+    other = sum(c.bytes for c in dcn if c.kind != "all-reduce")
     # Gradients are reduce-scattered inside a slice first: each chip all-reduces 1/8 of them
     # over the DCN (the token embedding's gradient is formed from gathered rows instead, see
     # models/embed_lookup.py).

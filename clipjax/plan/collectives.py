@@ -55,6 +55,7 @@ class Collective:
     count: int  # executions per step (loop trip counts)
     axes: tuple[str, ...]  # mesh axes the groups span (() = none: a no-op group)
     crosses_dcn: bool
+    dims: tuple[int, ...] = ()  # the largest array it produces
 
     @property
     def step_bytes(self) -> int:
@@ -69,6 +70,16 @@ def shape_bytes(shape_text: str) -> int:
             continue
         total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
     return total
+
+
+def largest_dims(shape_text: str) -> tuple[int, ...]:
+    """Dimensions of the largest array in an HLO shape (a tuple's items included)."""
+    arrays = [
+        tuple(int(d) for d in dims.split(",") if d)
+        for dtype, dims in _ARRAY.findall(shape_text)
+        if dtype in _DTYPE_BYTES
+    ]
+    return max(arrays, key=math.prod, default=())
 
 
 def parse_groups(attrs: str, num_devices: int) -> list[list[int]]:
@@ -187,22 +198,26 @@ def parse_collectives(
         if send:
             typed = _DCN_TYPE.search(line)
             kind = typed[1].lower().replace("_", "-") if typed else send[2]
-            nbytes = shape_bytes(_tuple_items(send[1])[0]) if send[1].startswith("(") else 0
-            out.append(Collective(kind, nbytes, counts[comp], (axis_names[0],), True))
+            item = _tuple_items(send[1])[0] if send[1].startswith("(") else ""
+            dcn = (axis_names[0],)
+            out.append(
+                Collective(kind, shape_bytes(item), counts[comp], dcn, True, largest_dims(item))
+            )
             continue
         m = _INSTR.match(line)
         if not m:
             continue
         result, kind, _, attrs = m.groups()
         groups = parse_groups(attrs, num_devices)
-        nbytes = shape_bytes(result)
+        nbytes, produced = shape_bytes(result), result
         if kind == "reduce-scatter":
             nbytes *= max(len(g) for g in groups)
         elif kind in ("all-gather", "collective-permute") and result.startswith("("):
             # async -start results are (operand, result[, scratch]) tuples: count the result
-            nbytes = shape_bytes(_tuple_items(result)[1])
+            produced = _tuple_items(result)[1]
+            nbytes = shape_bytes(produced)
         axes = group_axes(groups, local_shape, axis_names)
-        out.append(Collective(kind, nbytes, counts[comp], axes, False))
+        out.append(Collective(kind, nbytes, counts[comp], axes, False, largest_dims(produced)))
     return out
 
 
