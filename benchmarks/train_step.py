@@ -135,6 +135,7 @@ def run_worker(spec: dict) -> dict:
 
     t0, c0 = time.perf_counter(), time.process_time()
     compiled = trainer.train_step.lower(state, batch).compile()
+    hparams = trainer.train_step.placed_hparams
     compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     xla_flops = None
     try:
@@ -145,7 +146,7 @@ def run_worker(spec: dict) -> dict:
         pass
 
     t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, batch, hparams)
     jax.block_until_ready((state, metrics))
     first_step_s = time.perf_counter() - t0
     loss0 = float(metrics["loss"])
@@ -157,7 +158,7 @@ def run_worker(spec: dict) -> dict:
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, hparams)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
     usage1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from clipjax.data import make_shards, records, schema
 from clipjax.data.eval_pipeline import EvalPipeline
+from clipjax.data.mixture import MixturePipeline, gather_mixture_state
 from clipjax.data.tokenizer import tokenize
 from clipjax.data.train_pipeline import TrainPipeline
 from clipjax.evaluate.retrieval import _unpack, retrieval_metrics
@@ -245,3 +246,43 @@ def test_config_rejects_a_bad_caption_ratio():
     c.data.caption_ratio = "txt=0.7,synthetic=0.3"
     with pytest.raises(ConfigError, match=r"data.caption_ratio=.*bad entry 'synthetic=0.3'"):
         validate(c, num_devices=1, check_files=False)
+
+
+def test_a_mixture_draws_captions_over_the_union_of_its_sources_fields(tmp_path):
+    n = 8
+    named = [
+        schema.make_example(
+            png(r), {"txt": f"a original {r}", "txt_synthetic": f"a synth {r}"}, f"a{r}"
+        )
+        for r in range(n)
+    ]
+    plain = [
+        schema.make_example(png(r), [f"b first {r}", f"b second {r}"], f"b{r}") for r in range(n)
+    ]
+    sources = {
+        "a": {"shards": write_records(tmp_path / "a.tfrecord", named), "weight": 1.0},
+        "b": {"shards": write_records(tmp_path / "b.tfrecord", plain), "weight": 1.0},
+    }
+    names = [f"a original {r}" for r in range(n)] + [f"a synth {r}" for r in range(n)]
+    names += [f"b first {r}" for r in range(n)] + [f"b second {r}" for r in range(n)]
+    table = {tuple(ids): name for name, ids in zip(names, tokenize(names, L).tolist())}
+    args = dict(global_batch=4, image_size=8, context_length=L, process_index=0, process_count=1)
+    pipe = MixturePipeline(sources, **args, caption_ratio={"txt": 1.0, "txt_synthetic": 3.0})
+    assert pipe.info.caption_fields == ("txt", "txt_synthetic")
+    rows, states = drawn(pipe, 16, table)
+    from_a = [name for name in rows if name.startswith("a ")]
+    from_b = [name for name in rows if name.startswith("b ")]
+    assert from_a and from_b
+    assert 0.55 < np.mean([" synth " in name for name in from_a]) < 0.95  # 3:1 for a's fields
+    assert {name.split()[1] for name in from_b} == {"first", "second"}  # b: its txt list
+    again, _ = drawn(
+        MixturePipeline(
+            sources,
+            **args,
+            caption_ratio={"txt": 1.0, "txt_synthetic": 3.0},
+            state=gather_mixture_state(states[5]),
+        ),
+        4,
+        table,
+    )
+    assert again == rows[6 * 4 : 10 * 4]  # resumed: the same sources and captions

@@ -385,11 +385,12 @@ class BoundStep:
     sharding: NamedSharding
 
     @functools.cached_property
-    def _placed_hparams(self) -> dict[str, jax.Array]:
+    def placed_hparams(self) -> dict[str, jax.Array]:
+        """The hparams on the mesh: the third argument of a compiled `lower(...).compile()`."""
         return jax.device_put(self.hparams, self.sharding)
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        return self.jitted(state, batch, self._placed_hparams)
+        return self.jitted(state, batch, self.placed_hparams)
 
     def lower(self, state: TrainState, batch: Batch) -> Any:
         abstract = {
