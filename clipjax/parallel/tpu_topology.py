@@ -13,10 +13,11 @@ libtpu is found, in order, at `$TPU_LIBRARY_PATH`, as an importable `libtpu` mod
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 
@@ -45,20 +46,33 @@ def find_libtpu() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def setup_env(libtpu: str) -> None:
-    """The environment a compile-only libtpu needs on a host without TPUs: its path, no
-    metadata-server query (it can hang off Cloud), several processes may load it (parallel
-    tests), and the CPU backend as default unless JAX_PLATFORMS says otherwise."""
-    os.environ["TPU_LIBRARY_PATH"] = libtpu
+@contextlib.contextmanager
+def libtpu_env(libtpu: str) -> Iterator[None]:
+    """The environment a compile-only libtpu needs on a host without TPUs while jax loads it: its
+    path (restored afterwards, so child processes do not load libtpu), no metadata-server query
+    (it can hang off Cloud), several processes may load it (parallel tests), and the CPU backend
+    as default unless JAX_PLATFORMS says otherwise."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")
     if not jax.config.jax_platforms:  # env is read at import; an unset one would try libtpu
         jax.config.update("jax_platforms", "cpu")
+    before = os.environ.get("TPU_LIBRARY_PATH")
+    os.environ["TPU_LIBRARY_PATH"] = libtpu
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TPU_LIBRARY_PATH"]
+        else:
+            os.environ["TPU_LIBRARY_PATH"] = before
 
 
-def abstract_devices(topology_name: str, slices: int = 1) -> Sequence[jax.Device]:
+def abstract_devices(
+    topology_name: str, slices: int = 1, chip_config_name: str | None = None
+) -> Sequence[jax.Device]:
     """Compile-only devices of `slices` TPU slices of `topology_name` (jax's form, e.g.
-    'v5e:2x4', 'v4:4x4x8'); each carries `slice_index` when `slices` > 1.
+    'v5e:2x4', 'v4:4x4x8'); each carries `slice_index` when `slices` > 1. `chip_config_name`:
+    libtpu's chip configuration ('megacore' for v4/v5p: one device per chip).
 
     Raises RuntimeError with install instructions when libtpu is missing."""
     from jax.experimental import topologies
@@ -66,8 +80,10 @@ def abstract_devices(topology_name: str, slices: int = 1) -> Sequence[jax.Device
     libtpu = find_libtpu()
     if libtpu is None:
         raise RuntimeError(INSTALL_HINT)
-    setup_env(libtpu)
     kwargs = {"num_slices": int(slices)} if int(slices) > 1 else {}
-    return topologies.get_topology_desc(
-        platform="tpu", topology_name=topology_name, **kwargs
-    ).devices
+    if chip_config_name:
+        kwargs["chip_config_name"] = chip_config_name
+    with libtpu_env(libtpu):
+        return topologies.get_topology_desc(
+            platform="tpu", topology_name=topology_name, **kwargs
+        ).devices

@@ -55,26 +55,16 @@ def quiet_stderr(enabled: bool = True) -> Iterator[None]:
 
 def topology_devices(topology: Topology, slices: int = 1, quiet: bool = True) -> list:
     """Compile-only devices of `slices` slices of `topology` (v4/v5p: one device per chip)."""
-    from jax.experimental import topologies
+    from clipjax.parallel.tpu_topology import INSTALL_HINT, abstract_devices, find_libtpu
 
-    from clipjax.parallel.tpu_topology import INSTALL_HINT, find_libtpu, setup_env
-
-    libtpu = find_libtpu()
-    if libtpu is None:
+    if find_libtpu() is None:
         raise PlanError(INSTALL_HINT)
-    setup_env(libtpu)
-    kwargs = {"num_slices": int(slices)} if slices > 1 else {}
     with quiet_stderr(quiet):
         try:
-            desc = topologies.get_topology_desc(
-                platform="tpu",
-                topology_name=topology.name,
-                chip_config_name=topology.chip.chip_config,
-                **kwargs,
-            )
+            devices = abstract_devices(topology.name, slices, topology.chip.chip_config)
         except Exception as e:  # libtpu's own message, e.g. an unsupported shape
             raise PlanError(f"topology {topology.name}: {_first_line(e)}") from None
-    return list(desc.devices)
+    return list(devices)
 
 
 def _first_line(e: BaseException) -> str:
