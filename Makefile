@@ -52,9 +52,11 @@ browser:
 	  || echo "browser: apt-get could not install chromium; the browser test will skip"; \
 	else echo "browser: chromium not installed and not root with apt-get; the browser test will skip"; fi
 
+# Two workers (pytest-xdist), a test file each at a time: module fixtures are built once, and the
+# suite's subprocesses and compiles leave the second core idle much of the time otherwise.
 test: lint browser
 	$(PY) -m clipjax.doctor
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Resolve setup.py's ranges afresh in a scratch environment and record the result.
 lock:

@@ -40,6 +40,7 @@ RUNS = {
     "l14_v4-256": (L14, "v4-256", [K32]),
     "l14_v5e-256": (L14, "v5e-256", [K32]),
     "l14_v6e-256": (L14, "v6e-256", [K32]),
+    "b16_2x_v5e-256": (B16, "v5e-256", [K32, "--slices=2"]),
 }
 for _name, (_config, _topology, _flags) in RUNS.items():
     _flags.append(f"--config.mesh.fsdp={FSDP[_topology]}")
