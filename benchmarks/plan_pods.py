@@ -41,6 +41,9 @@ RUNS = {
     "l14_v5e-256": (L14, "v5e-256", [K32]),
     "l14_v6e-256": (L14, "v6e-256", [K32]),
     "b16_2x_v5e-256": (B16, "v5e-256", [K32, "--slices=2"]),
+    # L/14 at 32k does not fit v5e-256 or v4-256 with the recipe's remat: full remat instead
+    "l14_v5e-256_remat_full": (L14, "v5e-256", [K32, "--config.model.remat=full"]),
+    "l14_v4-256_remat_full": (L14, "v4-256", [K32, "--config.model.remat=full"]),
 }
 for _name, (_config, _topology, _flags) in RUNS.items():
     _flags.append(f"--config.mesh.fsdp={FSDP[_topology]}")
@@ -50,7 +53,7 @@ def run(name: str, out: str, extra: list[str]) -> None:
     config, topology, flags = RUNS[name]
     path = os.path.join(out, f"{name}.json")
     cmd = [sys.executable, "-m", "clipjax.plan", f"--config={config}", f"--topology={topology}"]
-    cmd += flags + extra + [f"--json={path}"]
+    cmd += flags + extra + [f"--json={os.path.relpath(path, ROOT)}"]  # run from ROOT
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print(f"== {name} ({time.time() - t0:.0f} s, exit {proc.returncode}): {' '.join(cmd[1:])}")
