@@ -16,20 +16,8 @@ from clipjax.data.demo import make_demo_dataset
 from clipjax.data.eval_pipeline import EvalPipeline
 from clipjax.export.load import load
 from clipjax.export.modeldir import save_model_dir
-from clipjax.models import CLIPConfig, abstract_variables
-
-TINY = CLIPConfig(
-    embed_dim=16,
-    image_size=32,
-    patch_size=16,
-    vision_width=32,
-    vision_layers=1,
-    vision_heads=2,
-    context_length=16,
-    text_width=32,
-    text_layers=1,
-    text_heads=2,
-)
+from clipjax.models import abstract_variables
+from tests.test_eval_suite import TINY
 
 N_DUP = 3  # the pool's last records repeat the images of its first ones under other keys
 

@@ -83,16 +83,15 @@ class EvalPipeline:
             ds = gate(ds)
 
         def tokenize(b):
-            b[schema.TEXT] = b["caption"]
-            b = records.tokenize_batch(b, self.context_length, info)
-            b.pop(schema.TEXT, None)
             captions = b.pop(schema.CAPTIONS)
             if info.has_tokens:  # the shards' own ids are the first caption's
+                b["text"] = b.pop(schema.TOKENS)
                 b["texts"] = b["text"][:, None, :]
                 return b
             ids = tokenize_tf(tf.reshape(captions, [-1]), self.context_length)
             ids *= tf.cast(tf.reshape(captions, [-1, 1]) != "", tf.int32)  # absent: zero rows
             b["texts"] = tf.reshape(ids, [tf.shape(captions)[0], -1, self.context_length])
+            b["text"] = b["texts"][:, 0]  # the first caption (`caption`; usable: never "")
             return b
 
         ds = ds.map(

@@ -172,12 +172,16 @@ def select(
         k = min(n, int(math.floor(top_fraction * n + 0.5)))
         keep = np.zeros(n, bool)
         keep[np.argsort(-scores, kind="stable")[:k]] = True
-    if dedup is not None:
-        order = np.flatnonzero(keep)
-        order = order[np.argsort(-scores[order], kind="stable")]
-        keep[:] = False
-        keep[near_duplicate_free(embeds, order, dedup)] = True
-    return keep
+    return keep if dedup is None else deduplicated(keep, scores, embeds, dedup)
+
+
+def deduplicated(keep: np.ndarray, scores: np.ndarray, embeds: np.ndarray, threshold: float):
+    """`keep` less its near-duplicate images, best score first (see near_duplicate_free)."""
+    order = np.flatnonzero(keep)
+    order = order[np.argsort(-scores[order], kind="stable")]
+    out = np.zeros_like(keep)
+    out[near_duplicate_free(embeds, order, threshold)] = True
+    return out
 
 
 def near_duplicate_free(
@@ -215,13 +219,13 @@ def _kept_records(path: str, keep: set[str]) -> Iterator[bytes]:
             yield record
 
 
-def write_table(out_dir: str, files: Sequence[str], parts: list[ShardScores], keep) -> list[str]:
-    """scores.jsonl (and .parquet with pyarrow) of every scored record; kept_uids.npy when the
-    keys are uids. Returns the files written."""
-    rows, start = [], 0
-    for path, part in zip(files, parts):
-        kept = keep[start : start + len(part.scores)]
-        start += len(part.scores)
+def write_table(
+    out_dir: str, files: Sequence[str], parts: list[ShardScores], kept_per_shard
+) -> list[str]:
+    """scores.jsonl (and .parquet with pyarrow) of every scored record (`kept_per_shard`: each
+    shard's keep mask); kept_uids.npy when the keys are uids. Returns the files written."""
+    rows = []
+    for path, part, kept in zip(files, parts, kept_per_shard):
         rows += [
             {"key": k, "shard": path, "score": round(float(s), 6), "kept": bool(c)}
             for k, s, c in zip(part.keys.tolist(), part.scores.tolist(), kept.tolist())
@@ -277,12 +281,10 @@ def run_filter(
     )
     scores = np.concatenate([p.scores for p in parts])
     embeds = np.concatenate([p.embeds for p in parts]) if dedup is not None else None
-    keep = select(
-        scores, min_score=min_score, top_fraction=top_fraction, embeds=embeds, dedup=dedup
-    )
     by_score = select(scores, min_score=min_score, top_fraction=top_fraction)
-    bounds = np.cumsum([0] + [len(p.scores) for p in parts])
-    kept_keys = [set(p.keys[keep[bounds[i] : bounds[i + 1]]].tolist()) for i, p in enumerate(parts)]
+    keep = by_score if dedup is None else deduplicated(by_score, scores, embeds, dedup)
+    per_shard = np.split(keep, np.cumsum([len(p.scores) for p in parts])[:-1])
+    kept_keys = [set(p.keys[k].tolist()) for p, k in zip(parts, per_shard)]
     manifest = writer.write_record_shards(
         (_kept_records(path, k) for path, k in zip(files, kept_keys)),
         out_dir,
@@ -294,7 +296,7 @@ def run_filter(
         prefix=PREFIX,
         classnames=dataset_classnames(files),
     )
-    table = write_table(out_dir, files, parts, keep)
+    table = write_table(out_dir, files, parts, per_shard)
     total = count_records(files)
     summary = {
         "model": model_path,

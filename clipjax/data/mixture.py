@@ -36,8 +36,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from clipjax.data import records, schema
-from clipjax.data.shards import ShardInfo, host_batch_size, process_info
+from clipjax.data import records
+from clipjax.data.shards import ShardInfo, caption_field_order, host_batch_size, process_info
 from clipjax.data.stream import NumpyStream
 from clipjax.data.train_pipeline import (
     _HOST_STRIDE,
@@ -186,8 +186,7 @@ class MixturePipeline:
             tuple(f for i in infos for f in i.files),
             all(i.has_label for i in infos),
             all(i.has_tokens for i in infos),
-            caption_fields=(schema.TEXT,)
-            + tuple(sorted({f for i in infos for f in i.caption_fields} - {schema.TEXT})),
+            caption_fields=caption_field_order(f for i in infos for f in i.caption_fields),
         )
         self.caption_weights = records.caption_weights(self.info, caption_ratio)
         self.sizes = [src.count_records(src.all_files, manifest_only=True) for src in self.sources]

@@ -110,8 +110,15 @@ def validate_shards(files: Sequence[str]) -> ShardInfo:
         raise ValueError(f"all {len(files)} shards are empty (e.g. {files[0]})")
     if empty:
         log.warning("%d empty shards (e.g. %s)", len(empty), empty[0])
-    named = tuple(sorted(fields - {schema.TEXT}))
-    return ShardInfo(tuple(files), all(labels), all(tokens), tuple(empty), (schema.TEXT,) + named)
+    return ShardInfo(
+        tuple(files), all(labels), all(tokens), tuple(empty), caption_field_order(fields)
+    )
+
+
+def caption_field_order(fields) -> tuple[str, ...]:
+    """A ShardInfo's caption fields from any collection of them: `txt`, then the named ones
+    (`txt_<name>`) sorted."""
+    return (schema.TEXT,) + tuple(sorted(set(fields) - {schema.TEXT}))
 
 
 def dataset_classnames(shards: str | Sequence[str]) -> list[str] | None:

@@ -229,7 +229,6 @@ def create_app(service: SearchService) -> Any:
 
         return await app(scope, receive, send_with_headers)
 
-    with_headers.app = app  # type: ignore[attr-defined]
     return with_headers
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from clipjax.data import schema
+from clipjax.data.webdataset import IMAGE_EXTS, split_member
+from clipjax.search.index import entry_id
 
 MAX_RECORD_BYTES = 64 << 20  # a record longer than this is taken as damage, not read
 
@@ -36,7 +38,7 @@ class IndexItem:
 
     @property
     def id(self) -> str:
-        return self.entry if isinstance(self.entry, str) else self.entry["id"]
+        return entry_id(self.entry)
 
 
 def file_items(paths: list[str]) -> Iterator[IndexItem]:
@@ -208,20 +210,19 @@ def _webdataset_items(source: Any) -> Iterator[IndexItem]:
 
 
 @functools.lru_cache(maxsize=64)
-def _tar_members(tar: str) -> dict[str, tuple[int, int]]:
-    """name -> (data offset, size) of an uncompressed tar's files (read once per tar)."""
+def _tar_members(tar: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """(key, lower-case extension) -> (data offset, size) of an uncompressed tar's files, named
+    as indexing groups them (`webdataset.split_member`); read once per tar."""
     with tarfile.open(tar, "r:") as t:
-        return {m.name: (m.offset_data, m.size) for m in t if m.isfile()}
+        return {split_member(m.name): (m.offset_data, m.size) for m in t if m.isfile()}
 
 
 def tar_member_image(tar: str, key: str) -> bytes:
     """The image member of `key` in an uncompressed webdataset tar."""
-    from clipjax.data.webdataset import IMAGE_EXTS
-
     members = _tar_members(tar)
     for ext in IMAGE_EXTS:
-        if f"{key}.{ext}" in members:
-            offset, size = members[f"{key}.{ext}"]
+        if (key, ext) in members:
+            offset, size = members[(key, ext)]
             if size > MAX_RECORD_BYTES:
                 break
             with open(tar, "rb") as f:

@@ -200,21 +200,27 @@ def key_known(key: str, base: ml_collections.ConfigDict | None = None) -> bool:
 
 
 def suggest_keys(key: str, base: ml_collections.ConfigDict | None = None) -> list[str]:
-    """Known dotted keys close to `key`: by the whole key, else by its last part; only those
-    about as close as the closest (a renamed key suggests its new name, not its neighbours)."""
+    """Known dotted keys close to `key`: by the whole key, else by its last part (every key
+    ending in a close last part); only those about as close as the closest (a renamed key
+    suggests its new name, not its neighbours)."""
     from flax.traverse_util import flatten_dict
 
     base = base_config() if base is None else base
     known = list(flatten_dict(base.to_dict(), sep=".", keep_empty_nodes=True))
-    by_last = {k.rsplit(".", 1)[-1]: k for k in known}
-    for word, words, full in ((key, known, None), (key.rsplit(".", 1)[-1], by_last, by_last)):
-        scored = [(difflib.SequenceMatcher(None, word, w).ratio(), w) for w in words]
-        scored = sorted((r, w) for r, w in scored if r >= 0.6)[::-1][:3]
-        if scored:
-            best = scored[0][0]
-            close = [w for r, w in scored if r >= best - 0.05]
-            return [full[w] for w in close] if full else close
-    return []
+    close = _closest(key, known)
+    if close:
+        return close
+    by_last: dict[str, list[str]] = {}
+    for k in known:
+        by_last.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    return [full for name in _closest(key.rsplit(".", 1)[-1], by_last) for full in by_last[name]]
+
+
+def _closest(word: str, words) -> list[str]:
+    """Up to 3 of `words` with a difflib ratio >= 0.6 to `word`, within 0.05 of the best."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, w).ratio(), w) for w in words))[::-1]
+    scored = [(r, w) for r, w in scored[:3] if r >= 0.6]
+    return [w for r, w in scored if r >= scored[0][0] - 0.05] if scored else []
 
 
 def _section_keys(key: str) -> list[str]:
